@@ -1,0 +1,8 @@
+"""finegrain: attention-based fine-grained recognition and retrieval (DCAL, TASN, DALG,
+cross-image attention DML) on one data / training / evaluation / search pipeline."""
+
+__version__ = "0.1.0"
+
+from .models import create_model, list_models  # noqa: E402
+
+__all__ = ["create_model", "list_models", "__version__"]

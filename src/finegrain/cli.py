@@ -1,0 +1,240 @@
+"""The ``finegrain`` command (also ``python -m finegrain``).
+
+``train`` is LightningCLI ``fit`` (YAML recipes, dotted overrides, ``--print_config``); the
+other subcommands are plain argparse and run in-process (``main(argv)`` returns the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .data.datasets.base import DatasetError
+
+log = logging.getLogger("finegrain")
+
+
+# ---- predict ----------------------------------------------------------------------------
+def _eval_transform(meta: dict):
+    from .data.transforms import build_transform
+    return build_transform(meta.get("task", "classification"), False, meta["img_size"],
+                           meta.get("resize_size"), tuple(meta["mean"]), tuple(meta["std"]))
+
+
+def _load_images(paths: list[str], meta: dict):
+    import torch
+    from .data.datasets.base import read_image
+    tf = _eval_transform(meta)
+    return torch.stack([tf(read_image(p)) for p in paths])
+
+
+def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
+    """Top-k class names and probabilities for each image (``softmax(logits)``)."""
+    import torch
+    from .models.registry import load_model
+    model, meta = load_model(checkpoint)
+    names = meta.get("class_names") or [str(i) for i in range(10 ** 6)]
+    with torch.no_grad():
+        probs = model(_load_images(images, meta))["logits"].float().softmax(-1)
+    k = min(topk, probs.shape[1])
+    p, i = probs.topk(k, dim=1)
+    return [{"image": img, "top": [{"class": names[int(c)], "index": int(c), "prob": float(q)}
+                                   for q, c in zip(p[b], i[b])]} for b, img in enumerate(images)]
+
+
+def _cmd_predict(a) -> int:
+    res = predict(a.checkpoint, a.images, a.topk)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for r in res:
+            print(r["image"])
+            for t in r["top"]:
+                print(f"  {t['prob'] * 100:6.2f}%  {t['class']}")
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------
+def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
+                        devices: int | str = 1, accelerator: str = "auto") -> dict:
+    """Evaluate a checkpoint on its dataset's evaluation split (same code path as training,
+    DDP-exact). ``overrides``: ``FinegrainDataModule`` arguments (``root`` ...)."""
+    import lightning.pytorch as pl
+    import torch
+    from .engine import FinegrainDataModule, FinegrainModule
+    from .models.weights import load_checkpoint_meta
+    meta = load_checkpoint_meta(checkpoint)
+    module = FinegrainModule(meta["model_name"], meta["model_kwargs"])
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(sd)
+    module.set_data_meta(meta)
+    data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
+            "resize_size": meta.get("resize_size"), "mean": tuple(meta["mean"]),
+            "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64}
+    data.update(overrides or {})
+    dm = FinegrainDataModule(**data)
+    if dm.val_set is None:
+        raise ValueError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"
+                         f"time evaluation; use `finegrain retrieval eval`")
+    module.set_data_meta({"num_query": dm._num_query})
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, devices=devices,
+                         accelerator=accelerator, use_distributed_sampler=False,
+                         enable_model_summary=False)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
+
+
+def _overrides(extra: list[str]) -> dict:
+    out, it = {}, iter(extra)
+    for a in it:
+        if not a.startswith("--data."):
+            raise SystemExit(f"unknown option {a}; eval takes --data.<name> VALUE overrides")
+        key, _, val = a[len("--data."):].partition("=")
+        val = val or next(it)
+        try:
+            val = json.loads(val)
+        except json.JSONDecodeError:
+            pass
+        out[key] = val
+    return out
+
+
+def _cmd_eval(a, extra) -> int:
+    res = evaluate_checkpoint(a.checkpoint, _overrides(extra), a.devices)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for k, v in res.items():
+            if isinstance(v, float):
+                print(f"{k:>8s}  {v * 100:6.2f}" if 0 <= v <= 1 else f"{k:>8s}  {v:.4f}")
+    return 0
+
+
+# ---- explain ----------------------------------------------------------------------------
+def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None) -> str:
+    """Write the model's attention pictures (``model.explain``) for ``images`` to ``out``."""
+    import torch
+    from .models.registry import load_model
+    from .visualize import save_explain
+    model, meta = load_model(checkpoint)
+    if not hasattr(model, "explain"):
+        raise ValueError(f"{meta['model_name']} has no attention to explain (plain baseline); "
+                         f"use a DCAL, TASN, DALG or cross-image checkpoint")
+    x = _load_images(images, meta)
+    kw, px = {}, None
+    if pair:
+        if len(pair) != 2:
+            raise SystemExit("--pair takes two images: A B")
+        x = _load_images([pair[0]], meta)
+        px = _load_images([pair[1]], meta)
+        kw["pair"] = px
+    with torch.no_grad():
+        maps = model.explain(x, **kw)
+    return save_explain(x, maps, out, meta["mean"], meta["std"],
+                        titles=[os.path.basename(p) for p in (pair[:1] if pair else images)],
+                        pair_images=px)
+
+
+def _cmd_explain(a) -> int:
+    print(explain(a.checkpoint, a.images, a.out, a.pair))
+    return 0
+
+
+# ---- data check -------------------------------------------------------------------------
+def _cmd_data(a) -> int:
+    from .data.check import check_dataset, format_check
+    try:
+        res = check_dataset(a.name, a.root, verify_images=a.verify_images)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1) if a.json else format_check(res))
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from .demo import run_demo
+    run_demo(seeds=a.seeds, out=a.out, only=a.only)
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    p = argparse.ArgumentParser(prog="finegrain", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="store_true", help="print the version")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="train from a YAML recipe (LightningCLI fit; see "
+                                 "`finegrain train --help`)", add_help=False)
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset (--data.root DIR)")
+    e.add_argument("checkpoint")
+    e.add_argument("--devices", default=1, help="devices (DDP when > 1: same metrics)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--out", help="write the metrics JSON here")
+    pr = sub.add_parser("predict", help="top-k class names and probabilities")
+    pr.add_argument("checkpoint")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("-k", "--topk", type=int, default=5)
+    pr.add_argument("--json", action="store_true")
+    ex = sub.add_parser("explain", help="attention pictures of a checkpoint on images")
+    ex.add_argument("checkpoint")
+    ex.add_argument("images", nargs="*")
+    ex.add_argument("--pair", nargs=2, metavar=("A", "B"),
+                    help="also draw where A attends in B (pair-wise cross-attention)")
+    ex.add_argument("--out", default="explain.png")
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="validate a dataset on disk; counts per split")
+    dc.add_argument("name", help="dataset name (cub200, market1501, ...)")
+    dc.add_argument("root")
+    dc.add_argument("--json", action="store_true")
+    dc.add_argument("--verify-images", action="store_true", help="decode every image")
+    dm = sub.add_parser("demo", help="every method vs its baseline on generated data (CPU)")
+    dm.add_argument("--seeds", type=int, default=1)
+    dm.add_argument("--out", default="runs/demo")
+    dm.add_argument("--only", nargs="*", help="run only these demo entries")
+    try:
+        from .retrieval.commands import register
+    except ModuleNotFoundError as err:  # retrieval pipeline not installed in this build
+        if err.name != "finegrain.retrieval.commands":
+            raise
+    else:
+        register(sub)
+    return p, sub
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv and argv[0] == "train":
+        from .engine.run import train
+        train(argv[1:])
+        return 0
+    parser, _ = build_parser()
+    a, extra = parser.parse_known_args(argv)
+    if a.version:
+        from . import __version__
+        print(__version__)
+        return 0
+    if a.command is None:
+        parser.print_help()
+        return 0
+    if extra and a.command != "eval":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if a.command == "eval":
+            return _cmd_eval(a, extra)
+        handler = {"predict": _cmd_predict, "explain": _cmd_explain, "data": _cmd_data,
+                   "demo": _cmd_demo}.get(a.command)
+        return handler(a) if handler else a.func(a)
+    except (DatasetError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

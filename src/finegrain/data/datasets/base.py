@@ -1,0 +1,153 @@
+"""The one dataset shape every reader produces.
+
+A reader parses a published on-disk layout into a list of :class:`Sample` (path, label, camera,
+bounding box) plus ``classes`` (names, index = label). Decoding (``torchvision.io``) and the
+transform happen in ``__getitem__``, so readers never touch pixels. A corrupt or missing image
+fails with its path, or, with ``on_error="skip"``, is replaced by the next readable one and
+counted in ``self.skipped``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+TASKS = ("classification", "reid", "retrieval", "dml")
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is missing, malformed or inconsistent; the message names the file
+    and the fix."""
+
+
+@dataclass
+class Sample:
+    """One image. ``label`` is the class / identity index (0-based, contiguous for training
+    splits; raw pid for Re-ID query / gallery), ``camid`` the camera (-1 when none),
+    ``bbox`` (x1, y1, x2, y2) in pixels when the protocol crops to it."""
+
+    path: str
+    label: int
+    camid: int = -1
+    bbox: tuple[float, float, float, float] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 (3, H, W) tensor with ``torchvision.io``.
+
+    Raises:
+        DatasetError: the file is missing or cannot be decoded (the message names it).
+    """
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    if not os.path.isfile(path):
+        raise DatasetError(f"image not found: {path}; is the dataset root the folder that "
+                           f"holds the published layout?")
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception as e:  # torchvision raises RuntimeError with little context
+        raise DatasetError(f"cannot decode image {path}: {e}; the file is corrupt or not an "
+                           f"image: re-extract it, or pass on_error='skip' to skip and count "
+                           f"such files") from None
+
+
+class ImageDataset(Dataset):
+    """Base of every reader.
+
+    Args:
+        root: dataset root (the folder of the published layout).
+        split: ``train``, ``val``, ``test``, ``query`` or ``gallery`` (as the dataset has them).
+        transform: callable on a uint8 (3, H, W) tensor (and ``bbox`` keyword-free).
+        on_error: ``"raise"`` (default) fails on a corrupt / missing image with its path;
+            ``"skip"`` replaces it by the next readable image and counts it in ``skipped``.
+
+    Subclasses set ``task`` and implement :meth:`load` returning ``(samples, classes)``.
+    """
+
+    task: str = "classification"
+    splits: tuple[str, ...] = ("train", "test")
+
+    def __init__(self, root: str, split: str = "train", transform: Callable | None = None,
+                 on_error: Literal["raise", "skip"] = "raise"):
+        if split not in self.splits:
+            raise DatasetError(f"{type(self).__name__}: unknown split {split!r}; "
+                               f"choose one of {self.splits}")
+        if not os.path.isdir(root):
+            raise DatasetError(f"dataset root {root!r} does not exist or is not a folder; "
+                               f"pass the folder that holds the {type(self).__name__} layout")
+        self.root = root
+        self.split = split
+        self.transform = transform
+        self.on_error = on_error
+        self.skipped = 0
+        self.samples, self.classes = self.load()
+        if not self.samples:
+            raise DatasetError(f"{type(self).__name__} at {root}: split {split!r} is empty; "
+                               f"check the list files of the layout")
+
+    def load(self) -> tuple[list[Sample], list[str]]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """Decoded uint8 image of ``index``, cropped to its bbox when it has one."""
+        s = self.samples[index]
+        img = read_image(s.path)
+        if s.bbox is not None:
+            x1, y1, x2, y2 = (int(round(v)) for v in s.bbox)
+            img = img[:, max(y1, 0):max(y2, y1 + 1), max(x1, 0):max(x2, x1 + 1)]
+        return img
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                img = self.load_image(i)
+                break
+            except DatasetError:
+                if self.on_error != "skip":
+                    raise
+                self.skipped += 1
+        else:
+            raise DatasetError(f"no readable image in {self.root} split {self.split}")
+        if self.transform is not None:
+            img = self.transform(img)
+        s = self.samples[i]
+        return {"image": img, "label": s.label, "camid": s.camid, "index": index}
+
+    def stats(self) -> dict:
+        """Counts shown by ``finegrain data check``: images, classes (ids), cameras."""
+        out = {"images": len(self.samples), "classes": len(set(self.labels))}
+        cams = {s.camid for s in self.samples if s.camid >= 0}
+        if cams:
+            out["cameras"] = len(cams)
+        return out
+
+
+def check_file(path: str, what: str) -> str:
+    """Return ``path`` or raise a :class:`DatasetError` naming it and ``what`` it should be."""
+    if not os.path.exists(path):
+        raise DatasetError(f"missing {path}: expected {what}; is the root the folder of the "
+                           f"published layout?")
+    return path
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    """Non-empty stripped lines of a list file (checked to exist first)."""
+    with open(check_file(path, what), encoding="utf-8") as f:
+        return [ln.strip() for ln in f if ln.strip()]

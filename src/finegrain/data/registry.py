@@ -1,0 +1,61 @@
+"""Dataset registry: ``build_dataset(name, root, split)`` with the names of DESIGN.md."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from .datasets.base import DatasetError, ImageDataset
+
+_DATASETS: dict[str, type[ImageDataset] | Callable[..., ImageDataset]] = {}
+
+
+def register_dataset(name: str):
+    """Class decorator: register a reader under ``name``."""
+    def wrap(cls):
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        _DATASETS[name] = cls
+        return cls
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    _import_all()
+    return sorted(_DATASETS)
+
+
+def get_dataset_class(name: str):
+    _import_all()
+    if name not in _DATASETS:
+        close = difflib.get_close_matches(name, list(_DATASETS), n=5, cutoff=0.4)
+        raise DatasetError(f"unknown dataset {name!r}; closest names: {', '.join(close) or '-'}"
+                           f" (all: {', '.join(sorted(_DATASETS))})")
+    return _DATASETS[name]
+
+
+def build_dataset(name: str, root: str | None, split: str, **kwargs) -> ImageDataset:
+    """Build a registered dataset reader.
+
+    Args:
+        name: registry name (``cub200``, ``market1501``, ``synthetic_fgvc`` ...).
+        root: dataset root; for ``synthetic_*`` the cache folder (``None``: default cache).
+        split: split name (``train``, ``test``, ``query``, ``gallery``, ``val``).
+        **kwargs: reader options (``transform``, ``on_error`` ...).
+    """
+    return get_dataset_class(name)(root, split, **kwargs)
+
+
+def _import_all() -> None:
+    import importlib
+    import pkgutil
+
+    from . import datasets
+    for m in pkgutil.iter_modules(datasets.__path__):
+        importlib.import_module(f"{datasets.__name__}.{m.name}")
+    for mod in ("synthetic", "synthetic_landmarks"):
+        try:
+            importlib.import_module(f"finegrain.data.{mod}")
+        except ModuleNotFoundError as e:  # written by a later issue
+            if e.name != f"finegrain.data.{mod}":
+                raise

@@ -1,0 +1,77 @@
+"""Per-task transforms (``torchvision.transforms.v2`` on uint8 tensors), as DESIGN.md fixes:
+
+- classification: train resize + random crop + flip (or random-resized crop when no resize
+  size is given); eval resize + centre crop;
+- reid: train plain resize + flip + pad/crop + random erasing; eval plain resize;
+- retrieval: eval keeps the aspect ratio (longest side S); train random-resized crop;
+- dml: train random-resized crop + flip; eval resize 256 + centre crop 224.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _size(s: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+class LongestSide(torch.nn.Module):
+    """Resize so the longest side is ``size``, keeping the aspect ratio (retrieval eval)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        s = self.size / max(h, w)
+        return v2.functional.resize(img, [max(1, round(h * s)), max(1, round(w * s))],
+                                    antialias=True)
+
+
+def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
+                    resize_size: int | tuple[int, int] | None = None,
+                    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                    random_erasing: float | None = None, color_jitter: float = 0.0) -> v2.Compose:
+    """The transform of ``task`` (classification | reid | retrieval | dml) for train or eval.
+
+    Args:
+        task: which protocol's transform.
+        train: augmentation (True) or the evaluation transform (False).
+        img_size: output size (int or (H, W)); for retrieval eval the longest side S.
+        resize_size: classification / dml: the resize before the crop (550 for a 448 crop;
+            default 256/224 of img_size). Re-ID ignores it.
+        mean, std: normalisation (the backbone's).
+        random_erasing: probability (Re-ID default 0.5; 0 turns it off).
+        color_jitter: brightness / contrast / saturation strength (0 = off).
+    """
+    H, W = _size(img_size)
+    ops: list = []
+    if task == "reid":
+        ops = [v2.Resize((H, W), antialias=True)]
+        if train:
+            ops += [v2.RandomHorizontalFlip(), v2.Pad(10), v2.RandomCrop((H, W))]
+    elif task == "retrieval" and not train:
+        ops = [LongestSide(max(H, W))]
+    else:
+        rs = _size(resize_size) if resize_size is not None else \
+            (round(H * 256 / 224), round(W * 256 / 224))
+        if train and resize_size is None:
+            ops = [v2.RandomResizedCrop((H, W), antialias=True), v2.RandomHorizontalFlip()]
+        elif train:
+            ops = [v2.Resize(rs, antialias=True), v2.RandomCrop((H, W)),
+                   v2.RandomHorizontalFlip()]
+        else:
+            ops = [v2.Resize(rs, antialias=True), v2.CenterCrop((H, W))]
+    if train and color_jitter > 0:
+        ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    p = (0.5 if task == "reid" else 0.0) if random_erasing is None else random_erasing
+    if train and p > 0:
+        ops.append(v2.RandomErasing(p=p, value=0))
+    return v2.Compose(ops)

@@ -1,0 +1,161 @@
+"""The one LightningDataModule: a registered dataset, its task's transforms and samplers.
+
+Training batches come from a resumable batch sampler (``finegrain.data.samplers``) through a
+DataLoader that Lightning sees as stateful: a mid-epoch checkpoint stores ``(epoch, batches
+trained)`` and a resumed run skips exactly those batches. Evaluation shards samples across
+DDP ranks without padding (the module gathers them back in dataset order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ..data.registry import build_dataset, get_dataset_class
+from ..data.samplers import PKBatchSampler, RandomBatchSampler, SeededDataset, ShardSampler
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position in the epoch is checkpointed (Lightning ``_Stateful``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained = 0  # batches of the current epoch that completed a training step
+
+    def __iter__(self):
+        self.trained = self.batch_sampler._skip
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.batch_sampler.epoch, "consumed": self.trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "camid": torch.tensor([it["camid"] for it in items], dtype=torch.long),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+
+
+class FinegrainDataModule(pl.LightningDataModule):
+    """Data of one run.
+
+    Args:
+        dataset: registry name (``cub200``, ``market1501``, ``synthetic_fgvc`` ...).
+        root: dataset root (for ``synthetic_*`` the cache folder; None = default cache).
+        img_size: model input size, int or [H, W] (Re-ID: [256, 128]).
+        resize_size: resize before the crop (classification 550 for 448; DML 256 for 224).
+        batch_size: training batch per process (P x K for ``sampler: pk``).
+        eval_batch_size: evaluation batch (default: ``batch_size``).
+        sampler: ``random`` or ``pk`` (P identities x K instances; Re-ID and DML).
+        num_instances: K of the P x K sampler.
+        num_workers: DataLoader worker processes (decoding + augmentation).
+        val_split: split evaluated during training (default: ``test`` for classification and
+            DML, query + gallery for Re-ID; ``none`` turns validation off).
+        mean: normalisation mean.
+        std: normalisation std.
+        random_erasing: probability (None: 0.5 for Re-ID, 0 otherwise).
+        color_jitter: colour jitter strength for training (0 = off).
+        on_error: ``raise`` on a corrupt / missing image (names it) or ``skip`` and count it.
+        seed: seed of the sample order and the augmentations.
+    """
+
+    def __init__(self, dataset: str, root: str | None = None,
+                 img_size: int | list[int] = 224, resize_size: int | list[int] | None = None,
+                 batch_size: int = 32, eval_batch_size: int | None = None,
+                 sampler: str = "random", num_instances: int = 4, num_workers: int = 4,
+                 val_split: str | None = None,
+                 mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD,
+                 random_erasing: float | None = None, color_jitter: float = 0.0,
+                 on_error: str = "raise", seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = get_dataset_class(dataset).task
+        self._train = None
+        self._val = None
+        self._num_query = 0
+        self._train_loader: ResumableLoader | None = None
+
+    # ---- datasets ---------------------------------------------------------------------
+    def _build(self, split: str, train: bool):
+        hp = self.hparams
+        tf = build_transform(self.task, train, hp.img_size, hp.resize_size, tuple(hp.mean),
+                             tuple(hp.std), hp.random_erasing, hp.color_jitter)
+        return build_dataset(hp.dataset, hp.root, split, transform=tf, on_error=hp.on_error)
+
+    @property
+    def train_set(self):
+        if self._train is None:
+            self._train = self._build("train", True)
+        return self._train
+
+    @property
+    def num_classes(self) -> int:
+        """Training classes / identities (linked to ``model.num_classes``)."""
+        return self.train_set.num_classes
+
+    @property
+    def val_set(self):
+        if self._val is None:
+            split = self.hparams.val_split
+            if split == "none":
+                return None
+            if self.task == "reid" and split is None:
+                q, g = self._build("query", False), self._build("gallery", False)
+                self._num_query = len(q)
+                self._val = ConcatDataset([q, g])
+            elif self.task == "retrieval" and split is None:
+                return None
+            else:
+                self._val = self._build(split or "test", False)
+        return self._val
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint records of the data (see ``FinegrainModule.set_data_meta``)."""
+        hp = self.hparams
+        return {"dataset": hp.dataset, "task": self.task, "class_names": list(self.train_set.classes),
+                "img_size": hp.img_size, "resize_size": hp.resize_size, "mean": list(hp.mean),
+                "std": list(hp.std), "num_query": self._num_query}
+
+    # ---- loaders ----------------------------------------------------------------------
+    def _rank(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        rank, world = self._rank()
+        if hp.sampler == "pk":
+            bs = PKBatchSampler(self.train_set.labels, hp.batch_size, hp.num_instances,
+                                hp.seed, rank, world)
+        elif hp.sampler == "random":
+            bs = RandomBatchSampler(len(self.train_set), hp.batch_size, hp.seed, rank, world)
+        else:
+            raise ValueError(f"data.sampler {hp.sampler!r}: choose random or pk")
+        self._train_loader = ResumableLoader(
+            SeededDataset(self.train_set), batch_sampler=bs, num_workers=hp.num_workers,
+            collate_fn=_collate, persistent_workers=hp.num_workers > 0,
+            generator=torch.Generator().manual_seed(hp.seed))
+        return self._train_loader
+
+    def train_batch_done(self) -> None:
+        if self._train_loader is not None:
+            self._train_loader.trained += 1
+
+    def val_dataloader(self) -> DataLoader | list:
+        ds = self.val_set
+        if ds is None:
+            return []
+        rank, world = self._rank()
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+                          sampler=ShardSampler(len(ds), rank, world),
+                          num_workers=self.hparams.num_workers, collate_fn=_collate,
+                          generator=torch.Generator().manual_seed(0))

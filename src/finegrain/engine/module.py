@@ -1,0 +1,238 @@
+"""The one LightningModule: any registered model, trained through its output dict.
+
+The module sums ``out["losses"]`` (the model has already weighted them), logs them and
+``out["logs"]``, evaluates with ``finegrain.evaluation`` on the task the data declares, and
+stores in every checkpoint what a checkpoint needs to describe itself (``hparams.meta``:
+model name and arguments, class names, input size, normalisation, task, dataset) plus the
+RNG state of the training process, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from ..models.registry import create_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN / inf; the message names the term and the step."""
+
+
+class FinegrainModule(pl.LightningModule):
+    """Train / evaluate a registered finegrain model.
+
+    Args:
+        model_name: registry name (``finegrain.list_models()``), e.g. ``dcal_deit_tiny_patch16_224``.
+        model_kwargs: arguments of the model (``img_size``, ``task`` ...); ``num_classes``
+            comes from the data.
+        num_classes: number of training classes (linked from ``data.num_classes``).
+        pretrained: weights file to start from (timm / DeiT / torchvision / finegrain); every
+            missing or unexpected key is reported.
+        optimizer: ``adamw`` or ``sgd``.
+        lr: peak learning rate (after warm-up).
+        weight_decay: decay of the weight matrices (1-d params and the model's
+            ``no_weight_decay()`` names are excluded).
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        betas: AdamW betas.
+        scheduler: ``cosine`` (per step, to ``min_lr``), ``step`` (x ``gamma`` at
+            ``milestones`` epochs) or ``constant``.
+        warmup_epochs: linear warm-up length in epochs (may be fractional).
+        min_lr: final learning rate of the cosine schedule.
+        milestones: epochs of the step schedule.
+        gamma: factor of the step schedule.
+        max_grad_norm: clip the gradient norm (None: off).
+        nonfinite: ``raise`` stops with the step and term that went NaN / inf (the last
+            checkpoint stays intact); ``skip`` skips that step and counts it.
+    """
+
+    def __init__(self, model_name: str, model_kwargs: dict[str, Any] | None = None,
+                 num_classes: int = 0, pretrained: str | None = None, optimizer: str = "adamw",
+                 lr: float = 5e-4, weight_decay: float = 0.05, momentum: float = 0.9,
+                 nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+                 scheduler: str = "cosine", warmup_epochs: float = 0.0, min_lr: float = 0.0,
+                 milestones: list[int] | None = None, gamma: float = 0.1,
+                 max_grad_norm: float | None = None, nonfinite: str = "raise"):
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs = dict(model_kwargs or {})
+        if num_classes:
+            kwargs["num_classes"] = num_classes
+        self.model = create_model(model_name, pretrained=pretrained, **kwargs)
+        self.hparams["meta"] = {"model_name": model_name, "model_kwargs": kwargs}
+        self._val_outputs: list[dict] = []
+        self._rng_to_restore: torch.Tensor | None = None
+        self.skipped_steps = 0
+
+    # ---- self-description -------------------------------------------------------------
+    def set_data_meta(self, meta: dict) -> None:
+        """Record the data side (classes, input size, normalisation, task, dataset)."""
+        self.hparams["meta"] = {**self.hparams["meta"], **meta}
+
+    @property
+    def task(self) -> str:
+        return self.hparams["meta"].get("task", "classification")
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    # ---- training ---------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._rng_to_restore is not None:  # resumed: continue the interrupted RNG stream
+            torch.set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.model(batch["image"], targets=batch["label"])
+        losses = out["losses"]
+        loss = sum(v.float() for v in losses.values())
+        if not torch.isfinite(loss):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            msg = (f"non-finite loss at epoch {self.current_epoch} step {self.global_step}: "
+                   f"{', '.join(bad)}; lower model.lr, set model.max_grad_norm, or use "
+                   f"trainer.precision=bf16-mixed instead of 16-mixed. last.ckpt holds the last "
+                   f"good state (resume with --resume)")
+            if self.hparams.nonfinite == "skip":
+                self.skipped_steps += 1
+                self.log("train/skipped_steps", float(self.skipped_steps))
+                return None
+            raise NonFiniteLossError(msg)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for k, v in out.get("logs", {}).items():
+            self.log(f"train/{k}", v.float(), batch_size=bs)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "train_batch_done"):
+            dm.train_batch_done()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
+                                gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        skip = set(getattr(self.model, "no_weight_decay", lambda: set())())
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        elif hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            raise ValueError(f"model.optimizer {hp.optimizer!r}: choose adamw or sgd")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warm = int(hp.warmup_epochs * per_epoch)
+        ratio = hp.min_lr / hp.lr if hp.lr else 0.0
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if hp.scheduler == "cosine":
+                t = (step - warm) / max(1, total - warm)
+                return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+            if hp.scheduler == "step":
+                return hp.gamma ** sum(step >= m * per_epoch for m in (hp.milestones or []))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoint: exact resume -----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["finegrain_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["finegrain_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("finegrain_rng")
+        if rng is not None:
+            self._rng_to_restore = rng["torch"]
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ---- evaluation -------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
+        out = self.model(batch["image"])
+        keep = {"index": batch["index"], "label": batch["label"], "camid": batch["camid"]}
+        for k in ("logits", "embedding"):
+            if k in out:
+                keep[k] = out[k].float()
+        self._val_outputs.append({k: v.detach() for k, v in keep.items()})
+
+    def _gather(self) -> dict[str, np.ndarray]:
+        """All ranks' outputs, in dataset order, each sample exactly once (no padding)."""
+        if not self._val_outputs:
+            return {}
+        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        if self.trainer.world_size > 1:
+            n = torch.tensor([len(local["index"])], device=self.device)
+            sizes = self.all_gather(n).flatten().tolist()
+            top = int(max(sizes))
+            gathered = {}
+            for k, v in local.items():
+                pad = torch.zeros((top - len(v), *v.shape[1:]), dtype=v.dtype, device=v.device)
+                allv = self.all_gather(torch.cat([v, pad]))  # (world, top, ...)
+                gathered[k] = torch.cat([allv[r, :int(s)] for r, s in enumerate(sizes)])
+            local = gathered
+        order = torch.argsort(local["index"])
+        return {k: v[order].cpu().numpy() for k, v in local.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        res = self._gather()
+        self._val_outputs = []
+        if not res or self.trainer.sanity_checking:
+            return
+        metrics = compute_metrics(self.task, res, self.hparams["meta"])
+        self.last_metrics = metrics
+        for k, v in metrics.items():
+            if np.isscalar(v):
+                self.log(f"val/{k}", float(v), sync_dist=False)
+        self.log("val/score", float(metrics[primary_metric(self.task)]), sync_dist=False)
+
+
+def primary_metric(task: str) -> str:
+    """The metric that picks ``best.ckpt``."""
+    return {"classification": "top1", "reid": "mAP", "dml": "R@1"}.get(task, "top1")
+
+
+def compute_metrics(task: str, res: dict[str, np.ndarray], meta: dict) -> dict:
+    """Metrics of one evaluation pass (arrays in dataset order) with ``finegrain.evaluation``.
+
+    Re-ID: the first ``meta["num_query"]`` samples are the queries, the rest the gallery.
+    """
+    if task == "classification":
+        from ..evaluation.classification import accuracy
+        return accuracy(res["logits"], res["label"], topk=(1, 5))
+    if task == "reid":
+        from ..evaluation.reid import evaluate_features
+        nq = int(meta["num_query"])
+        e, y, c = res["embedding"], res["label"], res["camid"]
+        out = evaluate_features(e[:nq], e[nq:], y[:nq], y[nq:], c[:nq], c[nq:],
+                                metric="cosine")
+        cmc = out.pop("cmc")
+        out.update({f"R{k}": float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)})
+        return out
+    if task == "dml":
+        from ..evaluation.dml import evaluate
+        return evaluate(res["embedding"], res["label"], ks=(1, 2, 4, 8))
+    raise ValueError(f"no training-time evaluation for task {task!r}")

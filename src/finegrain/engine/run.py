@@ -1,0 +1,205 @@
+"""``finegrain train``: LightningCLI ``fit`` with the run folder of DESIGN.md.
+
+``runs/<date>-<recipe>/`` holds ``config.yaml`` (resolved), ``metrics.csv``, ``metrics.json``,
+``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and at each epoch end), ``best.ckpt``,
+``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN`` continues exactly
+from ``RUN/last.ckpt`` (optimizer, scheduler, scaler, RNG, sampler position) and warns naming
+every config key that changed; ``--init-weights FILE`` only loads weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .datamodule import FinegrainDataModule
+from .module import FinegrainModule
+
+log = logging.getLogger("finegrain")
+
+
+class LastCheckpoint(Callback):
+    """Write ``last.ckpt`` atomically every ``every_n_steps`` steps and at each epoch end, so a
+    run killed at any moment resumes from a complete file."""
+
+    def __init__(self, run_dir: str, every_n_steps: int = 50):
+        self.path = os.path.join(run_dir, "last.ckpt")
+        self.every_n_steps = every_n_steps
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        tmp = self.path + ".tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._save(trainer)
+
+
+class RunFolder(Callback):
+    """``metrics.json`` after every evaluation; ``weights.safetensors`` + ``model.json`` and
+    ``curves.png`` when fitting ends (rank 0 only)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.history: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        metrics = getattr(pl_module, "last_metrics", None)
+        if trainer.sanity_checking or metrics is None or not trainer.is_global_zero:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()})
+        self.history.append(row)
+        self._write_json(pl_module)
+
+    def _write_json(self, pl_module) -> None:
+        from .module import primary_metric
+        key = primary_metric(pl_module.task)
+        best = max(self.history, key=lambda r: r.get(key, float("-inf")), default=None)
+        with open(os.path.join(self.run_dir, "metrics.json"), "w") as f:
+            json.dump({"task": pl_module.task, "primary": key, "best": best,
+                       "final": self.history[-1] if self.history else None,
+                       "history": self.history}, f, indent=1)
+
+    def state_dict(self) -> dict:
+        return {"history": json.dumps(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = json.loads(state.get("history", "[]"))
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        from safetensors.torch import save_file
+        best = os.path.join(self.run_dir, "best.ckpt")
+        if os.path.isfile(best):
+            sd = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        else:
+            sd = pl_module.model.state_dict()
+        save_file({k: v.contiguous() for k, v in sd.items()},
+                  os.path.join(self.run_dir, "weights.safetensors"))
+        with open(os.path.join(self.run_dir, "model.json"), "w") as f:
+            json.dump(pl_module.hparams["meta"], f, indent=1)
+        try:
+            from ..visualize import plot_curves
+            plot_curves(os.path.join(self.run_dir, "metrics.csv"),
+                        os.path.join(self.run_dir, "curves.png"))
+        except Exception as e:  # a picture must never fail a finished run
+            log.warning("could not draw curves.png: %s", e)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def changed_keys(old: dict, new: dict,
+                 ignore: tuple[str, ...] = ("ckpt_path", "trainer.logger", "trainer.callbacks",
+                                            "trainer.default_root_dir", "config")) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if not k.startswith(ignore) and a.get(k) != b.get(k)]
+
+
+class FinegrainCLI(LightningCLI):
+    """LightningCLI with ``num_classes`` linked from the data and the data meta recorded in the
+    model's checkpoints."""
+
+    def __init__(self, *args, run_dir: str, resuming: bool, **kwargs):
+        self.run_dir, self.resuming = run_dir, resuming
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("seed_everything", "data.seed")
+
+    def before_fit(self):
+        self.model.set_data_meta(self.datamodule.meta() if self.datamodule.val_set is None
+                                 else self.datamodule.meta())
+        old_path = os.path.join(self.run_dir, "config.yaml")
+        if self.resuming and os.path.isfile(old_path):
+            with open(old_path) as f:
+                old = yaml.safe_load(f) or {}
+            new = yaml.safe_load(self.parser.dump(self.config["fit"], skip_none=False)) or {}
+            diff = changed_keys(old, new)
+            if diff:
+                warnings.warn(f"resuming {self.run_dir} with a changed config: "
+                              f"{', '.join(diff)}", stacklevel=1)
+                self.changed = diff
+
+
+def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
+    """``runs/<date>-<recipe>`` (a ``-2``, ``-3`` ... suffix when it exists)."""
+    recipe = os.path.splitext(os.path.basename(config))[0] if config else "run"
+    base = os.path.join(runs_root, f"{_dt.date.today().isoformat()}-{recipe}")
+    path, i = base, 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{base}-{i}"
+    return path
+
+
+def train(argv: list[str] | None = None) -> FinegrainCLI:
+    """Run ``finegrain train`` in-process; returns the CLI (``.trainer``, ``.model``,
+    ``.run_dir``)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", "-c", action="append", default=[])
+    pre.add_argument("--resume", default=None)
+    pre.add_argument("--init-weights", dest="init_weights", default=None)
+    pre.add_argument("--run-dir", dest="run_dir", default=None)
+    pre.add_argument("--runs-root", dest="runs_root", default="runs")
+    pre.add_argument("--checkpoint-every", dest="every", type=int, default=50)
+    known, rest = pre.parse_known_args(argv)
+    rest = [a for c in known.config for a in ("--config", c)] + rest
+    if known.resume:
+        run_dir = known.resume
+        last = os.path.join(run_dir, "last.ckpt")
+        if not os.path.isfile(last):
+            raise FileNotFoundError(f"--resume {run_dir}: {last} not found; pass the run "
+                                    f"folder of an earlier `finegrain train`")
+        rest += ["--ckpt_path", last]
+    else:
+        run_dir = known.run_dir or run_dir_for(known.config[-1] if known.config else None,
+                                               known.runs_root)
+    if known.init_weights:
+        rest += ["--model.pretrained", known.init_weights]
+    os.makedirs(run_dir, exist_ok=True)
+    defaults = {
+        "default_root_dir": run_dir,
+        "use_distributed_sampler": False,  # our samplers shard by rank themselves
+        "logger": [CSVLogger(run_dir, name="", version=""),
+                   TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        "callbacks": [ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score",
+                                      mode="max", save_top_k=1, enable_version_counter=False,
+                                      auto_insert_metric_name=False, save_last=False),
+                      LastCheckpoint(run_dir, known.every), RunFolder(run_dir)],
+    }
+    return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *rest],
+                        run_dir=run_dir, resuming=bool(known.resume),
+                        seed_everything_default=0, trainer_defaults=defaults,
+                        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+                        auto_configure_optimizers=False)

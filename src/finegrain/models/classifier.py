@@ -1,0 +1,123 @@
+"""Plain timm classifiers / embedders: the baselines every method is measured against.
+
+``model(images)`` returns ``{"logits": (B, C)}`` and, when ``embedding_dim`` is set or the task
+retrieves, ``"embedding"`` (B, D), L2-normalised. ``model(images, targets=y)`` in training mode
+adds ``"losses"`` (cross-entropy with optional label smoothing, plus batch-hard triplet for
+``task="reid"``) and ``"logs"``.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..losses.triplet import batch_hard_triplet
+from .registry import register_model
+
+
+class Classifier(nn.Module):
+    """A timm backbone with its own head, following the model output contract.
+
+    Args:
+        backbone: timm architecture name (``vit_small_patch16_224``, ``resnet50`` ...).
+        num_classes: number of training classes / identities.
+        img_size: input size (int or (H, W)) for ViTs; position embeddings are sized for it.
+        task: ``"fgvc"`` (CE), ``"reid"`` (CE with label smoothing + batch-hard triplet on the
+            BNNeck features; ``embedding`` returned) or ``"dml"``.
+        label_smoothing: CE label smoothing (0.1 is the Re-ID default).
+        triplet_margin: margin of the batch-hard triplet loss (Re-ID).
+        drop_path_rate: stochastic depth of the backbone.
+        backbone_kwargs: extra timm ``create_model`` arguments (``depth``, ``embed_dim``,
+            ``patch_size`` ... for small demo models).
+    """
+
+    def __init__(self, backbone: str = "vit_small_patch16_224", num_classes: int = 1000,
+                 img_size: int | tuple[int, int] | None = None, task: str = "fgvc",
+                 label_smoothing: float | None = None, triplet_margin: float = 0.3,
+                 drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None):
+        super().__init__()
+        kw = dict(backbone_kwargs or {})
+        if img_size is not None and ("vit" in backbone or "deit" in backbone):
+            kw["img_size"] = img_size
+        if "vit" in backbone or "deit" in backbone or "resnet" in backbone:
+            kw.setdefault("drop_path_rate", drop_path_rate)
+        self.task = task
+        self.label_smoothing = (0.1 if task == "reid" else 0.0) if label_smoothing is None \
+            else label_smoothing
+        self.triplet_margin = triplet_margin
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, **kw)
+        dim = self.backbone.num_features
+        self.bnneck = nn.BatchNorm1d(dim) if task == "reid" else nn.Identity()
+        if task == "reid":
+            self.bnneck.bias.requires_grad_(False)
+        self.head = nn.Linear(dim, num_classes, bias=task != "reid")
+        self.num_classes = num_classes
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        feats = self.backbone(images)  # (B, D) pooled features
+        neck = self.bnneck(feats)
+        logits = self.head(neck)
+        out = {"logits": logits}
+        if self.task in ("reid", "dml"):
+            out["embedding"] = F.normalize(neck.float(), dim=-1)
+        if targets is not None:
+            ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+            losses = {"ce": ce}
+            if self.task == "reid":
+                losses["triplet"] = batch_hard_triplet(feats.float(), targets,
+                                                       self.triplet_margin)
+            out["losses"] = losses
+            out["logs"] = {k: v.detach() for k, v in losses.items()}
+        return out
+
+
+def _create_classifier(backbone: str, **kwargs) -> Classifier:
+    return Classifier(backbone=backbone, **kwargs)
+
+
+@register_model
+def vit_tiny_patch16_224(**kwargs) -> Classifier:
+    return _create_classifier("vit_tiny_patch16_224", **kwargs)
+
+
+@register_model
+def vit_small_patch16_224(**kwargs) -> Classifier:
+    return _create_classifier("vit_small_patch16_224", **kwargs)
+
+
+@register_model
+def vit_base_patch16_224(**kwargs) -> Classifier:
+    return _create_classifier("vit_base_patch16_224", **kwargs)
+
+
+@register_model
+def deit_tiny_patch16_224(**kwargs) -> Classifier:
+    return _create_classifier("deit_tiny_patch16_224", **kwargs)
+
+
+@register_model
+def deit_small_patch16_224(**kwargs) -> Classifier:
+    return _create_classifier("deit_small_patch16_224", **kwargs)
+
+
+@register_model
+def deit_base_patch16_224(**kwargs) -> Classifier:
+    return _create_classifier("deit_base_patch16_224", **kwargs)
+
+
+@register_model
+def vit_base_r50_s16_224(**kwargs) -> Classifier:
+    """R50+ViT-B/16 hybrid."""
+    return _create_classifier("vit_base_r50_s16_224", **kwargs)
+
+
+@register_model
+def resnet18(**kwargs) -> Classifier:
+    return _create_classifier("resnet18", **kwargs)
+
+
+@register_model
+def resnet50(**kwargs) -> Classifier:
+    return _create_classifier("resnet50", **kwargs)

@@ -1,0 +1,159 @@
+"""Loading weights without unpickling anything: local files in the published formats.
+
+Formats: ``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` read with
+``torch.load(weights_only=True)`` (a file that needs arbitrary unpickling is refused);
+timm / big_vision ``.npz`` (ViT) through timm's own reader; a Hub tag (``hf-hub:org/name`` or
+``timm/name``) downloads ``model.safetensors`` on a machine with internet.
+
+A backbone file (timm, DeiT, torchvision) goes through the backbone's timm
+``checkpoint_filter_fn`` (prefix stripping, position-embedding resampling to the model's input
+size, patch-embed reshaping), then into ``model.backbone``; a finegrain file (``.ckpt``,
+``weights.safetensors``) loads into the whole model. Every missing and unexpected key is
+reported by name, and shape-mismatched classifier heads are skipped and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("finegrain")
+
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did: keys by name, not counts."""
+
+    path: str
+    target: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped_shape: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {self.path} into {self.target}"]
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                           ("skipped (shape mismatch)", self.skipped_shape)):
+            if keys:
+                parts.append(f"{name} ({len(keys)}): {', '.join(keys)}")
+        return "; ".join(parts)
+
+
+def _torch_load(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for files needing arbitrary code
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}); "
+                         f"finegrain never unpickles arbitrary objects: convert the file to "
+                         f".safetensors where it was made") from None
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Read a flat ``{name: tensor}`` from ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt``.
+
+    Nested containers (``state_dict``, ``model``, ``module``, ``state_dict_ema``) are unwrapped
+    and the ``module.`` / ``model.`` prefixes of DDP / Lightning stripped.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = _torch_load(path)
+        for key in ("state_dict", "model", "module", "model_state"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for p in _PREFIXES:
+        if sd and all(k.startswith(p) for k in sd):
+            sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint_meta(path: str) -> dict:
+    """The self-description stored in a finegrain checkpoint (model name, kwargs, classes,
+    input size, normalisation); reads ``model.json`` beside ``weights.safetensors``."""
+    if path.endswith(".safetensors"):
+        meta_path = os.path.join(os.path.dirname(path), "model.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{meta_path} not found: a finegrain weights.safetensors "
+                                    f"needs its model.json beside it")
+        with open(meta_path) as f:
+            return json.load(f)
+    ckpt = _torch_load(path)
+    meta = ckpt.get("hyper_parameters", {}).get("meta") if isinstance(ckpt, dict) else None
+    if meta is None:
+        raise ValueError(f"{path} is not a finegrain checkpoint (no hyper_parameters.meta); "
+                         f"pass it as pretrained= to load weights only")
+    return meta
+
+
+def _hub_file(tag: str) -> str:
+    from huggingface_hub import hf_hub_download
+    repo = tag.split(":", 1)[1] if tag.startswith("hf-hub:") else tag
+    return hf_hub_download(repo, "model.safetensors")
+
+
+def _backbone_filter(backbone: nn.Module, sd: dict) -> dict:
+    """Apply the timm family's ``checkpoint_filter_fn`` (pos-embed resampling, DeiT / JAX key
+    names) when the family has one."""
+    fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+    return fn(sd, backbone) if fn is not None else sd
+
+
+def load_into(module: nn.Module, sd: dict, path: str, target: str) -> LoadReport:
+    """Load ``sd`` non-strictly, skipping shape mismatches; report keys by name."""
+    own = module.state_dict()
+    report = LoadReport(path=path, target=target)
+    keep = {}
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            report.skipped_shape.append(f"{k} {tuple(v.shape)}->{tuple(own[k].shape)}")
+        else:
+            keep[k] = v
+    res = module.load_state_dict(keep, strict=False)
+    report.missing = list(res.missing_keys)
+    report.unexpected = list(res.unexpected_keys)
+    return report
+
+
+def load_pretrained(model: nn.Module, pretrained: str) -> LoadReport:
+    """Load weights into ``model`` (see the module docstring); returns and logs the report.
+
+    After loading, ``model.on_pretrained_loaded()`` runs when the model defines it (DCAL copies
+    its last SA block into the GLCA block there).
+    """
+    path = str(pretrained)
+    if not os.path.exists(path) and (path.startswith("hf-hub:") or path.startswith("timm/")):
+        path = _hub_file(path)
+    backbone = getattr(model, "backbone", None)
+    if path.endswith(".npz"):
+        if backbone is None:
+            raise ValueError(f"{path}: .npz weights are for timm ViT backbones")
+        from timm.models.vision_transformer import _load_weights
+        _load_weights(backbone, path)
+        report = LoadReport(path=path, target="backbone (npz)")
+    else:
+        sd = load_state_dict_file(path)
+        own = model.state_dict()
+        whole = sum(k in own for k in sd) >= 0.5 * len(sd)
+        if whole or backbone is None:
+            report = load_into(model, sd, path, type(model).__name__)
+        else:
+            report = load_into(backbone, _backbone_filter(backbone, sd), path, "backbone")
+    hook = getattr(model, "on_pretrained_loaded", None)
+    if callable(hook):
+        hook()
+    log.warning(str(report)) if (report.missing or report.unexpected or report.skipped_shape) \
+        else log.info(str(report))
+    return report
