@@ -57,7 +57,7 @@ def test_check_verify_images(market_root):
     assert res["train"]["verified"] == 3
     bad = market_root / "bounding_box_test" / "0005_c4s1_000226_02.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
-    with pytest.raises(DatasetError, match=r"split 'gallery', image 2 of 3: .*0005_c4s1_000226_02"):
+    with pytest.raises(DatasetError, match=r"split 'gallery', image 3 of 3: .*0005_c4s1_000226_02"):
         check_dataset("market1501", str(market_root), verify_images=True)
 
 
@@ -83,8 +83,9 @@ def test_check_no_valid_match(tmp_path):
 
 
 def test_check_reid_csv_train_only(tmp_path):
-    (tmp_path / "data.csv").write_text("path,label\na.jpg,5\nb.jpg,6\n")
-    assert check_dataset("reid_csv", str(tmp_path)) == {"train": {"images": 2, "ids": 2}}
+    (tmp_path / "people.csv").write_text("path,label\na.jpg,5\nb.jpg,6\n")
+    res = check_dataset("reid_csv", str(tmp_path), csv_file="people.csv")
+    assert res == {"train": {"images": 2, "ids": 2}}
 
 
 def test_check_empty_split_named(tmp_path):
@@ -129,23 +130,23 @@ class _BadLabels(ImageDataset):
         return [Sample("x.jpg", n - 1 + (self.split == "train"))], [str(i) for i in range(n)]
 
 
-def test_check_label_range_and_class_lists(tmp_path, monkeypatch):
+def test_check_label_out_of_range(tmp_path, monkeypatch):
     monkeypatch.setitem(registry._DATASETS, "bad_labels_test", _BadLabels)
-    with pytest.raises(DatasetError, match=r"label 3 outside 0..2"):
+    with pytest.raises(DatasetError, match=r"split 'train': sample 0 \(x.jpg\) has label 3 "
+                                           r"outside 0..2"):
         check_dataset("bad_labels_test", str(tmp_path))
+
+
+class _Mismatch(_BadLabels):
+    def load(self):
+        n = 3 if self.split == "train" else 2
+        return [Sample("x.jpg", 0)], [str(i) for i in range(n)]
+
+
+def test_check_class_lists_differ(tmp_path, monkeypatch):
+    monkeypatch.setitem(registry._DATASETS, "bad_lists_test", _Mismatch)
     with pytest.raises(DatasetError, match="different class lists"):
-        check_dataset("bad_labels_test", str(tmp_path), splits=["test", "train"]) if False else \
-            _check_lists(tmp_path, monkeypatch)
-
-
-def _check_lists(tmp_path, monkeypatch):
-    class Mismatch(_BadLabels):
-        def load(self):
-            n = 3 if self.split == "train" else 2
-            return [Sample("x.jpg", 0)], [str(i) for i in range(n)]
-
-    monkeypatch.setitem(registry._DATASETS, "bad_lists_test", Mismatch)
-    check_dataset("bad_lists_test", str(tmp_path))
+        check_dataset("bad_lists_test", str(tmp_path))
 
 
 def test_check_unknown_dataset():

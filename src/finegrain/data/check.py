@@ -19,6 +19,7 @@ something is wrong:
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 from .datasets.base import DatasetError, ImageDataset
@@ -118,12 +119,15 @@ def _verify_images(name: str, ds: ImageDataset) -> int:
     return len(ds)
 
 
-def default_splits(name: str, root: str | None) -> tuple[str, ...]:
-    """The splits :func:`check_dataset` reads when none are given."""
+def default_splits(name: str, root: str | None, **kwargs) -> tuple[str, ...]:
+    """The splits :func:`check_dataset` reads when none are given: those present on disk for
+    readers that can tell (``imagefolder``, ``reid_csv``), else all the reader declares.
+    ``kwargs`` are reader options (``csv_file`` ...), passed on where they apply."""
     cls = get_dataset_class(name)
     available = getattr(cls, "available_splits", None)
     if available is not None:
-        return tuple(available(root))
+        accepted = inspect.signature(available).parameters
+        return tuple(available(root, **{k: v for k, v in kwargs.items() if k in accepted}))
     splits = getattr(cls, "splits", None)
     if not splits:
         raise DatasetError(f"{name}: cannot tell its splits; pass them explicitly")
@@ -152,7 +156,7 @@ def check_dataset(name: str, root: str | None, splits: Iterable[str] | None = No
         DatasetError: the first problem found, with the fix.
     """
     cls = get_dataset_class(name)
-    splits = tuple(splits) if splits is not None else default_splits(name, root)
+    splits = tuple(splits) if splits is not None else default_splits(name, root, **kwargs)
     datasets: dict[str, ImageDataset] = {}
     result: dict[str, dict] = {}
     for split in splits:

@@ -32,6 +32,8 @@ class _Resumable(Sampler):
         self.epoch = 0
         self.consumed = 0  # batches of this rank already yielded in ``epoch``
         self._skip = 0
+        # Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler``: that is us
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # a new epoch: nothing of it consumed, nothing to skip

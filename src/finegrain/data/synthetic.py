@@ -253,6 +253,8 @@ def _synthetic(kind: str, reader: str, generate, config_cls, splits):
                    f"``{config_cls.__name__}``.")
 
         def __new__(cls, root: str | None = None, split: str = "train", config=None, **kwargs):
+            if isinstance(config, dict):
+                config = config_cls(**config)
             folder = generate(root, config or config_cls())
             return build_dataset(reader, folder, split, **kwargs)
 

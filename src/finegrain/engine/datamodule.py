@@ -65,6 +65,8 @@ class FinegrainDataModule(pl.LightningDataModule):
         color_jitter: colour jitter strength for training (0 = off).
         on_error: ``raise`` on a corrupt / missing image (names it) or ``skip`` and count it.
         seed: seed of the sample order and the augmentations.
+        dataset_kwargs: extra reader arguments (e.g. ``config`` of a ``synthetic_*`` set,
+            ``train_only`` of MSMT17).
     """
 
     def __init__(self, dataset: str, root: str | None = None,
@@ -75,7 +77,8 @@ class FinegrainDataModule(pl.LightningDataModule):
                  mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD,
                  random_erasing: float | None = None, color_jitter: float = 0.0,
-                 on_error: str = "raise", seed: int = 0):
+                 on_error: str = "raise", seed: int = 0,
+                 dataset_kwargs: dict[str, Any] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.task = get_dataset_class(dataset).task
@@ -89,7 +92,8 @@ class FinegrainDataModule(pl.LightningDataModule):
         hp = self.hparams
         tf = build_transform(self.task, train, hp.img_size, hp.resize_size, tuple(hp.mean),
                              tuple(hp.std), hp.random_erasing, hp.color_jitter)
-        return build_dataset(hp.dataset, hp.root, split, transform=tf, on_error=hp.on_error)
+        return build_dataset(hp.dataset, hp.root, split, transform=tf, on_error=hp.on_error,
+                             **(hp.dataset_kwargs or {}))
 
     @property
     def train_set(self):
@@ -130,7 +134,7 @@ class FinegrainDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def train_dataloader(self) -> DataLoader:
+    def _batch_sampler(self):
         hp = self.hparams
         rank, world = self._rank()
         if hp.sampler == "pk":
@@ -140,6 +144,16 @@ class FinegrainDataModule(pl.LightningDataModule):
             bs = RandomBatchSampler(len(self.train_set), hp.batch_size, hp.seed, rank, world)
         else:
             raise ValueError(f"data.sampler {hp.sampler!r}: choose random or pk")
+        return bs
+
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch on this rank (without building a DataLoader: Lightning's
+        ``estimated_stepping_batches`` would build it before a resume restores its position)."""
+        return len(self._batch_sampler())
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        bs = self._batch_sampler()
         self._train_loader = ResumableLoader(
             SeededDataset(self.train_set), batch_sampler=bs, num_workers=hp.num_workers,
             collate_fn=_collate, persistent_workers=hp.num_workers > 0,

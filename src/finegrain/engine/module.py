@@ -64,7 +64,9 @@ class FinegrainModule(pl.LightningModule):
         if num_classes:
             kwargs["num_classes"] = num_classes
         self.model = create_model(model_name, pretrained=pretrained, **kwargs)
-        self.hparams["meta"] = {"model_name": model_name, "model_kwargs": kwargs}
+        # what a checkpoint needs to describe itself; stored beside (not in) the hparams,
+        # which LightningCLI feeds back as arguments on resume
+        self.meta: dict[str, Any] = {"model_name": model_name, "model_kwargs": kwargs}
         self._val_outputs: list[dict] = []
         self._rng_to_restore: torch.Tensor | None = None
         self.skipped_steps = 0
@@ -72,17 +74,20 @@ class FinegrainModule(pl.LightningModule):
     # ---- self-description -------------------------------------------------------------
     def set_data_meta(self, meta: dict) -> None:
         """Record the data side (classes, input size, normalisation, task, dataset)."""
-        self.hparams["meta"] = {**self.hparams["meta"], **meta}
+        self.meta = {**self.meta, **meta}
 
     @property
     def task(self) -> str:
-        return self.hparams["meta"].get("task", "classification")
+        return self.meta.get("task", "classification")
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images)
 
     # ---- training ---------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "train_batch_done"):
+            dm.train_batch_done()  # counted before the checkpoint callbacks of this batch run
         if self._rng_to_restore is not None:  # resumed: continue the interrupted RNG stream
             torch.set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
@@ -109,11 +114,6 @@ class FinegrainModule(pl.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "train_batch_done"):
-            dm.train_batch_done()
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None):
         if self.hparams.max_grad_norm:
@@ -136,8 +136,16 @@ class FinegrainModule(pl.LightningModule):
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
             raise ValueError(f"model.optimizer {hp.optimizer!r}: choose adamw or sgd")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        t = self.trainer
+        dm = getattr(t, "datamodule", None)
+        # not t.estimated_stepping_batches: it builds the train loader before a resume
+        # restores the loader's position, and Lightning then never restores it
+        batches = dm.steps_per_epoch() if hasattr(dm, "steps_per_epoch") else \
+            int(t.estimated_stepping_batches) // max(1, t.max_epochs or 1)
+        per_epoch = max(1, batches // max(1, t.accumulate_grad_batches))
+        total = per_epoch * max(1, t.max_epochs or 1)
+        if t.max_steps and t.max_steps > 0:
+            total = min(total, t.max_steps) if t.max_epochs else t.max_steps
         warm = int(hp.warmup_epochs * per_epoch)
         ratio = hp.min_lr / hp.lr if hp.lr else 0.0
 
@@ -156,11 +164,13 @@ class FinegrainModule(pl.LightningModule):
 
     # ---- checkpoint: exact resume -----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["finegrain_meta"] = self.meta
         checkpoint["finegrain_rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["finegrain_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.meta = {**checkpoint.get("finegrain_meta", {}), **self.meta}
         rng = checkpoint.get("finegrain_rng")
         if rng is not None:
             self._rng_to_restore = rng["torch"]
@@ -202,7 +212,7 @@ class FinegrainModule(pl.LightningModule):
         self._val_outputs = []
         if not res or self.trainer.sanity_checking:
             return
-        metrics = compute_metrics(self.task, res, self.hparams["meta"])
+        metrics = compute_metrics(self.task, res, self.meta)
         self.last_metrics = metrics
         for k, v in metrics.items():
             if np.isscalar(v):

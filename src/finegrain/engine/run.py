@@ -98,7 +98,7 @@ class RunFolder(Callback):
         save_file({k: v.contiguous() for k, v in sd.items()},
                   os.path.join(self.run_dir, "weights.safetensors"))
         with open(os.path.join(self.run_dir, "model.json"), "w") as f:
-            json.dump(pl_module.hparams["meta"], f, indent=1)
+            json.dump(pl_module.meta, f, indent=1)
         try:
             from ..visualize import plot_curves
             plot_curves(os.path.join(self.run_dir, "metrics.csv"),
@@ -138,18 +138,20 @@ class FinegrainCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed")
 
     def before_fit(self):
-        self.model.set_data_meta(self.datamodule.meta() if self.datamodule.val_set is None
-                                 else self.datamodule.meta())
+        self.datamodule.val_set  # noqa: B018  (builds it: the meta records its query count)
+        self.model.set_data_meta(self.datamodule.meta())
         old_path = os.path.join(self.run_dir, "config.yaml")
         if self.resuming and os.path.isfile(old_path):
             with open(old_path) as f:
                 old = yaml.safe_load(f) or {}
-            new = yaml.safe_load(self.parser.dump(self.config["fit"], skip_none=False)) or {}
+            new = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False)) or {}
             diff = changed_keys(old, new)
             if diff:
                 warnings.warn(f"resuming {self.run_dir} with a changed config: "
                               f"{', '.join(diff)}", stacklevel=1)
-                self.changed = diff
+        if self.trainer.is_global_zero:  # the resolved config, whatever the loggers
+            with open(old_path, "w") as f:
+                f.write(self._parser("fit").dump(self.config["fit"], skip_none=False))
 
 
 def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
@@ -163,9 +165,9 @@ def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
     return path
 
 
-def train(argv: list[str] | None = None) -> FinegrainCLI:
+def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None) -> FinegrainCLI:
     """Run ``finegrain train`` in-process; returns the CLI (``.trainer``, ``.model``,
-    ``.run_dir``)."""
+    ``.run_dir``). ``callbacks`` are added to the run's own (tests, notebooks)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", "-c", action="append", default=[])
     pre.add_argument("--resume", default=None)
@@ -196,10 +198,11 @@ def train(argv: list[str] | None = None) -> FinegrainCLI:
         "callbacks": [ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score",
                                       mode="max", save_top_k=1, enable_version_counter=False,
                                       auto_insert_metric_name=False, save_last=False),
-                      LastCheckpoint(run_dir, known.every), RunFolder(run_dir)],
+                      LastCheckpoint(run_dir, known.every), RunFolder(run_dir),
+                      *(callbacks or [])],
     }
     return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *rest],
                         run_dir=run_dir, resuming=bool(known.resume),
                         seed_everything_default=0, trainer_defaults=defaults,
-                        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+                        save_config_callback=None,
                         auto_configure_optimizers=False)

@@ -57,6 +57,11 @@ _DEFAULT_DISTANCE = {"multi_similarity": "cosine", "contrastive": "euclidean",
                      "triplet": "euclidean", "margin": "euclidean"}
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs (autocast) to fp32; fp32 / fp64 kept."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _pml_class(name: str) -> type:
     table = {"multi_similarity": pml_losses.MultiSimilarityLoss,
              "contrastive": pml_losses.ContrastiveLoss,
@@ -182,7 +187,7 @@ class SimilarityMatrixLoss(nn.Module):
         if labels.ndim != 1 or labels.shape[0] != sim.shape[0]:
             raise ValueError(f"labels must be (batch_size,) = ({sim.shape[0]},), got "
                              f"{tuple(labels.shape)}")
-        sim = sim.float()
+        sim = _fp32(sim)
         indices = self.miner(sim, labels) if self.miner is not None else None
         return self.loss(sim, labels, indices)
 
@@ -236,7 +241,7 @@ class EmbeddingLoss(nn.Module):
         if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
             raise ValueError(f"labels must be (batch_size,) = ({embeddings.shape[0]},), got "
                              f"{tuple(labels.shape)}")
-        z = embeddings.float()
+        z = _fp32(embeddings)
         indices = self.miner(z, labels) if self.miner is not None else None
         return self.loss(z, labels, indices)
 

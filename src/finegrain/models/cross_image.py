@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from ..losses.dml import build_embedding_loss, build_similarity_loss
+from ..losses.dml import PAIR_LOSSES, build_embedding_loss, build_similarity_loss
 from .registry import register_model
 
 POOLS = ("avg", "max", "avgmax", "token")
@@ -198,7 +198,8 @@ class CrossImageDML(nn.Module):
         cond_loss: pair-based loss on S, one of :data:`finegrain.losses.dml.PAIR_LOSSES`.
         cond_loss_kwargs: its hyper-parameters (and ``distance``).
         cond_weight: lambda, the weight of the conditional loss.
-        miner: optional pml miner (``multi_similarity``) for both losses, each on its matrix.
+        miner: optional pml miner (``multi_similarity``) for the pair losses, each mining its
+            own matrix (z's cosines, S); proxy losses on z take none.
         miner_kwargs: the miner's hyper-parameters (``epsilon``).
         num_classes: number of training classes (proxy losses only).
         img_size: input size for ViTs (position embeddings); ignored by CNNs.
@@ -240,7 +241,8 @@ class CrossImageDML(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.requires_grad_(False)
 
-        self.loss = build_embedding_loss(loss, embedding_dim, num_classes, miner=miner,
+        self.loss = build_embedding_loss(loss, embedding_dim, num_classes,
+                                         miner=miner if loss in PAIR_LOSSES else None,
                                          miner_kwargs=miner_kwargs, **(loss_kwargs or {}))
         self.asymmetric = asymmetric
         self.cond_weight = cond_weight

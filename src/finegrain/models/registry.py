@@ -57,10 +57,9 @@ def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Modul
         hint = ", ".join(close) if close else ", ".join(sorted(_MODELS)[:10]) + ", ..."
         raise KeyError(f"unknown model {name!r}; closest registered names: {hint} "
                        f"(finegrain.list_models() lists all)")
-    if pretrained is not None and str(pretrained).endswith(".ckpt"):
-        # A finegrain checkpoint describes itself: its stored arguments are the defaults.
-        from .weights import load_checkpoint_meta
-        meta = load_checkpoint_meta(pretrained)
+    from .weights import finegrain_meta
+    meta = finegrain_meta(pretrained) if pretrained is not None else None
+    if meta is not None:  # a finegrain file describes itself: its arguments are the defaults
         kwargs = {**meta.get("model_kwargs", {}), **kwargs}
     model = _MODELS[name](**kwargs)
     model.finegrain_name = name

@@ -91,11 +91,23 @@ def load_checkpoint_meta(path: str) -> dict:
         with open(meta_path) as f:
             return json.load(f)
     ckpt = _torch_load(path)
-    meta = ckpt.get("hyper_parameters", {}).get("meta") if isinstance(ckpt, dict) else None
+    meta = ckpt.get("finegrain_meta") if isinstance(ckpt, dict) else None
     if meta is None:
-        raise ValueError(f"{path} is not a finegrain checkpoint (no hyper_parameters.meta); "
+        raise ValueError(f"{path} is not a finegrain checkpoint (no finegrain_meta); "
                          f"pass it as pretrained= to load weights only")
     return meta
+
+
+def finegrain_meta(path: str) -> dict | None:
+    """The meta of a finegrain ``.ckpt`` / ``weights.safetensors`` + ``model.json``; None for
+    foreign weight files (timm, DeiT, torchvision)."""
+    path = str(path)
+    if path.endswith(".ckpt"):
+        return load_checkpoint_meta(path)
+    if path.endswith(".safetensors") and \
+            os.path.isfile(os.path.join(os.path.dirname(path), "model.json")):
+        return load_checkpoint_meta(path)
+    return None
 
 
 def _hub_file(tag: str) -> str:

@@ -1,0 +1,188 @@
+"""Descriptor files on disk: ``NAME.npy`` + ``NAME.json`` (the DESIGN.md contract).
+
+- ``NAME.npy``: float32 array (N, D), one L2-normalised descriptor per row, read back
+  memory-mapped (``np.load(mmap_mode="r")``) so a 1M x 512 gallery (2 GB) costs no RAM until
+  rows are touched.
+- ``NAME.json``::
+
+      {"format": "finegrain-descriptors", "version": 1,
+       "count": N, "dim": D, "dtype": "float32",
+       "names": [...], "labels": [...],            # one per row; labels -1 when unknown
+       "model_name": "dalg_vit_base_patch16_224",
+       "checkpoint": "runs/.../best.ckpt",         # informative only
+       "checkpoint_hash": "3f2a...",               # sha256 of the checkpoint file, 16 hex
+       "preprocessing": {"resize": "longest_side", "image_size": 512, "scales": [1.0],
+                         "mean": [...], "std": [...], "crop_query_bbx": true},
+       "dataset": "roxford5k", "split": "gallery"}
+
+Two descriptor sets can be searched against each other only when they come from the same model
+(``model_name`` and ``checkpoint_hash``) and the same preprocessing (:data:`COMPARED_PREPROCESSING`
+keys); :func:`check_compatible` raises a :class:`DescriptorMismatch` naming the differing field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Descriptors", "DescriptorMismatch", "save_descriptors", "load_descriptors",
+           "checkpoint_hash", "check_compatible", "descriptor_paths", "COMPARED_PREPROCESSING"]
+
+FORMAT = "finegrain-descriptors"
+VERSION = 1
+#: Preprocessing fields that must agree between queries and database (``crop_query_bbx`` and
+#: the dataset / split differ legitimately between a query and a gallery file).
+COMPARED_PREPROCESSING = ("resize", "image_size", "scales", "mean", "std")
+
+
+class DescriptorMismatch(ValueError):
+    """Two descriptor sets (or an index and a descriptor set) come from different models or
+    preprocessing; searching one against the other would be meaningless."""
+
+
+def descriptor_paths(name: str | os.PathLike) -> tuple[str, str]:
+    """``(NAME.npy, NAME.json)`` for ``NAME``, ``NAME.npy`` or ``NAME.json``."""
+    base = os.fspath(name)
+    if base.endswith(".npy") or base.endswith(".json"):
+        base = os.path.splitext(base)[0]
+    return base + ".npy", base + ".json"
+
+
+def checkpoint_hash(path: str | os.PathLike, length: int = 16) -> str:
+    """First ``length`` hex digits of the sha256 of a checkpoint file (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+@dataclass
+class Descriptors:
+    """A descriptor set: ``vectors`` (N, D) float32 (memory-mapped when loaded) and ``meta``
+    (the JSON side-car)."""
+
+    vectors: np.ndarray
+    meta: dict[str, Any]
+    path: str = ""
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.meta["names"])
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self.meta["labels"])
+
+
+def save_descriptors(name: str | os.PathLike, vectors: np.ndarray, names: Sequence[str],
+                     model_name: str, checkpoint_hash: str,
+                     preprocessing: dict[str, Any], labels: Sequence[int] | None = None,
+                     **extra: Any) -> tuple[str, str]:
+    """Write ``NAME.npy`` (float32) and ``NAME.json``; returns both paths.
+
+    Args:
+        name: output path without extension (``.npy`` / ``.json`` suffixes are stripped).
+        vectors: (N, D) descriptors.
+        names: N image names (unique within the file).
+        model_name: registered model name.
+        checkpoint_hash: :func:`checkpoint_hash` of the checkpoint (or ``"untrained"``).
+        preprocessing: the extraction's preprocessing (see :data:`COMPARED_PREPROCESSING`).
+        labels: N integer labels (``-1`` when unknown; default all ``-1``).
+        **extra: further JSON fields (``dataset``, ``split``, ``checkpoint`` ...).
+
+    Raises:
+        ValueError: wrong shapes, non-finite values or duplicate names.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"descriptors must be (N, D), got shape {vectors.shape}")
+    names = [str(n) for n in names]
+    labels = [-1] * len(names) if labels is None else [int(v) for v in labels]
+    if len(names) != len(vectors) or len(labels) != len(vectors):
+        raise ValueError(f"{len(vectors)} descriptors but {len(names)} names and "
+                         f"{len(labels)} labels")
+    if len(set(names)) != len(names):
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ValueError(f"image name {dup!r} appears twice; descriptor names must be unique")
+    if not np.isfinite(vectors).all():
+        raise ValueError("descriptors contain NaN / inf; check the model and the images")
+    npy, js = descriptor_paths(name)
+    os.makedirs(os.path.dirname(os.path.abspath(npy)), exist_ok=True)
+    np.save(npy, vectors)
+    meta = {"format": FORMAT, "version": VERSION, "count": len(vectors),
+            "dim": int(vectors.shape[1]), "dtype": "float32", "names": names, "labels": labels,
+            "model_name": model_name, "checkpoint_hash": checkpoint_hash,
+            "preprocessing": preprocessing, **extra}
+    with open(js, "w") as f:
+        json.dump(meta, f, indent=1)
+    return npy, js
+
+
+def load_descriptors(name: str | os.PathLike, mmap: bool = True) -> Descriptors:
+    """Read ``NAME.npy`` (memory-mapped by default) and ``NAME.json``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names it).
+        ValueError: the two files disagree (count, dim) or the JSON is not a descriptor file.
+    """
+    npy, js = descriptor_paths(name)
+    for p in (npy, js):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p} not found: descriptors are NAME.npy + NAME.json as "
+                                    f"written by 'finegrain embed ... --out NAME'")
+    with open(js) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{js} is not a finegrain descriptor file (format "
+                         f"{meta.get('format')!r}); write it with 'finegrain embed'")
+    vectors = np.load(npy, mmap_mode="r" if mmap else None)
+    if vectors.ndim != 2 or vectors.dtype != np.float32:
+        raise ValueError(f"{npy}: expected a float32 (N, D) array, got {vectors.dtype} "
+                         f"{vectors.shape}")
+    if vectors.shape != (meta["count"], meta["dim"]) or len(meta["names"]) != meta["count"]:
+        raise ValueError(f"{npy} has shape {vectors.shape} but {js} describes "
+                         f"({meta['count']}, {meta['dim']}) with {len(meta['names'])} names; "
+                         f"the pair is out of sync: extract again")
+    return Descriptors(vectors, meta, os.path.splitext(npy)[0])
+
+
+def signature(meta: dict[str, Any]) -> dict[str, Any]:
+    """The fields that must agree for two descriptor sets to be comparable."""
+    pre = meta.get("preprocessing", {})
+    return {"model_name": meta.get("model_name"), "checkpoint_hash": meta.get("checkpoint_hash"),
+            "dim": meta.get("dim"),
+            **{f"preprocessing.{k}": pre.get(k) for k in COMPARED_PREPROCESSING}}
+
+
+def check_compatible(a: dict[str, Any], b: dict[str, Any], what_a: str = "the index",
+                     what_b: str = "the descriptors") -> None:
+    """Raise :class:`DescriptorMismatch` unless ``a`` and ``b`` (descriptor JSONs or index
+    manifests) come from the same model, checkpoint and preprocessing."""
+    sa, sb = signature(a), signature(b)
+    diff = [k for k in sa if _norm(sa[k]) != _norm(sb[k])]
+    if diff:
+        details = "; ".join(f"{k}: {sa[k]!r} in {what_a} vs {sb[k]!r} in {what_b}" for k in diff)
+        raise DescriptorMismatch(
+            f"{what_b} do not match {what_a} ({details}); descriptors are only comparable when "
+            f"extracted by the same model checkpoint with the same preprocessing: re-run "
+            f"'finegrain embed' with the same checkpoint, --image-size and --scales")
+
+
+def _norm(v: Any) -> Any:
+    """Lists / tuples of floats compare rounded (JSON round trips)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(round(float(x), 6) if isinstance(x, float) else x for x in v)
+    return v

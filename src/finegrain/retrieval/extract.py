@@ -1,0 +1,202 @@
+"""Descriptor extraction for any model whose output has an ``"embedding"``.
+
+Retrieval preprocessing (DESIGN.md): the aspect ratio is kept, the longest side resized to
+``image_size`` (S), queries cropped to their ``bbx`` by the reader, ImageNet-style
+normalisation with the checkpoint's mean / std.
+
+**Batching without padding.** Images of a retrieval set have many sizes, and padding would
+change a ViT's descriptor (extra tokens attend). So images are grouped by their exact resized
+size: a bucket per (H, W) is filled until ``batch_size`` images share that size, then run as
+one batch; whatever is left is run at the end. Revisited Oxford's database is mostly 1024 x 768
+and 768 x 1024 photos, so most batches are full; the 70 cropped queries mostly run one by one.
+``max_pending`` bounds the images held in unfinished buckets (the largest bucket is flushed
+when it is exceeded). Results do not depend on the grouping.
+
+**Multi-scale** (``scales=(0.7071, 1, 1.4142)``; DOLG's 5 scales ``0.3535 .. 1.4142``): the
+S-resized image is resized again by each factor (bilinear, antialiased when shrinking; the
+size is ``floor(s * H), floor(s * W)`` as cirtorch's ``extract_ms``), the L2-normalised
+descriptors are summed and the sum re-normalised. ``(1.0,)`` -- single scale -- is the default
+and DALG's setting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
+           "sample_names", "retrieval_transform", "DEFAULT_IMAGE_SIZE"]
+
+DEFAULT_IMAGE_SIZE = 512
+MULTI_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)  # DOLG / DELG 5-scale setting
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def retrieval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
+    """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == image_size``, normalised."""
+    from ..data.transforms import build_transform
+    return build_transform("retrieval", False, image_size, mean=tuple(mean), std=tuple(std))
+
+
+def model_mean_std(model: nn.Module, meta: dict | None = None
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation of a model: the checkpoint's ``meta`` first, then the timm backbone's
+    ``pretrained_cfg``, then ImageNet's."""
+    if meta and meta.get("mean") is not None and meta.get("std") is not None:
+        return tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+    cfg = getattr(getattr(model, "backbone", None), "pretrained_cfg", None) or {}
+    if cfg.get("mean") is not None and cfg.get("std") is not None:
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    return _IMAGENET
+
+
+def load_checkpoint_model(checkpoint: str, device: str | torch.device = "cpu"
+                          ) -> tuple[nn.Module, dict, str]:
+    """``(model in eval mode on device, meta, checkpoint hash)`` of a finegrain checkpoint."""
+    from ..models.registry import load_model
+    from .descriptors import checkpoint_hash
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found; pass runs/<run>/best.ckpt "
+                                f"(or weights.safetensors with its model.json)")
+    model, meta = load_model(checkpoint)
+    return model.to(device).eval(), meta, checkpoint_hash(checkpoint)
+
+
+def sample_names(dataset) -> list[str]:
+    """Image names of a dataset: ``Sample.extra["name"]`` when the reader sets it (Revisited:
+    the gnd names), else the path relative to the dataset root."""
+    names = []
+    for s in dataset.samples:
+        name = s.extra.get("name") if getattr(s, "extra", None) else None
+        names.append(str(name) if name is not None else os.path.relpath(s.path, dataset.root))
+    return names
+
+
+def _rescale(x: torch.Tensor, s: float) -> torch.Tensor:
+    if s == 1.0:
+        return x
+    H, W = x.shape[-2:]
+    size = [max(1, math.floor(H * s)), max(1, math.floor(W * s))]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+
+
+@torch.inference_mode()
+def _embed_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float],
+                 amp: bool) -> torch.Tensor:
+    """Multi-scale descriptor of a same-size batch (B, 3, H, W) -> (B, D) fp32, unit norm."""
+    acc = None
+    for s in scales:
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(_rescale(images, s))
+        if "embedding" not in out:
+            raise ValueError(f"{type(model).__name__} returns no 'embedding'; only models that "
+                             f"retrieve (DALG, Re-ID / DML models) can be used for descriptors")
+        e = F.normalize(out["embedding"].float(), dim=-1)
+        acc = e if acc is None else acc + e
+    return F.normalize(acc, dim=-1)
+
+
+def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_size: int = 16,
+            device: str | torch.device = "cpu", num_workers: int = 0, amp: bool = False,
+            max_pending: int | None = None, progress: bool = True, desc: str = "embed",
+            stats: dict | None = None) -> np.ndarray:
+    """Descriptors of every image of ``dataset``, in dataset order.
+
+    Args:
+        model: any model returning ``{"embedding": (B, D)}``; set to eval mode here.
+        dataset: a finegrain dataset whose transform already gives normalised float images
+            (:func:`retrieval_transform`); its items are ``{"image", "index", ...}``.
+        scales: resize factors applied to the transformed image; descriptors are averaged and
+            re-normalised. ``(1.0,)``: single scale.
+        batch_size: images per forward pass among images of identical size.
+        device: where the model runs.
+        num_workers: DataLoader decode workers.
+        amp: bfloat16 autocast (GPU).
+        max_pending: most images waiting in unfinished size buckets (default ``8 * batch_size``).
+        progress: show a tqdm bar (its rate is images/s).
+        desc: bar label.
+        stats: if given, filled with ``images``, ``seconds``, ``images_per_s``, ``batches``.
+
+    Returns:
+        (N, D) float32 array, rows L2-normalised.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    if not scales:
+        raise ValueError("scales is empty; use (1.0,) for single-scale extraction")
+    model.eval()
+    device = torch.device(device)
+    max_pending = max_pending or 8 * batch_size
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    out: np.ndarray | None = None
+    buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    pending = 0
+    n_batches = 0
+    bar = tqdm(total=len(dataset), unit="img", desc=desc, disable=not progress, leave=False)
+
+    def flush(key: tuple[int, int]) -> None:
+        nonlocal out, pending, n_batches
+        items = buckets.pop(key)
+        pending -= len(items)
+        idx = [i for i, _ in items]
+        x = torch.stack([img for _, img in items]).to(device, non_blocking=True)
+        emb = _embed_batch(model, x, scales, amp).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(dataset), emb.shape[1]), dtype=np.float32)
+        out[idx] = emb
+        n_batches += 1
+        bar.update(len(idx))
+
+    t0 = time.perf_counter()
+    for item in loader:
+        img = item["image"]
+        if not torch.is_tensor(img) or img.ndim != 3 or not img.is_floating_point():
+            raise ValueError("extract needs a dataset whose transform returns normalised float "
+                             "(3, H, W) tensors; build it with retrieval_transform(...)")
+        key = tuple(img.shape[-2:])
+        buckets.setdefault(key, []).append((int(item["index"]), img))
+        pending += 1
+        if len(buckets[key]) >= batch_size:
+            flush(key)
+        elif pending > max_pending:
+            flush(max(buckets, key=lambda k: len(buckets[k])))
+    for key in list(buckets):
+        flush(key)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if stats is not None:
+        stats.update(images=len(dataset), seconds=seconds, batches=n_batches,
+                     images_per_s=len(dataset) / max(seconds, 1e-9))
+    assert out is not None  # datasets are never empty (the readers refuse it)
+    return out
+
+
+def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
+                  image_size: int = DEFAULT_IMAGE_SIZE, scales: Sequence[float] = (1.0,),
+                  meta: dict | None = None, **kwargs: Any
+                  ) -> tuple[np.ndarray, list[str], list[int], dict, Any]:
+    """Build ``dataset_name``/``split`` with the retrieval transform and extract it.
+
+    Returns:
+        ``(vectors (N, D), names, labels, preprocessing, dataset)``; ``preprocessing`` is the
+        dict stored in the descriptor JSON.
+    """
+    from ..data import build_dataset
+    mean, std = model_mean_std(model, meta)
+    ds = build_dataset(dataset_name, root, split,
+                       transform=retrieval_transform(image_size, mean, std))
+    vectors = extract(model, ds, scales=scales, desc=f"{dataset_name}/{split}", **kwargs)
+    preprocessing = {"resize": "longest_side", "image_size": int(image_size),
+                     "scales": [float(s) for s in scales], "mean": list(mean), "std": list(std),
+                     "crop_query_bbx": bool(split == "query" and
+                                            getattr(ds, "crop_queries", False))}
+    return vectors, sample_names(ds), [int(v) for v in ds.labels], preprocessing, ds
