@@ -13,13 +13,16 @@ c. Revisited Oxford + 1M distractors: ``revisited.evaluate`` on (1,001,001 x 70)
    and peak memory increase, against a port of revisitop's ``compute_map`` loop (Medium only).
 d. DML: ``dml.evaluate`` on 10,000 x 128 embeddings (100 classes), with and without NMI, and
    pytorch-metric-learning's AccuracyCalculator (precision_at_1 + MAP@R) for reference.
+e. Re-ranking at Market-1501 size: ``reid.re_rank`` (k1=20, k2=6, lambda=0.3) time and peak
+   memory increase over its three input matrices.
 
 Each timing drops one warm-up run and reports mean and std over ``--repeats`` runs. Memory is
 the peak RSS during the call minus the RSS before it, sampled every 2 ms.
 
 Usage::
 
-    python benchmarks/evaluation.py [--quick] [--repeats 3] [--out benchmarks/results/evaluation.json]
+    python benchmarks/evaluation.py [--quick] [--repeats 3] [--threads 1]
+        [--out benchmarks/results/evaluation.json]
 """
 
 from __future__ import annotations
@@ -44,8 +47,20 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from finegrain.evaluation import dml, reid, revisited  # noqa: E402
 
-FULL = {"market": (3368, 15913), "msmt": (11659, 82161), "roxf_db": 1_001_001, "dml": 10_000}
-QUICK = {"market": (400, 2000), "msmt": (1500, 10000), "roxf_db": 50_000, "dml": 2_000}
+FULL = {
+    "market": (3368, 15913),
+    "msmt": (11659, 82161),
+    "roxf_db": 1_001_001,
+    "dml": 10_000,
+    "rerank": (3368, 15913),
+}
+QUICK = {
+    "market": (400, 2000),
+    "msmt": (1500, 10000),
+    "roxf_db": 50_000,
+    "dml": 2_000,
+    "rerank": (300, 1500),
+}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -81,7 +96,15 @@ def timeit(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"mean_s": statistics.mean(times), "std_s": statistics.stdev(times) if len(times) > 1 else 0.0, "runs": repeats}
+    return _stats(times)
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    return {
+        "mean_s": statistics.mean(times),
+        "std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "runs": len(times),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -98,8 +121,17 @@ def machine() -> dict[str, Any]:
 
     return {
         "cpu": cpu,
-        "cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_flags_avx512": (
+            "avx512f" in Path("/proc/cpuinfo").read_text()
+            if Path("/proc/cpuinfo").exists()
+            else None
+        ),
+        "load_average_1min": os.getloadavg()[0],
+        "cores_visible": (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        ),
         "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
@@ -127,7 +159,11 @@ def torchreid_loop(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
         all_ap.append((cmc / np.arange(1.0, len(raw) + 1) * raw).sum() / raw.sum())
         cmc[cmc > 1] = 1
         all_cmc.append(cmc[:max_rank])
-    return np.asarray(all_cmc, dtype=np.float32).mean(0), float(np.mean(all_ap)), float(np.mean(all_inp))
+    return (
+        np.asarray(all_cmc, dtype=np.float32).mean(0),
+        float(np.mean(all_ap)),
+        float(np.mean(all_inp)),
+    )
 
 
 def lean_loop(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
@@ -172,7 +208,13 @@ def revisitop_loop(ranks: np.ndarray, gnd: list[dict]) -> float:
 # ----------------------------------------------------------------------------- data
 def reid_ids(rng, num_q, num_g, num_ids, num_cams, distractor_frac=0.175, junk_frac=0.24):
     n_dis, n_junk = int(num_g * distractor_frac), int(num_g * junk_frac)
-    g_pids = np.concatenate([rng.integers(1, num_ids + 1, num_g - n_dis - n_junk), np.zeros(n_dis, int), -np.ones(n_junk, int)])
+    g_pids = np.concatenate(
+        [
+            rng.integers(1, num_ids + 1, num_g - n_dis - n_junk),
+            np.zeros(n_dis, int),
+            -np.ones(n_junk, int),
+        ]
+    )
     g_cams = rng.integers(0, num_cams, num_g)
     q_pids = rng.integers(1, num_ids + 1, num_q)
     q_cams = rng.integers(0, num_cams, num_q)
@@ -209,13 +251,18 @@ def case_msmt(size, repeats, rng) -> dict[str, Any]:
     centres = rng.standard_normal((3061, 256)).astype(np.float32)
     q = torch.from_numpy(centres[ids[0]] + 2 * rng.standard_normal((num_q, 256), dtype=np.float32))
     g = torch.from_numpy(centres[ids[1]] + 2 * rng.standard_normal((num_g, 256), dtype=np.float32))
-    reid.evaluate_features(q[:256], g[:4096], ids[0][:256], ids[1][:4096], ids[2][:256], ids[3][:4096])  # warm-up
-    runs = [peak_memory(lambda: reid.evaluate_features(q, g, *ids, metric="cosine")) for _ in range(repeats)]
+    reid.evaluate_features(
+        q[:256], g[:4096], ids[0][:256], ids[1][:4096], ids[2][:256], ids[3][:4096]
+    )  # warm-up
+    runs = [
+        peak_memory(lambda: reid.evaluate_features(q, g, *ids, metric="cosine"))
+        for _ in range(repeats)
+    ]
     times = [r[1] for r in runs]
     return {
         "shape": [num_q, num_g],
         "dim": 256,
-        "ours": {"mean_s": statistics.mean(times), "std_s": statistics.stdev(times) if len(times) > 1 else 0.0, "runs": repeats},
+        "ours": _stats(times),
         "peak_rss_increase_mib": max(r[2] for r in runs) / 2**20,
         "full_distmat_mib": num_q * num_g * 4 / 2**20,
         "mAP": runs[-1][0]["mAP"],
@@ -243,7 +290,7 @@ def case_revisited(n_db, repeats, rng) -> dict[str, Any]:
     revisited.evaluate(ranks[:10000], gnd)  # warm-up
     runs = [peak_memory(lambda: revisited.evaluate(ranks, gnd)) for _ in range(repeats)]
     times = [r[1] for r in runs]
-    medium = revisited._setting(gnd, "medium")
+    medium = revisited.setting_gnd(gnd, "medium")
     t0 = time.perf_counter()
     ref_map = revisitop_loop(ranks, medium)
     ref_s = time.perf_counter() - t0
@@ -254,7 +301,7 @@ def case_revisited(n_db, repeats, rng) -> dict[str, Any]:
         "ranks_shape": list(ranks.shape),
         "ranks_mib": ranks.nbytes / 2**20,
         "gnd": source,
-        "ours_3_settings": {"mean_s": statistics.mean(times), "std_s": statistics.stdev(times) if len(times) > 1 else 0.0, "runs": repeats},
+        "ours_3_settings": _stats(times),
         "peak_rss_increase_mib": max(r[2] for r in runs) / 2**20,
         "medium_ours_s": ours_s,
         "medium_revisitop_loop_s": ref_s,
@@ -263,18 +310,48 @@ def case_revisited(n_db, repeats, rng) -> dict[str, Any]:
     }
 
 
+def case_rerank(size, repeats, rng) -> dict[str, Any]:
+    num_q, num_g = size
+    ids = rng.integers(0, (num_q + num_g) // 10, num_q + num_g)
+    x = torch.from_numpy(rng.standard_normal((ids.max() + 1, 64), dtype=np.float32))[ids] * 2
+    x += torch.from_numpy(rng.standard_normal((num_q + num_g, 64), dtype=np.float32))
+    q, g = x[:num_q], x[num_q:]
+    qg = reid.compute_distance(q, g).clamp_min(0).sqrt().numpy()
+    qq = reid.compute_distance(q, q).clamp_min(0).sqrt().numpy()
+    gg = reid.compute_distance(g, g).clamp_min(0).sqrt().numpy()
+    reid.re_rank(qg[:100, :500], qq[:100, :100], gg[:500, :500])  # warm-up
+    runs = [peak_memory(lambda: reid.re_rank(qg, qq, gg)) for _ in range(repeats)]
+    times = [r[1] for r in runs]
+    n = num_q + num_g
+    return {
+        "shape": [num_q, num_g],
+        "ours": _stats(times),
+        "peak_rss_increase_mib": max(r[2] for r in runs) / 2**20,
+        "inputs_mib": (qg.nbytes + qq.nbytes + gg.nbytes) / 2**20,
+        "reference_estimate_mib": 24 * n * n / 2**20,  # five (N, N) matrices + argsort indices
+    }
+
+
 def case_dml(n, repeats, rng) -> dict[str, Any]:
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     labels = rng.integers(0, 100, n)
-    x = rng.standard_normal((100, 128)).astype(np.float32)[labels] + 1.5 * rng.standard_normal((n, 128), dtype=np.float32)
+    x = rng.standard_normal((100, 128)).astype(np.float32)[labels] + 1.5 * rng.standard_normal(
+        (n, 128), dtype=np.float32
+    )
     ks = (1, 2, 4, 8)
     no_nmi = timeit(lambda: dml.evaluate(x, labels, ks=ks, nmi=False), repeats)
     with_nmi = timeit(lambda: dml.evaluate(x, labels, ks=ks, nmi=True), repeats)
     xn = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count", device=torch.device("cpu"))
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )
     pml = timeit(lambda: calc.get_accuracy(xn, torch.from_numpy(labels)), repeats)
-    out, ref = dml.evaluate(x, labels, ks=ks, nmi=True), calc.get_accuracy(xn, torch.from_numpy(labels))
+    out, ref = dml.evaluate(x, labels, ks=ks, nmi=True), calc.get_accuracy(
+        xn, torch.from_numpy(labels)
+    )
     return {
         "shape": [n, 128],
         "classes": 100,
@@ -282,7 +359,10 @@ def case_dml(n, repeats, rng) -> dict[str, Any]:
         "ours_with_nmi": with_nmi,
         "pml_p1_mapr": pml,
         "metrics": out,
-        "abs_diff_vs_pml": max(abs(out["R@1"] - ref["precision_at_1"]), abs(out["MAP@R"] - ref["mean_average_precision_at_r"])),
+        "abs_diff_vs_pml": max(
+            abs(out["R@1"] - ref["precision_at_1"]),
+            abs(out["MAP@R"] - ref["mean_average_precision_at_r"]),
+        ),
     }
 
 
@@ -290,11 +370,28 @@ def case_dml(n, repeats, rng) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up")
-    parser.add_argument("--cases", default="market,msmt,revisited,dml", help="comma-separated subset")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluation.json")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per case after one warm-up"
+    )
+    parser.add_argument(
+        "--cases", default="market,msmt,revisited,dml,rerank", help="comma-separated subset"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "evaluation.json"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and faiss threads (default: theirs); 1 on a shared, oversubscribed machine",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     info = machine()
     print("machine:", json.dumps(info))
@@ -309,28 +406,76 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["revisited"] = case_revisited(sizes["roxf_db"], args.repeats, rng)
     if "dml" in cases:
         results["dml"] = case_dml(sizes["dml"], args.repeats, rng)
+    if "rerank" in cases:
+        results["rerank"] = case_rerank(sizes["rerank"], args.repeats, rng)
 
     rows = []
     if "market" in results:
         r = results["market"]
         shape = "x".join(map(str, r["shape"]))
         rows.append(("reid.evaluate", shape, r["ours"], "-"))
-        rows.append(("torchreid-style loop", shape, r["torchreid_loop"], f"ours {r['speedup_vs_torchreid_loop']:.1f}x faster"))
-        rows.append(("lean per-query loop", shape, r["lean_loop"], f"ours {r['speedup_vs_lean_loop']:.1f}x faster"))
+        rows.append(
+            (
+                "torchreid-style loop",
+                shape,
+                r["torchreid_loop"],
+                f"ours {r['speedup_vs_torchreid_loop']:.1f}x faster",
+            )
+        )
+        rows.append(
+            (
+                "lean per-query loop",
+                shape,
+                r["lean_loop"],
+                f"ours {r['speedup_vs_lean_loop']:.1f}x faster",
+            )
+        )
     if "msmt" in results:
         r = results["msmt"]
-        rows.append(("reid.evaluate_features", "x".join(map(str, r["shape"])) + "x256", r["ours"],
-                     f"peak +{r['peak_rss_increase_mib']:.0f} MiB (full distmat {r['full_distmat_mib']:.0f} MiB)"))
+        rows.append(
+            (
+                "reid.evaluate_features",
+                "x".join(map(str, r["shape"])) + "x256",
+                r["ours"],
+                f"peak +{r['peak_rss_increase_mib']:.0f} MiB "
+                f"(full distmat {r['full_distmat_mib']:.0f} MiB)",
+            )
+        )
     if "revisited" in results:
         r = results["revisited"]
-        rows.append(("revisited.evaluate (E/M/H)", "x".join(map(str, r["ranks_shape"])), r["ours_3_settings"],
-                     f"peak +{r['peak_rss_increase_mib']:.0f} MiB; Medium {r['medium_ours_s']:.2f}s vs revisitop loop {r['medium_revisitop_loop_s']:.2f}s"))
+        rows.append(
+            (
+                "revisited.evaluate (E/M/H)",
+                "x".join(map(str, r["ranks_shape"])),
+                r["ours_3_settings"],
+                f"peak +{r['peak_rss_increase_mib']:.0f} MiB; Medium {r['medium_ours_s']:.2f}s "
+                f"vs revisitop loop {r['medium_revisitop_loop_s']:.2f}s",
+            )
+        )
     if "dml" in results:
         r = results["dml"]
         shape = "x".join(map(str, r["shape"]))
         rows.append(("dml.evaluate (no NMI)", shape, r["ours_no_nmi"], "-"))
         rows.append(("dml.evaluate (+NMI)", shape, r["ours_with_nmi"], "-"))
-        rows.append(("PML AccuracyCalculator", shape, r["pml_p1_mapr"], f"P@1 + MAP@R; |diff| {r['abs_diff_vs_pml']:.1e}"))
+        rows.append(
+            (
+                "PML AccuracyCalculator",
+                shape,
+                r["pml_p1_mapr"],
+                f"P@1 + MAP@R; |diff| {r['abs_diff_vs_pml']:.1e}",
+            )
+        )
+    if "rerank" in results:
+        r = results["rerank"]
+        rows.append(
+            (
+                "reid.re_rank",
+                "x".join(map(str, r["shape"])),
+                r["ours"],
+                f"peak +{r['peak_rss_increase_mib']:.0f} MiB over {r['inputs_mib']:.0f} MiB inputs "
+                f"(reference ~{r['reference_estimate_mib']:.0f} MiB)",
+            )
+        )
     print(f"\n{'case':<30} {'size':<22} {'mean s':>9} {'std s':>8}  note")
     for name, size, t, note in rows:
         print(f"{name:<30} {size:<22} {t['mean_s']:>9.3f} {t['std_s']:>8.3f}  {note}")

@@ -59,7 +59,8 @@ def _cmd_predict(a) -> int:
 
 # ---- eval -------------------------------------------------------------------------------
 def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
-                        devices: int | str = 1, accelerator: str = "auto") -> dict:
+                        devices: int | str = 1, accelerator: str = "auto",
+                        progress: bool = True) -> dict:
     """Evaluate a checkpoint on its dataset's evaluation split (same code path as training,
     DDP-exact). ``overrides``: ``FinegrainDataModule`` arguments (``root`` ...)."""
     import lightning.pytorch as pl
@@ -73,7 +74,8 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     module.set_data_meta(meta)
     data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
             "resize_size": meta.get("resize_size"), "mean": tuple(meta["mean"]),
-            "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64}
+            "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64,
+            "dataset_kwargs": meta.get("dataset_kwargs")}
     data.update(overrides or {})
     dm = FinegrainDataModule(**data)
     if dm.val_set is None:
@@ -82,7 +84,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     module.set_data_meta({"num_query": dm._num_query})
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, devices=devices,
                          accelerator=accelerator, use_distributed_sampler=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, enable_progress_bar=progress)
     trainer.validate(module, datamodule=dm, verbose=False)
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
 
@@ -103,7 +105,8 @@ def _overrides(extra: list[str]) -> dict:
 
 
 def _cmd_eval(a, extra) -> int:
-    res = evaluate_checkpoint(a.checkpoint, _overrides(extra), a.devices)
+    # the progress bar writes to stdout: off when stdout carries JSON
+    res = evaluate_checkpoint(a.checkpoint, _overrides(extra), a.devices, progress=not a.json)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
@@ -209,7 +212,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
     if argv and argv[0] == "train":
         from .engine.run import train
         train(argv[1:])

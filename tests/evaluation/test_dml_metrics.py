@@ -25,11 +25,16 @@ def _normalise(x):
 
 def _pml(query, query_labels, reference=None, reference_labels=None):
     calc = AccuracyCalculator(
-        include=("precision_at_1", "mean_average_precision_at_r"), avg_of_avgs=False, k=None, device=torch.device("cpu")
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        avg_of_avgs=False,
+        k=None,
+        device=torch.device("cpu"),
     )
     if reference is None:
         return calc.get_accuracy(query, query_labels)
-    return calc.get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query=False)
+    return calc.get_accuracy(
+        query, query_labels, reference, reference_labels, ref_includes_query=False
+    )
 
 
 def _slow(q, q_labels, db, db_labels, ks, all_vs_all):
@@ -37,7 +42,10 @@ def _slow(q, q_labels, db, db_labels, ks, all_vs_all):
     sims = (q @ db.T).numpy()
     recalls, maps = np.zeros(len(ks)), []
     for i in range(len(q)):
-        order = sorted((j for j in range(len(db)) if not (all_vs_all and j == i)), key=lambda j: (-sims[i, j], j))
+        order = sorted(
+            (j for j in range(len(db)) if not (all_vs_all and j == i)),
+            key=lambda j: (-sims[i, j], j),
+        )
         rel = [int(db_labels[j] == q_labels[i]) for j in order]
         r = sum(rel)
         if r == 0:
@@ -136,8 +144,15 @@ def test_nmi_matches_sklearn_and_loop(seed):
     ours = dml.normalized_mutual_info(a, b)
     assert ours == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
     assert ours == pytest.approx(_nmi_loop(a.tolist(), b.tolist()), abs=1e-12)
-    for u, v in (([1, 1, 1], [0, 0, 0]), ([1, 1, 2], [0, 0, 0]), ([0, 0, 1, 1], [1, 1, 0, 0]), ([0, 0, 0, 0], [0, 1, 2, 3])):
-        assert dml.normalized_mutual_info(np.array(u), np.array(v)) == normalized_mutual_info_score(u, v)
+    for u, v in (
+        ([1, 1, 1], [0, 0, 0]),
+        ([1, 1, 2], [0, 0, 0]),
+        ([0, 0, 1, 1], [1, 1, 0, 0]),
+        ([0, 0, 0, 0], [0, 1, 2, 3]),
+    ):
+        assert dml.normalized_mutual_info(np.array(u), np.array(v)) == normalized_mutual_info_score(
+            u, v
+        )
 
 
 def test_evaluate_nmi_uses_seeded_kmeans_on_normalised_queries():

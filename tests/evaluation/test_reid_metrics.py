@@ -32,12 +32,18 @@ def _market1501_loop(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, k
         tmp = [x / (i + 1.0) for i, x in enumerate(raw_cmc.cumsum())]
         all_ap.append((np.asarray(tmp) * raw_cmc).sum() / raw_cmc.sum())
     assert all_cmc, "reference: no valid query"
-    return np.asarray(all_cmc, dtype=np.float64).mean(0), float(np.mean(all_ap)), float(np.mean(all_inp))
+    return (
+        np.asarray(all_cmc, dtype=np.float64).mean(0),
+        float(np.mean(all_ap)),
+        float(np.mean(all_inp)),
+    )
 
 
 def _reid_problem(rng, num_q=60, num_g=400, num_ids=40, num_cams=4, distractors=40):
     """Identities with several images per camera, distractors (pid 0), some queries unmatched."""
-    g_pids = np.concatenate([rng.integers(1, num_ids + 1, size=num_g - distractors), np.zeros(distractors, int)])
+    g_pids = np.concatenate(
+        [rng.integers(1, num_ids + 1, size=num_g - distractors), np.zeros(distractors, int)]
+    )
     g_cams = rng.integers(0, num_cams, size=num_g)
     q_pids = rng.integers(1, num_ids + 6, size=num_q)  # ids > num_ids never appear in the gallery
     q_cams = rng.integers(0, num_cams, size=num_q)
@@ -61,8 +67,10 @@ def test_evaluate_matches_references_continuous(seed):
     distmat = rng.random((60, 400))  # float64: no ties, so any sort order agrees
     ref = _market1501_loop(distmat, *ids, max_rank=20)
     _check(reid.evaluate(distmat, *ids, max_rank=20), ref)
-    _check(reid.evaluate(distmat.astype(np.float32), *ids, max_rank=20),
-           _market1501_loop(distmat.astype(np.float32), *ids, max_rank=20, kind="stable"))
+    _check(
+        reid.evaluate(distmat.astype(np.float32), *ids, max_rank=20),
+        _market1501_loop(distmat.astype(np.float32), *ids, max_rank=20, kind="stable"),
+    )
 
 
 def test_evaluate_ties_follow_stable_order():
@@ -81,7 +89,11 @@ def test_evaluate_chunking_and_torch_input():
     distmat = rng.random((60, 400)).astype(np.float32)
     full = reid.evaluate(distmat, *ids)
     for chunk in (1, 7, 64, 1000):
-        _check(reid.evaluate(distmat, *ids, chunk_size=chunk), (full["cmc"], full["mAP"], full["mINP"]), atol=0)
+        _check(
+            reid.evaluate(distmat, *ids, chunk_size=chunk),
+            (full["cmc"], full["mAP"], full["mINP"]),
+            atol=0,
+        )
     out = reid.evaluate(torch.from_numpy(distmat), *(torch.from_numpy(x) for x in ids))
     _check(out, (full["cmc"], full["mAP"], full["mINP"]), atol=0)
 
@@ -109,13 +121,19 @@ def test_evaluate_max_rank_clipped_to_gallery():
 
 def test_evaluate_errors():
     d = np.random.default_rng(0).random((2, 3))
-    with pytest.raises(ValueError, match="no query identity appears in the gallery under another camera"):
-        reid.evaluate(d, np.array([1, 2]), np.array([1, 1, 3]), np.array([0, 0]), np.array([0, 0, 0]))
+    with pytest.raises(
+        ValueError, match="no query identity appears in the gallery under another camera"
+    ):
+        reid.evaluate(
+            d, np.array([1, 2]), np.array([1, 1, 3]), np.array([0, 0]), np.array([0, 0, 0])
+        )
     with pytest.raises(ValueError, match="g_pids has 2 entries"):
         reid.evaluate(d, np.array([1, 2]), np.array([1, 1]), np.array([0, 0]), np.array([0, 0, 0]))
     d[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        reid.evaluate(d, np.array([1, 2]), np.array([1, 1, 3]), np.array([0, 0]), np.array([1, 1, 1]))
+        reid.evaluate(
+            d, np.array([1, 2]), np.array([1, 1, 3]), np.array([0, 0]), np.array([1, 1, 1])
+        )
 
 
 # ----------------------------------------------------------------------------- features
@@ -131,7 +149,9 @@ def test_evaluate_features_equals_full_distmat(metric, dtype, monkeypatch):
 
     shapes = []
     block = reid._distance_block
-    monkeypatch.setattr(reid, "_distance_block", lambda a, b: shapes.append(a[0].shape) or block(a, b))
+    monkeypatch.setattr(
+        reid, "_distance_block", lambda a, b: shapes.append(a[0].shape) or block(a, b)
+    )
     out = reid.evaluate_features(q, g, *ids, metric=metric, chunk_size=16, dtype=dtype)
     _check(out, (full["cmc"], full["mAP"], full["mINP"]), atol=1e-12)
     assert shapes and all(s[0] <= 16 for s in shapes)  # never more than chunk x G distances
@@ -139,7 +159,9 @@ def test_evaluate_features_equals_full_distmat(metric, dtype, monkeypatch):
 
 def test_compute_distance_definitions():
     g = torch.Generator().manual_seed(0)
-    q, x = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    q, x = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(
+        9, 5, generator=g, dtype=torch.float64
+    )
     d = reid.compute_distance(q, x, "euclidean", torch.float64)
     torch.testing.assert_close(d, torch.cdist(q, x) ** 2)
     d = reid.compute_distance(q, x, "cosine", torch.float64)
@@ -153,11 +175,15 @@ def test_compute_distance_definitions():
 def _re_ranking_loop(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
     """Direct port of the k-reciprocal re-ranking reference (distance-matrix version)."""
     original = np.concatenate(
-        [np.concatenate([q_q_dist, q_g_dist], axis=1), np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0
+        [
+            np.concatenate([q_q_dist, q_g_dist], axis=1),
+            np.concatenate([q_g_dist.T, g_g_dist], axis=1),
+        ],
+        axis=0,
     )
     original = np.power(original, 2).astype(np.float32)
     original = np.transpose(1.0 * original / np.max(original, axis=0))
-    V = np.zeros_like(original).astype(np.float32)
+    v = np.zeros_like(original).astype(np.float32)
     initial_rank = np.argsort(original).astype(np.int32)
     num_q = q_g_dist.shape[0]
     num_all = q_g_dist.shape[0] + q_g_dist.shape[1]
@@ -175,21 +201,21 @@ def _re_ranking_loop(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3
                 expansion = np.append(expansion, c_recip)
         expansion = np.unique(expansion)
         weight = np.exp(-original[i, expansion])
-        V[i, expansion] = 1.0 * weight / np.sum(weight)
+        v[i, expansion] = 1.0 * weight / np.sum(weight)
     original = original[:num_q]
     if k2 != 1:
-        V_qe = np.zeros_like(V, dtype=np.float32)
+        v_qe = np.zeros_like(v, dtype=np.float32)
         for i in range(num_all):
-            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-        V = V_qe
-    inv_index = [np.where(V[:, i] != 0)[0] for i in range(num_all)]
+            v_qe[i, :] = np.mean(v[initial_rank[i, :k2], :], axis=0)
+        v = v_qe
+    inv_index = [np.where(v[:, i] != 0)[0] for i in range(num_all)]
     jaccard = np.zeros_like(original, dtype=np.float32)
     for i in range(num_q):
         temp_min = np.zeros(shape=[1, num_all], dtype=np.float32)
-        nonzero = np.where(V[i, :] != 0)[0]
+        nonzero = np.where(v[i, :] != 0)[0]
         for k in nonzero:
             rows = inv_index[k]
-            temp_min[0, rows] = temp_min[0, rows] + np.minimum(V[i, k], V[rows, k])
+            temp_min[0, rows] = temp_min[0, rows] + np.minimum(v[i, k], v[rows, k])
         jaccard[i] = 1 - temp_min / (2.0 - temp_min)
     final = jaccard * (1 - lambda_value) + original * lambda_value
     return final[:num_q, num_q:]
@@ -197,7 +223,9 @@ def _re_ranking_loop(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3
 
 def _clustered_distances(rng, num_q, num_g, dim, rounded=False):
     x = rng.standard_normal((num_q + num_g, dim)).astype(np.float32)
-    x[num_q:] += 2 * np.repeat(rng.standard_normal((num_g // 5 + 1, dim)), 5, axis=0)[:num_g].astype(np.float32)
+    x[num_q:] += 2 * np.repeat(rng.standard_normal((num_g // 5 + 1, dim)), 5, axis=0)[
+        :num_g
+    ].astype(np.float32)
     if rounded:
         x = np.round(x)
     d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)).astype(np.float32)
@@ -227,7 +255,9 @@ def test_re_rank_matches_reference(num_q, num_g, dim, k1, k2, lam, rounded, chun
 def test_re_rank_float64_inputs_and_errors():
     rng = np.random.default_rng(9)
     qg, qq, gg = (x.astype(np.float64) for x in _clustered_distances(rng, 12, 50, 6))
-    np.testing.assert_allclose(reid.re_rank(qg, qq, gg), _re_ranking_loop(qg, qq, gg), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        reid.re_rank(qg, qq, gg), _re_ranking_loop(qg, qq, gg), atol=1e-6, rtol=0
+    )
     with pytest.raises(ValueError, match="g_g_dist"):
         reid.re_rank(qg, qq, gg[:-1, :-1])
 

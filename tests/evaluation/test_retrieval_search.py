@@ -9,7 +9,9 @@ from finegrain.retrieval import build_index, knn, search
 
 def _data(seed=0, nb=500, nq=40, d=16):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((nq, d)).astype(np.float32), rng.standard_normal((nb, d)).astype(np.float32)
+    return rng.standard_normal((nq, d)).astype(np.float32), rng.standard_normal((nb, d)).astype(
+        np.float32
+    )
 
 
 def _brute(q, db, k, metric):

@@ -54,12 +54,30 @@ def _compute_map_loop(ranks, gnd, kappas):
     return m_ap / (nq - nempty), aps, pr / (nq - nempty), prs
 
 
+def test_setting_gnd_matches_revisitop_example(shared_data):
+    gnd = revisited.load_gnd(shared_data / "revisitop" / "gnd_rparis6k.pkl")["gnd"]
+    for setting, ref in _settings(gnd).items():
+        ours = revisited.setting_gnd(gnd, setting)
+        for a, b in zip(ours, ref):
+            np.testing.assert_array_equal(a["ok"], b["ok"])
+            np.testing.assert_array_equal(a["junk"], b["junk"])
+
+
 def _settings(gnd):
     """The revisitop example's Easy / Medium / Hard ok and junk lists."""
     out = {}
-    out["easy"] = [{"ok": np.concatenate([g["easy"]]), "junk": np.concatenate([g["junk"], g["hard"]])} for g in gnd]
-    out["medium"] = [{"ok": np.concatenate([g["easy"], g["hard"]]), "junk": np.concatenate([g["junk"]])} for g in gnd]
-    out["hard"] = [{"ok": np.concatenate([g["hard"]]), "junk": np.concatenate([g["junk"], g["easy"]])} for g in gnd]
+    out["easy"] = [
+        {"ok": np.concatenate([g["easy"]]), "junk": np.concatenate([g["junk"], g["hard"]])}
+        for g in gnd
+    ]
+    out["medium"] = [
+        {"ok": np.concatenate([g["easy"], g["hard"]]), "junk": np.concatenate([g["junk"]])}
+        for g in gnd
+    ]
+    out["hard"] = [
+        {"ok": np.concatenate([g["hard"]]), "junk": np.concatenate([g["junk"], g["easy"]])}
+        for g in gnd
+    ]
     return out
 
 
@@ -85,7 +103,9 @@ def test_matches_revisitop_on_real_gnd(shared_data, name):
         ref_map, ref_aps, ref_pr, ref_prs = _compute_map_loop(ranks, sgnd, kappas)
         m_ap, aps, mpr, prs = revisited.compute_map(ranks, sgnd, kappas)
         assert m_ap == pytest.approx(ref_map, abs=1e-12)
-        np.testing.assert_allclose(aps, ref_aps, atol=1e-12, rtol=0)  # nan where the reference has nan
+        np.testing.assert_allclose(
+            aps, ref_aps, atol=1e-12, rtol=0
+        )  # nan where the reference has nan
         np.testing.assert_allclose(mpr, ref_pr, atol=1e-12, rtol=0)
         np.testing.assert_allclose(prs, ref_prs, atol=1e-12, rtol=0)
         assert out[setting]["mAP"] == pytest.approx(ref_map, abs=1e-12)
@@ -99,7 +119,9 @@ def test_distractors_and_truncated_ranks(shared_data):
     cfg = revisited.load_gnd(shared_data / "revisitop" / "gnd_rparis6k.pkl")
     gnd = _settings(cfg["gnd"])["medium"]
     rng = np.random.default_rng(1)
-    ranks = _near_random_ranks(rng, cfg["gnd"], len(cfg["imlist"]) + 3000, strength=0.3)  # +distractors
+    ranks = _near_random_ranks(
+        rng, cfg["gnd"], len(cfg["imlist"]) + 3000, strength=0.3
+    )  # +distractors
     ref = _compute_map_loop(ranks, gnd, [1, 5, 10])
     out = revisited.compute_map(ranks.astype(np.int32), gnd, (1, 5, 10))
     assert out[0] == pytest.approx(ref[0], abs=1e-12)
@@ -152,7 +174,9 @@ def test_load_gnd_refuses_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refuses to load global"):
         revisited.load_gnd(path)
     ok = tmp_path / "gnd_np.pkl"
-    ok.write_bytes(pickle.dumps({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": np.arange(3)}]}))
+    ok.write_bytes(
+        pickle.dumps({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": np.arange(3)}]})
+    )
     assert revisited.load_gnd(ok)["gnd"][0]["easy"].tolist() == [0, 1, 2]
     with pytest.raises(FileNotFoundError):
         revisited.load_gnd(tmp_path / "missing.pkl")
@@ -169,3 +193,7 @@ def test_errors():
         revisited.compute_map(np.zeros((5, 1), int), [{"ok": []}])
     with pytest.raises(ValueError, match="lacks"):
         revisited.evaluate(np.zeros((5, 1), int), [{"ok": [1]}])
+    with pytest.raises(ValueError, match="setting must be one of"):
+        revisited.setting_gnd([{"easy": [], "hard": [], "junk": []}], "medium-hard")
+    with pytest.raises(ValueError, match="integer"):
+        revisited.compute_map(np.zeros((5, 1)), [{"ok": [1]}])

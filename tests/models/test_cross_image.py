@@ -317,3 +317,5 @@ def test_bad_arguments_name_the_fix():
         _model(num_heads=5)
     with pytest.raises(ValueError, match="pool"):
         _model(pool="token")
+    with pytest.raises(ValueError, match="depth"):
+        _model(depth=0)

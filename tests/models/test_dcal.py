@@ -7,6 +7,7 @@ batched paths are checked against the paper's formulas, not against themselves.
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import timm
@@ -458,6 +459,17 @@ def test_registry_smoke(name, task):
     assert torch.isfinite(out["logits"]).all()
 
 
+def test_bf16_autocast_losses_in_fp32():
+    model = tiny(task="reid").train()
+    images, y = torch.randn(4, 3, IMG, IMG), torch.tensor([0, 0, 1, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, targets=y)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out["losses"].values())
+    assert out["logits"].dtype == torch.float32 and out["embedding"].dtype == torch.float32
+    sum(out["losses"].values()).backward()
+    assert torch.isfinite(model.backbone.pos_embed.grad).all()
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="task"):
         tiny(task="dml")
@@ -469,3 +481,47 @@ def test_bad_arguments_raise():
         DCAL("deit_tiny_patch16_224", img_size=IMG,
              backbone_kwargs={**TINY, "global_pool": "avg"})
     assert isinstance(tiny().glca_block, GlobalLocalCrossAttention)
+
+
+# ---- recipes -------------------------------------------------------------------------------------
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "dcal").glob("*.yaml"))
+
+
+def test_recipes_are_valid_and_twinned():
+    import inspect
+
+    import yaml
+
+    from finegrain.data.registry import get_dataset_class
+    from finegrain.engine.datamodule import FinegrainDataModule
+    from finegrain.engine.module import FinegrainModule
+
+    assert len(RECIPES) >= 16
+    dcal_args = set(inspect.signature(DCAL).parameters)
+    module_args = set(inspect.signature(FinegrainModule).parameters)
+    data_args = set(inspect.signature(FinegrainDataModule).parameters)
+    names = set(list_models("dcal_*"))
+    by_stem = {p.stem: yaml.safe_load(p.read_text()) for p in RECIPES}
+    for stem, r in by_stem.items():
+        text = (RECIPES[0].parent / f"{stem}.yaml").read_text()
+        assert "2205.02151" in text or "baseline twin" in text, stem
+        assert r["model"]["model_name"] in names, stem
+        assert set(r["model"]) <= module_args, stem
+        assert set(r["model"]["model_kwargs"]) <= dcal_args, stem
+        assert set(r["data"]) <= data_args, stem
+        get_dataset_class(r["data"]["dataset"])
+        assert r["model"]["model_kwargs"]["img_size"] == r["data"]["img_size"], stem
+        reid = r["model"]["model_kwargs"]["task"] == "reid"
+        if reid:
+            assert r["model"]["optimizer"] == "sgd" and r["model"]["lr"] == 0.008, stem
+            assert r["data"]["sampler"] == "pk" and r["data"]["batch_size"] == 64, stem
+        else:
+            assert r["model"]["lr"] == pytest.approx(5e-4 / 512 * r["data"]["batch_size"]), stem
+            assert (r["data"]["img_size"], r["data"]["resize_size"]) == (448, 550), stem
+        if not stem.endswith("_baseline"):
+            twin = by_stem[f"{stem}_baseline"]
+            mk = dict(twin["model"]["model_kwargs"])
+            assert mk.pop("glca") is False and mk.pop("pwca") is False, stem
+            assert mk == r["model"]["model_kwargs"], stem
+            assert {**twin, "model": None} == {**r, "model": None}, stem

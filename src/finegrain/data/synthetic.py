@@ -245,7 +245,7 @@ def generate_market(root: str | None = None, cfg: ReIDConfig = ReIDConfig()) -> 
     return folder
 
 
-def _synthetic(kind: str, reader: str, generate, config_cls, splits):
+def _synthetic(kind: str, reader: str, generate, config_cls, splits, task):
     @register_dataset(f"synthetic_{kind}")
     class _Synthetic(ImageDataset):
         __doc__ = (f"Generated data in the published layout read by ``{reader}``. ``root`` is "
@@ -260,12 +260,14 @@ def _synthetic(kind: str, reader: str, generate, config_cls, splits):
 
     _Synthetic.__name__ = _Synthetic.__qualname__ = f"Synthetic{kind.upper()}"
     _Synthetic.splits = splits
+    _Synthetic.task = task
     return _Synthetic
 
 
-SyntheticFGVC = _synthetic("fgvc", "cub200", generate_cub, FGVCConfig, ("train", "test"))
+SyntheticFGVC = _synthetic("fgvc", "cub200", generate_cub, FGVCConfig, ("train", "test"),
+                           "classification")
 SyntheticReID = _synthetic("reid", "market1501", generate_market, ReIDConfig,
-                           ("train", "query", "gallery"))
+                           ("train", "query", "gallery"), "reid")
 SyntheticDML = _synthetic("dml", "cub200_dml",
                           lambda root, cfg: generate_cub(root, cfg, kind="dml"), FGVCConfig,
-                          ("train", "test"))
+                          ("train", "test"), "dml")

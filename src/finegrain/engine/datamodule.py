@@ -125,7 +125,8 @@ class FinegrainDataModule(pl.LightningDataModule):
     def meta(self) -> dict[str, Any]:
         """What a checkpoint records of the data (see ``FinegrainModule.set_data_meta``)."""
         hp = self.hparams
-        return {"dataset": hp.dataset, "task": self.task, "class_names": list(self.train_set.classes),
+        return {"dataset": hp.dataset, "dataset_kwargs": dict(hp.dataset_kwargs or {}),
+                "task": self.task, "class_names": list(self.train_set.classes),
                 "img_size": hp.img_size, "resize_size": hp.resize_size, "mean": list(hp.mean),
                 "std": list(hp.std), "num_query": self._num_query}
 

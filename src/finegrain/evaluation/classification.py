@@ -37,7 +37,9 @@ def accuracy(
     scores = torch.as_tensor(logits).detach().cpu()
     target = torch.as_tensor(targets).detach().cpu()
     if scores.ndim != 2:
-        raise ValueError(f"logits must be 2-D (num_samples, num_classes), got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"logits must be 2-D (num_samples, num_classes), got shape {tuple(scores.shape)}"
+        )
     num, num_classes = scores.shape
     target = target.reshape(-1)
     if target.shape[0] != num:
@@ -48,7 +50,10 @@ def accuracy(
         raise ValueError(f"targets must hold integer class indices, got dtype {target.dtype}")
     target = target.long()
     if (target < 0).any() or (target >= num_classes).any():
-        raise ValueError(f"targets must lie in [0, {num_classes}); got min {int(target.min())}, max {int(target.max())}")
+        raise ValueError(
+            f"targets must lie in [0, {num_classes}); "
+            f"got min {int(target.min())}, max {int(target.max())}"
+        )
     if scores.is_floating_point() and torch.isnan(scores).any():
         raise ValueError("logits contain NaN")
     ks = [int(k) for k in topk]

@@ -56,22 +56,26 @@ def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         ``(values, indices)``, both (C, k), best first.
     """
     c, n = scores.shape
-    kth = torch.topk(scores, k, dim=1).values[:, -1:]  # (C, 1)
-    sel = scores >= kth  # (C, N): exactly k per row unless the k-th value is tied
-    extra = sel.sum(dim=1) > k
-    if extra.any():  # keep only the first (k - #greater) tied entries of those rows
-        rows = extra.nonzero().squeeze(1)
-        sub, kth_sub = scores[rows], kth[rows]
-        tie = sub == kth_sub
-        need = k - (sub > kth_sub).sum(dim=1, keepdim=True)
-        sel[rows] = (sub > kth_sub) | (tie & (tie.cumsum(dim=1) <= need))
-    idx = sel.nonzero()[:, 1].view(c, k)  # column order within each row
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    vals, idx = torch.topk(scores, min(k + 1, n), dim=1)  # (C, k+1), values descending
+    idx = idx[:, :k].sort(dim=1).values  # the top-k set in column order ...
+    if k < n:  # ... unless the k-th value is tied with the (k+1)-th: then choose by index
+        tied = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)
+        if tied.numel():
+            sub, kth = scores[tied], vals[tied, k - 1 : k]
+            tie = sub == kth
+            need = k - (sub > kth).sum(dim=1, keepdim=True)
+            sel = (sub > kth) | (tie & (tie.cumsum(dim=1) <= need))
+            idx[tied] = sel.nonzero()[:, 1].view(-1, k)
     vals = scores.gather(1, idx)
-    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)  # ties keep column order
     return vals, idx.gather(1, order)
 
 
-def kmeans_assign(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
+def kmeans_assign(
+    x: np.ndarray | torch.Tensor, k: int, seed: int = 0, niter: int = 20
+) -> np.ndarray:
     """Cluster ``x`` with faiss k-means and return each row's nearest centroid.
 
     Args:
@@ -95,7 +99,9 @@ def kmeans_assign(x: np.ndarray | torch.Tensor, k: int, seed: int = 0, niter: in
     return assign[:, 0].astype(np.int64)
 
 
-def normalized_mutual_info(labels_true: np.ndarray | torch.Tensor, labels_pred: np.ndarray | torch.Tensor) -> float:
+def normalized_mutual_info(
+    labels_true: np.ndarray | torch.Tensor, labels_pred: np.ndarray | torch.Tensor
+) -> float:
     """Normalised mutual information, ``MI / mean(H(true), H(pred))``.
 
     The value of scikit-learn's ``normalized_mutual_info_score`` (``average_method=
@@ -177,7 +183,9 @@ def evaluate(
     db = _as_tensor(embeddings, "embeddings", 2).float()
     db_labels = _as_tensor(labels, "labels", 1)
     if db_labels.shape[0] != db.shape[0]:
-        raise ValueError(f"embeddings has {db.shape[0]} rows but labels has {db_labels.shape[0]} entries")
+        raise ValueError(
+            f"embeddings has {db.shape[0]} rows but labels has {db_labels.shape[0]} entries"
+        )
     all_vs_all = query is None
     if all_vs_all:
         if query_labels is not None:
@@ -189,7 +197,9 @@ def evaluate(
         q = _as_tensor(query, "query", 2).float()
         q_labels = _as_tensor(query_labels, "query_labels", 1)
         if q_labels.shape[0] != q.shape[0]:
-            raise ValueError(f"query has {q.shape[0]} rows but query_labels has {q_labels.shape[0]} entries")
+            raise ValueError(
+                f"query has {q.shape[0]} rows but query_labels has {q_labels.shape[0]} entries"
+            )
         if q.shape[1] != db.shape[1]:
             raise ValueError(f"query has dim {q.shape[1]} but embeddings has dim {db.shape[1]}")
     if torch.isnan(db).any() or torch.isnan(q).any():
@@ -226,7 +236,8 @@ def evaluate(
             sims = q[a:b] @ db.t()  # (C, N)
             if all_vs_all:
                 sims[torch.arange(b - a), torch.arange(a, b)] = -torch.inf
-            sims, r = sims[keep], r[keep]
+            if not keep.all():
+                sims, r = sims[keep], r[keep]
             k_need = min(max(max(k_clip), int(r.max())), searchable)
             _, idx = stable_topk(sims, k_need)  # (C, K)
             match = db_labels[idx] == q_labels[a:b][keep][:, None]  # (C, K)
@@ -248,5 +259,7 @@ def evaluate(
     out["MAP@R"] = map_sum / num_valid
     if nmi:
         num_classes = int(torch.unique(q_labels).numel())
-        out["NMI"] = normalized_mutual_info(q_labels.numpy(), kmeans_assign(q, num_classes, seed=seed))
+        out["NMI"] = normalized_mutual_info(
+            q_labels.numpy(), kmeans_assign(q, num_classes, seed=seed)
+        )
     return out

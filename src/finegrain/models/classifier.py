@@ -73,6 +73,32 @@ class Classifier(nn.Module):
         return out
 
 
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ViT backbones: the class token's attention over the patches in the last block
+        (head mean), as a (B, h, w) map in [0, 1]."""
+        blocks = getattr(self.backbone, "blocks", None)
+        if blocks is None:
+            raise ValueError(f"{type(self.backbone).__name__} has no attention to show")
+        grabbed = {}
+        hook = blocks[-1].norm1.register_forward_hook(lambda m, i, o: grabbed.update(x=o))
+        try:
+            self.backbone.forward_features(images)
+        finally:
+            hook.remove()
+        x, attn = grabbed["x"], blocks[-1].attn
+        B, N, C = x.shape
+        H = attn.num_heads
+        q, k, _ = attn.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (B, H, N, D)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        a = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1).mean(1)  # (B, N, N)
+        prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+        h, w = self.backbone.patch_embed.grid_size
+        m = a[:, 0, prefix:].reshape(B, h, w)
+        m = m - m.amin((1, 2), keepdim=True)
+        return {"cls_attention": m / m.amax((1, 2), keepdim=True).clamp_min(1e-12)}
+
+
 def _create_classifier(backbone: str, **kwargs) -> Classifier:
     return Classifier(backbone=backbone, **kwargs)
 

@@ -53,6 +53,7 @@ similarity of the pair.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import timm
@@ -100,15 +101,18 @@ class CrossAttentionLayer(nn.Module):
         """Refine the queries with the tokens.
 
         Args:
-            q: (Bi, Q, D) queries.
+            q: (Bi, Q, D) queries, or (1, Q, D) queries shared by every image (the first
+                layer: LN and the query projection then run once per query, not per pair).
             tokens: (Bi, N, D) keys / values.
             return_attn: also return the attention probabilities (Bi, H, Q, N), computed
                 explicitly (pictures); otherwise one fused SDPA call.
         """
-        Bi, Q, D = q.shape
-        N = tokens.shape[1]
+        Bq, Q, D = q.shape  # Bq = Bi, or 1 for shared queries
+        Bi, N = tokens.shape[:2]
         H, hd = self.num_heads, self.head_dim
-        qh = self.q(self.norm_q(q)).reshape(Bi, Q, H, hd).transpose(1, 2)  # (Bi, H, Q, hd)
+        qh = self.q(self.norm_q(q)).reshape(Bq, Q, H, hd).transpose(1, 2)  # (Bq, H, Q, hd)
+        if Bq != Bi:  # shared queries: one copy (Bi, H, Q, hd), fused kernels want strides
+            qh = qh.expand(Bi, H, Q, hd).contiguous()
         kv = self.kv(self.norm_kv(tokens)).reshape(Bi, N, 2, H, hd)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (Bi, H, N, hd)
         attn = None
@@ -118,7 +122,7 @@ class CrossAttentionLayer(nn.Module):
         else:
             x = F.scaled_dot_product_attention(qh, k, v)  # (Bi, H, Q, hd)
         x = x.transpose(1, 2).reshape(Bi, Q, D)
-        q = q + self.proj(x)
+        q = q + self.proj(x)  # (Bi, Q, D), broadcast over images if Bq = 1
         q = q + self.mlp(self.norm_mlp(q))
         return (q, attn) if return_attn else q
 
@@ -140,6 +144,9 @@ class ConditionalEmbedding(nn.Module):
     def __init__(self, feat_dim: int, embedding_dim: int, dim: int, depth: int = 2,
                  num_heads: int = 8, mlp_ratio: float = 4.0):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth={depth}: the conditional branch needs at least one "
+                             f"cross-attention layer (cross_attention=False turns it off)")
         self.token_proj = nn.Linear(feat_dim, dim)
         self.query_proj = nn.Linear(embedding_dim, dim)
         self.layers = nn.ModuleList(CrossAttentionLayer(dim, num_heads, mlp_ratio)
@@ -159,11 +166,10 @@ class ConditionalEmbedding(nn.Module):
         Returns:
             (Bi, Q, E) fp32, L2-normalised: ``out[i, j] = c_{i|j}``.
         """
-        Bi = tokens.shape[0]
         kv = self.token_proj(tokens)  # (Bi, N, D)
         q = self.query_proj(queries)  # (Q, D) or (Bi, Q, D)
         if q.ndim == 2:
-            q = q.unsqueeze(0).expand(Bi, -1, -1)  # (Bi, Q, D): the same B_j queries per i
+            q = q.unsqueeze(0)  # (1, Q, D): the same B_j queries for every image i
         attns = []
         for layer in self.layers:
             if return_attn:
@@ -324,7 +330,7 @@ class CrossImageDML(nn.Module):
         if self.training and self.cross is not None:
             c = self.conditional_embeddings(feats, z)  # (B_i, B_j, E), attention under autocast
             sim = self.pair_similarity(c, z)  # (B, B) fp32
-        with torch.autocast(device_type=images.device.type, enabled=False):
+        with _no_autocast(images.device.type):
             dml = self.loss(z, targets)
             losses = {"dml": dml}
             logs = {"dml": dml.detach()}
@@ -396,6 +402,13 @@ class CrossImageDML(nn.Module):
         zq_rep = zq.repeat_interleave(k, dim=0).unsqueeze(1)  # (Q*k, 1, E)
         c_nq = self.cross(self.patch_tokens(n_flat), zq_rep).reshape(Q, k, -1)  # c_{n|q}
         return (c_qn * c_nq).sum(-1)
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for the losses (a no-op where the device has no autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,9 @@ def attention_rollout_class_row(attn_means: list[torch.Tensor]) -> torch.Tensor:
 
     ``S_bar_l = 0.5 * S_l + 0.5 * I`` with rows re-normalised (Eq. 2; the residual connection),
     ``S_l`` the head-averaged attention of block l. Only row 0 is needed, so it is computed
-    right to left, ``e_0^T S_bar_k ... S_bar_1``, one vector-matrix product per block.
+    right to left, ``e_0^T S_bar_k ... S_bar_1``, one vector-matrix product per block, and
+    ``S_bar_l`` is never built: with ``z`` its row sums, ``r^T diag(z)^-1 (0.5 S + 0.5 I) =
+    0.5 u^T S + 0.5 u^T`` for ``u = r / z``.
 
     Args:
         attn_means: ``[S_1, ..., S_k]``, each (B, T, T) head-averaged attention probabilities,
@@ -132,12 +134,13 @@ def attention_rollout_class_row(attn_means: list[torch.Tensor]) -> torch.Tensor:
         (B, T) row 0 of ``S_hat`` in fp32 (class token first, then the N patches).
     """
     B, T, _ = attn_means[0].shape
-    eye = torch.eye(T, device=attn_means[0].device)
-    row = eye[0].expand(B, T)  # e_0^T, (B, T)
+    row = torch.zeros(B, T, device=attn_means[0].device)
+    row[:, 0] = 1.0  # e_0^T
     for s in reversed(attn_means):
-        s_bar = 0.5 * s.float() + 0.5 * eye
-        s_bar = s_bar / s_bar.sum(dim=-1, keepdim=True)
-        row = (row.unsqueeze(1) @ s_bar).squeeze(1)  # (B, 1, T) @ (B, T, T) -> (B, T)
+        s = s.float()
+        z = 0.5 * s.sum(dim=-1) + 0.5  # (B, T) row sums of 0.5 S + 0.5 I
+        u = row / z
+        row = 0.5 * (u.unsqueeze(1) @ s).squeeze(1) + 0.5 * u  # (B, 1, T) @ (B, T, T)
     return row
 
 
@@ -216,11 +219,11 @@ def pwca_attention(attn: nn.Module, q1: torch.Tensor, k1: torch.Tensor, v1: torc
 
     Args:
         attn: the timm ``Attention`` whose dropout applies.
-        q1, k1, v1: (B, H, T, D) of the PWCA stream of I1.
-        k2, v2: (B, H, T, D) of the distractor I2 at this layer (from its SA pass).
+        q1, k1, v1: (P, H, T, D) of the PWCA stream of I1.
+        k2, v2: (P, H, T, D) of the distractor I2 at this layer (from its SA pass).
 
     Returns:
-        (B, H, T, D).
+        (P, H, T, D).
     """
     return _sdpa(attn, q1, torch.cat([k1, k2], dim=2), torch.cat([v1, v2], dim=2))
 
@@ -246,9 +249,9 @@ class DCAL(nn.Module):
     ``model(images)`` returns ``"logits"`` (B, num_classes) with ``softmax(logits)`` the mean of
     the SA and GLCA class probabilities (SA alone without GLCA) and, for Re-ID,
     ``"embedding"`` (B, 2C) = L2-normalised concat of the SA and GLCA class features.
-    ``model(images, targets=y)`` in training mode adds ``"losses"`` (uncertainty-weighted
-    branch terms ``sa`` / ``glca`` / ``pwca``) and ``"logs"`` (raw branch losses, their CE /
-    triplet parts for Re-ID, and ``w_<branch>``).
+    ``model(images, targets=y)`` adds ``"losses"`` (uncertainty-weighted branch terms ``sa`` /
+    ``glca`` / ``pwca``; PWCA only in training mode) and ``"logs"`` (raw branch losses, their
+    CE / triplet parts for Re-ID, and ``w_<branch>``).
 
     Args:
         backbone: timm ViT name (``deit_tiny_patch16_224``, ``vit_base_patch16_224``,
@@ -369,53 +372,50 @@ class DCAL(nn.Module):
         bb = self.backbone
         return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
 
-    def _block(self, blk: nn.Module, x: torch.Tensor, x_p: torch.Tensor | None,
+    def _block(self, blk: nn.Module, xx: torch.Tensor, B: int,
                pairs: tuple[torch.Tensor, torch.Tensor] | None, rollout: bool,
                pair_probs: bool = False):
-        """One SA block on the SA stream ``x`` and, sharing its weights, the PWCA stream
-        ``x_p`` (whose keys / values are concatenated with the partner's SA keys / values).
+        """One SA block on the SA stream and, sharing its weights, the PWCA stream.
 
         Args:
             blk: a timm ``Block``.
-            x: (B, T, C) SA stream; T = N + 1 tokens, class token first.
-            x_p: (P, T, C) PWCA stream or None.
-            pairs: (i1, i2) each (P,): row ``j`` of ``x_p`` is image ``i1[j]`` paired with
-                distractor ``i2[j]`` (indices into ``x``).
+            xx: (B + P, T, C): rows ``[:B]`` the SA stream, rows ``[B:]`` the PWCA stream
+                (P = 0 without PWCA); T = N + 1 tokens, class token first. The two streams
+                go through the shared linear layers as one batch.
+            B: number of SA rows.
+            pairs: (i1, i2) each (P,): PWCA row ``j`` is image ``i1[j]`` with distractor
+                ``i2[j]`` (indices into the SA rows).
             rollout: compute the SA attention explicitly and return its head mean.
-            pair_probs: return the PWCA probabilities (B, H, T, 2T) (explain only).
+            pair_probs: return the PWCA probabilities (P, H, T, 2T) (explain only).
 
         Returns:
-            ``(x, x_p, head-mean SA attention (B, T, T) or None, PWCA probs or None)``.
+            ``(xx, head-mean SA attention (B, T, T) or None, PWCA probs or None)``.
         """
         attn = blk.attn
-        B = x.shape[0]
-        xx = x if x_p is None else torch.cat([x, x_p])  # (B [+ P], T, C), shared weights
-        q, k, v = _qkv(attn, blk.norm1(xx))  # each (B [+ P], H, T, D)
+        P = xx.shape[0] - B
+        q, k, v = _qkv(attn, blk.norm1(xx))  # each (B + P, H, T, D)
+        (q, q1), (k, k1), (v, v1) = (t.split([B, P]) for t in (q, k, v))
         s_mean = p_probs = None
         if rollout:  # Eq. 1 explicitly: its probabilities feed the rollout (Eq. 2)
-            a = _attention_probs(attn, q[:B], k[:B])  # (B, H, T, T)
+            a = _attention_probs(attn, q, k)  # (B, H, T, T)
             s_mean = a.detach().float().mean(dim=1)  # (B, T, T) head mean S_l
-            o = attn.attn_drop(a) @ v[:B]
+            o = attn.attn_drop(a) @ v
         else:
-            o = _sdpa(attn, q[:B], k[:B], v[:B])  # (B, H, T, D)
-        if x_p is not None:
-            i1, i2 = pairs
-            k2, v2 = k[:B][i2], v[:B][i2]  # I2's keys / values of this layer, its SA pass
+            o = _sdpa(attn, q, k, v)  # (B, H, T, D)
+        if P:
+            k2, v2 = k[pairs[1]], v[pairs[1]]  # I2's keys / values at this layer, its SA pass
             if self.detach_pair:
                 k2, v2 = k2.detach(), v2.detach()
-            q1, k1, v1 = q[B:], k[B:], v[B:]
             if pair_probs:
                 kc, vc = torch.cat([k1, k2], dim=2), torch.cat([v1, v2], dim=2)
                 p_probs = _attention_probs(attn, q1, kc)  # (P, H, T, 2T), Eq. 5
                 o_p = p_probs @ vc
             else:
                 o_p = pwca_attention(attn, q1, k1, v1, k2, v2)  # (P, H, T, D), Eq. 5
-            o = torch.cat([o, o_p])
+            o = torch.cat([o, o_p])  # (B + P, H, T, D)
         xx = xx + blk.drop_path1(blk.ls1(_out(attn, o)))
         xx = xx + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xx))))
-        if x_p is None:
-            return xx, None, s_mean, p_probs
-        return xx[:B], xx[B:], s_mean, p_probs
+        return xx, s_mean, p_probs
 
     def forward_features(self, images: torch.Tensor,
                          pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -439,16 +439,19 @@ class DCAL(nn.Module):
         if rollout and len(bb.blocks) < 2:
             raise ValueError("the rollout spans blocks 1..L-1: it needs depth >= 2")
         x = self._embed(images)  # (B, N+1, C)
-        x_p = x[pairs[0]] if pairs is not None else None  # PWCA stream starts from I1's tokens
+        B = x.shape[0]
+        # The PWCA stream starts from I1's embedded tokens and runs on its own from there.
+        xx = torch.cat([x, x[pairs[0]]]) if pairs is not None else x  # (B + P, N+1, C)
         L = len(bb.blocks)
         attn_means, probs, x_last_in = [], None, x
         for l, blk in enumerate(bb.blocks):
             if l == L - 1:
-                x_last_in = x  # GLCA takes the input of the last SA block
-            x, x_p, s_mean, probs = self._block(blk, x, x_p, pairs, rollout and l < L - 1,
-                                                pair_probs and l == L - 1)
+                x_last_in = xx[:B]  # GLCA takes the input of the last SA block
+            xx, s_mean, probs = self._block(blk, xx, B, pairs, rollout and l < L - 1,
+                                            pair_probs and l == L - 1)
             if s_mean is not None:
                 attn_means.append(s_mean)
+        x, x_p = xx.split([B, xx.shape[0] - B])  # SA stream, PWCA stream
         out = {"sa": bb.forward_head(bb.norm(x), pre_logits=True)}
         if rollout:
             with torch.no_grad():
@@ -458,7 +461,7 @@ class DCAL(nn.Module):
         if self.glca:
             x_l = self.glca_block(x_last_in, out["selected"])  # Eq. 4, (B, R+1, C)
             out["glca"] = self.glca_norm(x_l)[:, 0]
-        if x_p is not None:
+        if pairs is not None:
             out["pwca"] = bb.forward_head(bb.norm(x_p), pre_logits=True)
             if pair_probs:
                 out["pair_probs"] = probs

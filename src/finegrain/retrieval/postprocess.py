@@ -23,8 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["alpha_query_expansion", "aqe_search", "k_reciprocal_rerank", "rerank_shortlist",
-           "full_ranking"]
+__all__ = ["alpha_query_expansion", "aqe_search", "k_reciprocal_rerank", "rerank_shortlist"]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -123,21 +122,3 @@ def rerank_shortlist(queries: np.ndarray, ids: np.ndarray,
     order = np.argsort(d, axis=1, kind="stable")
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(d, order, axis=1)
 
-
-def full_ranking(ids: np.ndarray, n_db: int) -> np.ndarray:
-    """Complete per-query rankings (n_db, nq) in the revisitop layout: each query's ``ids``
-    (nq, K) first, then the database ids not among them in increasing order.
-
-    For a shortlist that already holds the first K exact neighbours this only fixes the
-    layout; the metrics of positives below the shortlist are those of a truncated ranking
-    (they count as retrieved after every shortlisted image).
-    """
-    ids = np.asarray(ids, dtype=np.int64)
-    nq, K = ids.shape
-    out = np.empty((n_db, nq), dtype=np.int64)
-    for i in range(nq):
-        head = ids[i][ids[i] >= 0]
-        seen = np.zeros(n_db, dtype=bool)
-        seen[head] = True
-        out[:, i] = np.concatenate([head, np.flatnonzero(~seen)])
-    return out

@@ -40,7 +40,9 @@ def _metric(metric: str) -> int:
     return _METRICS[metric]
 
 
-def _chunked_search(index: faiss.Index, queries: np.ndarray, k: int, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _chunked_search(
+    index: faiss.Index, queries: np.ndarray, k: int, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     if queries.shape[1] != index.d:
         raise ValueError(f"queries have dim {queries.shape[1]} but the index holds dim {index.d}")
     if chunk_size < 1:
@@ -124,11 +126,15 @@ def build_index(
     try:
         index = faiss.index_factory(db.shape[1], factory, _metric(metric))
     except RuntimeError as exc:
-        raise ValueError(f"faiss cannot build index {factory!r} for dim {db.shape[1]}: {exc}") from exc
+        raise ValueError(
+            f"faiss cannot build index {factory!r} for dim {db.shape[1]}: {exc}"
+        ) from exc
     if not index.is_trained:
         train = db
         if train_size is not None and train_size < db.shape[0]:
-            rows = np.sort(np.random.default_rng(seed).choice(db.shape[0], int(train_size), replace=False))
+            rows = np.sort(
+                np.random.default_rng(seed).choice(db.shape[0], int(train_size), replace=False)
+            )
             train = db[rows]
         index.train(train)
     for a in range(0, db.shape[0], add_chunk_size):
@@ -145,7 +151,9 @@ def _set_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -
         try:
             space.set_index_parameter(index, name, int(value))
         except RuntimeError as exc:
-            raise ValueError(f"the index {type(index).__name__} has no parameter {name}: {exc}") from exc
+            raise ValueError(
+                f"the index {type(index).__name__} has no parameter {name}: {exc}"
+            ) from exc
 
 
 def search(
@@ -175,4 +183,6 @@ def search(
         raise ValueError(f"k must be >= 1, got {k}")
     if index.ntotal == 0:
         raise ValueError("the index is empty")
-    return _chunked_search(index, _as_float32(queries, "queries"), min(int(k), int(index.ntotal)), chunk_size)
+    return _chunked_search(
+        index, _as_float32(queries, "queries"), min(int(k), int(index.ntotal)), chunk_size
+    )

@@ -1,0 +1,329 @@
+"""Cross-image attention DML: training cost against the baseline twin, and the optional
+conditional re-ranker, measured in one run.
+
+1. ``speed``: one training step (forward + backward of the summed losses) of
+   ``cross_image_resnet50`` and ``cross_image_vit_small_patch16_224`` at 224 px with and
+   without the cross-image branch (``cross_attention: false`` twin), batch 32 = 16 classes x 2:
+   wall clock (warm-up dropped, mean and std), and the FLOPs of the step and of the eval
+   forward. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` under the MATH
+   SDPA backend on the meta device (no compute; the B x B loss arithmetic is left out, it is
+   not a matmul). The target is a training-step ratio under 1.15x; the test-time forward is
+   identical by construction (ratio 1.00).
+2. ``flops``: the training-step FLOPs ratio for batch 32 and the recipes' batch 112 (the
+   branch costs B^2 queries, the backbone B images), for the default branch and for cheaper
+   settings (``mlp_ratio: 2``, ``attn_dim: 256``).
+3. ``rerank``: on generated DML data (the ``synthetic_dml`` renderer: classes differ only in
+   small parts; train classes and test classes disjoint) a tiny ViT is trained with and
+   without the branch, then each test query's top-k neighbours by z are re-ordered by
+   the conditional similarity (``conditional_rerank``): Recall@1 before / after and the
+   re-ranking cost per query.
+
+    python benchmarks/dml.py                      # all parts, CPU
+    python benchmarks/dml.py --parts flops rerank --rerank-steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from finegrain.models import create_model  # noqa: E402
+from finegrain.models.cross_image import conditional_rerank  # noqa: E402
+
+BACKBONES = {"resnet50": "cross_image_resnet50",
+             "vit_small": "cross_image_vit_small_patch16_224"}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def matmul_peak(n: int = 2048, iters: int = 5) -> float:
+    """GFLOP/s of an (n x n) @ (n x n) fp32 matmul, best of ``iters``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(iters):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def timed(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pk_labels(batch: int, per_class: int = 2) -> torch.Tensor:
+    return torch.arange(batch) // per_class
+
+
+# -- 1 / 2: cost ---------------------------------------------------------------------------------
+def meta_flops(name: str, batch: int, img: int, train: bool, **kwargs) -> int:
+    """FLOPs of the training graph (forward + backward, no loss arithmetic) or of the eval
+    forward, counted on the meta device."""
+    with torch.device("meta"):
+        model = create_model(name, **kwargs).train(train)
+        x = torch.randn(batch, 3, img, img)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        if not train:
+            with torch.no_grad():
+                model(x)
+        else:
+            feats = model.forward_features(x)
+            z = model.forward_head(feats)
+            total = z.sum()
+            if model.cross is not None:
+                c = model.conditional_embeddings(feats, z)
+                total = total + model.pair_similarity(c, z).sum()
+            total.backward()
+    return fc.get_total_flops()
+
+
+def part_speed(args) -> dict:
+    """Baseline and cross-image steps alternate (after their warm-up), so a machine whose
+    load drifts charges both variants alike."""
+    rows = {}
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    labels = pk_labels(args.batch)
+    for bb in args.backbones:
+        name = BACKBONES[bb]
+        steps = {}
+        for variant in ("baseline", "cross_image"):
+            torch.manual_seed(0)
+            model = create_model(name, cross_attention=variant == "cross_image").train()
+
+            def step(m=model):
+                m.zero_grad(set_to_none=True)
+                out = m(images, targets=labels)
+                sum(out["losses"].values()).backward()
+
+            timed(step, args.warmup, 0)
+            steps[variant] = step
+        times = {v: [] for v in steps}
+        for _ in range(args.iters):
+            for v, step in steps.items():
+                times[v] += timed(step, 0, 1)
+        for variant in steps:
+            ca = variant == "cross_image"
+            mean, std = mean_std(times[variant])
+            rows[f"{bb}/{variant}"] = {
+                "backbone": bb, "variant": variant, "time_s_mean": mean, "time_s_std": std,
+                "times_s": times[variant], "images_per_s": args.batch / mean,
+                "train_gflops": meta_flops(name, args.batch, args.img_size, True,
+                                           cross_attention=ca) / 1e9,
+                "eval_gflops": meta_flops(name, args.batch, args.img_size, False,
+                                          cross_attention=ca) / 1e9}
+        del steps
+    print(f"\n== training step, batch {args.batch} ({args.batch // 2} classes x 2), "
+          f"{args.img_size} px, {args.warmup} warm-up + {args.iters} timed ==")
+    print(f"{'model':<24}{'time (s)':>18}{'img/s':>8}{'train GFLOPs':>14}{'eval GFLOPs':>13}")
+    for key, r in rows.items():
+        print(f"{key:<24}{r['time_s_mean']:>10.3f} ± {r['time_s_std']:<5.3f}"
+              f"{r['images_per_s']:>8.2f}{r['train_gflops']:>14.1f}{r['eval_gflops']:>13.1f}")
+    ratios = {}
+    for bb in args.backbones:
+        b, c = rows[f"{bb}/baseline"], rows[f"{bb}/cross_image"]
+        ratios[bb] = {"wall_clock": c["time_s_mean"] / b["time_s_mean"],
+                      "train_flops": c["train_gflops"] / b["train_gflops"],
+                      "eval_flops": c["eval_gflops"] / b["eval_gflops"]}
+        r = ratios[bb]
+        print(f"{bb:<10} cross-image / baseline: step wall clock {r['wall_clock']:.3f}x, "
+              f"step FLOPs {r['train_flops']:.3f}x, eval FLOPs {r['eval_flops']:.3f}x "
+              f"(target < 1.15x)")
+    return {"rows": rows, "ratios": ratios}
+
+
+def part_flops(args) -> dict:
+    settings = {"default (D=E, mlp 4)": {}, "mlp_ratio 2": {"mlp_ratio": 2.0},
+                "attn_dim 256": {"attn_dim": 256}}
+    out = {}
+    print(f"\n== training-step FLOPs ratio (meta device, {args.img_size} px) ==")
+    print(f"{'backbone':<11}{'setting':<22}" + "".join(f"{'B=' + str(b):>9}" for b in
+                                                      args.flops_batches))
+    for bb in args.backbones:
+        name = BACKBONES[bb]
+        for label, kw in settings.items():
+            vals = []
+            for b in args.flops_batches:
+                base = meta_flops(name, b, args.img_size, True, cross_attention=False)
+                cross = meta_flops(name, b, args.img_size, True, **kw)
+                vals.append(cross / base)
+                out[f"{bb}/{label}/B{b}"] = cross / base
+            print(f"{bb:<11}{label:<22}" + "".join(f"{v:>8.3f}x" for v in vals))
+    return out
+
+
+# -- 3: re-ranking on generated DML data ---------------------------------------------------------
+def synthetic_dml(num_classes: int, per_class: int, size: int, seed: int = 0):
+    """Images (n, 3, size, size) in [0, 1] and labels from the ``synthetic_dml`` renderer;
+    the first half of the classes train, the second half test (class-disjoint)."""
+    from finegrain.data.synthetic import class_parts, render
+    parts = class_parts(num_classes, seed)
+    imgs, labels = [], []
+    for ci, p in enumerate(parts):
+        for k in range(per_class):
+            img, _ = render(p, np.random.default_rng([seed, ci, k]), (size, size))
+            imgs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255.0)
+            labels.append(ci)
+    x = torch.stack(imgs)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    y = torch.tensor(labels)
+    train = y < num_classes // 2
+    return (x[train], y[train]), (x[~train], y[~train] - num_classes // 2)
+
+
+def train_tiny(cross: bool, data, args, seed: int) -> torch.nn.Module:
+    x, y = data
+    torch.manual_seed(seed)
+    model = create_model(
+        "cross_image_deit_tiny_patch16_224", embedding_dim=64, num_heads=4,
+        img_size=args.rerank_size, cross_attention=cross, cond_weight=args.cond_weight,
+        backbone_kwargs=dict(patch_size=8, embed_dim=96, depth=4, num_heads=3)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.rerank_lr, weight_decay=0.05)
+    rng = np.random.default_rng(seed)
+    classes = y.unique().numpy()
+    by_class = {c: np.flatnonzero(y.numpy() == c) for c in classes}
+    per_batch = min(args.rerank_batch // 2, len(classes))
+    for step in range(args.rerank_steps):
+        lr = args.rerank_lr * 0.5 * (1 + np.cos(np.pi * step / args.rerank_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        chosen = rng.choice(classes, per_batch, replace=False)
+        idx = np.concatenate([rng.choice(by_class[c], 2, replace=False) for c in chosen])
+        xb = x[idx]
+        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        out = model(xb, targets=y[idx])
+        opt.zero_grad(set_to_none=True)
+        sum(out["losses"].values()).backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def recall_at_1(model, data, k: int) -> dict:
+    from finegrain.evaluation.dml import evaluate
+    x, y = data
+    feats = torch.cat([model.forward_features(x[i:i + 64]) for i in range(0, len(x), 64)])
+    z = model.forward_head(feats)
+    metrics = evaluate(z.numpy(), y.numpy(), ks=(1,), nmi=False)
+    res = {"R@1": metrics["R@1"], "MAP@R": metrics["MAP@R"]}
+    if model.cross is None:
+        return res
+    sim = z @ z.T
+    sim.fill_diagonal_(-float("inf"))  # the query itself is not a neighbour
+    topk = sim.topk(k, dim=1).indices  # (Q, k)
+    for mix in (1.0, 0.5):
+        t = time.perf_counter()
+        _, ids = conditional_rerank(model, feats, feats, topk, mix=mix)
+        dt = time.perf_counter() - t
+        res[f"R@1 reranked (mix {mix})"] = (y[ids[:, 0]] == y).float().mean().item()
+        res[f"rerank ms/query (mix {mix})"] = 1e3 * dt / len(y)
+    t = time.perf_counter()
+    for i in range(0, len(x), 64):
+        model(x[i:i + 64])
+    res["embed ms/image"] = 1e3 * (time.perf_counter() - t) / len(x)
+    return res
+
+
+def part_rerank(args) -> dict:
+    train, test = synthetic_dml(args.rerank_classes, args.rerank_per_class, args.rerank_size)
+    print(f"\n== conditional re-ranking: synthetic DML, {args.rerank_classes // 2} train / "
+          f"{args.rerank_classes // 2} test classes x {args.rerank_per_class} images, "
+          f"{args.rerank_size} px, tiny ViT, {args.rerank_steps} steps, top-{args.rerank_k} ==")
+    out = {}
+    for seed in range(args.rerank_seeds):
+        for cross in (False, True):
+            t = time.perf_counter()
+            model = train_tiny(cross, train, args, seed)
+            res = recall_at_1(model, test, args.rerank_k)
+            res["train_s"] = time.perf_counter() - t
+            key = f"seed{seed}/{'cross_image' if cross else 'baseline'}"
+            out[key] = res
+            print(f"{key:<22}" + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", default=["speed", "flops", "rerank"],
+                   choices=["speed", "flops", "rerank"])
+    p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--flops-batches", type=int, nargs="+", default=[32, 112])
+    p.add_argument("--rerank-classes", type=int, default=32)
+    p.add_argument("--rerank-per-class", type=int, default=20)
+    p.add_argument("--rerank-size", type=int, default=64)
+    p.add_argument("--rerank-steps", type=int, default=300)
+    p.add_argument("--rerank-batch", type=int, default=32)
+    p.add_argument("--rerank-lr", type=float, default=1e-3)
+    p.add_argument("--rerank-k", type=int, default=10)
+    p.add_argument("--rerank-seeds", type=int, default=1)
+    p.add_argument("--cond-weight", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "dml.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import pytorch_metric_learning
+    import timm
+    peak = matmul_peak()
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "torch": torch.__version__, "timm": timm.__version__,
+               "pytorch_metric_learning": pytorch_metric_learning.__version__,
+               "python": platform.python_version(), "matmul_peak_gflops": round(peak, 1)}
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores ({args.threads} threads), "
+          f"torch {torch.__version__}, timm {timm.__version__}, pml "
+          f"{pytorch_metric_learning.__version__}, matmul peak {peak:.1f} GFLOP/s")
+
+    result = {"machine": machine, "args": vars(args)}
+    if "speed" in args.parts:
+        result["speed"] = part_speed(args)
+    if "flops" in args.parts:
+        result["flops_ratio"] = part_flops(args)
+    if "rerank" in args.parts:
+        result["rerank"] = part_rerank(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

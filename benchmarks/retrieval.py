@@ -1,0 +1,265 @@
+"""Retrieval pipeline costs, measured in one run.
+
+1. **Descriptor extraction**: images/s of :func:`finegrain.retrieval.extract.extract` with
+   ``dalg_vit_small_patch16_224`` at a fixed 512 px longest side (512 x 384 images, 4:3),
+   single scale vs DOLG's 5 scales (0.3535, 0.5, 0.7071, 1, 1.4142).
+2. **Search**: queries/s and recall@100 (overlap with the exact top-100) of approximate faiss
+   indexes against exact search (``IndexFlatIP``, :func:`finegrain.retrieval.search.knn`) on
+   1M x 512 clustered synthetic float32 descriptors (:func:`clustered_descriptors`) with
+   1,000 queries drawn from the same distribution. Target: >= 10x the exact queries/s at
+   recall@100 >= 0.9.
+
+Warm-up runs are dropped; mean and std over the timed repeats. Prints the machine and
+versions and a table; writes JSON (``benchmarks/results/retrieval.json``, or
+``retrieval_quick.json`` with ``--quick``: 100k descriptors, fewer repeats).
+
+    python benchmarks/retrieval.py             # ~1M descriptors: needs ~6 GB RAM, minutes
+    python benchmarks/retrieval.py --quick     # 100k smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from finegrain.models import create_model  # noqa: E402
+from finegrain.retrieval.extract import MULTI_SCALES, extract  # noqa: E402
+from finegrain.retrieval.search import build_index, knn  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mean_std(x: list[float]) -> tuple[float, float]:
+    return statistics.mean(x), (statistics.stdev(x) if len(x) > 1 else 0.0)
+
+
+# --------------------------------------------------------------------------- extraction
+class _Images(torch.utils.data.Dataset):
+    """``n`` normalised random images of one size (what the retrieval transform yields)."""
+
+    def __init__(self, n: int, h: int, w: int):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, h, w, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "index": i}
+
+
+def bench_extraction(args) -> dict:
+    model = create_model(args.model, num_classes=10, img_size=512).eval()
+    ds = _Images(args.images, 384, 512)
+    out = {"model": args.model, "image_hw": [384, 512], "images": args.images,
+           "batch_size": args.batch_size}
+    for name, scales in (("single_scale", (1.0,)), ("five_scales", MULTI_SCALES)):
+        extract(model, _Images(args.batch_size, 384, 512), scales=scales,
+                batch_size=args.batch_size, progress=False)  # warm-up
+        rates = []
+        for _ in range(args.extract_repeats):
+            st: dict = {}
+            extract(model, ds, scales=scales, batch_size=args.batch_size, progress=False,
+                    stats=st)
+            rates.append(st["images_per_s"])
+        m, s = mean_std(rates)
+        out[name] = {"scales": list(scales), "images_per_s": m, "std": s, "runs": rates}
+        print(f"  extraction {name:<12} {m:7.2f} +- {s:.2f} images/s", flush=True)
+    out["five_over_single_time"] = out["single_scale"]["images_per_s"] / \
+        out["five_scales"]["images_per_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- search
+def clustered_descriptors(n: int, d: int, nq: int, seed: int = 0, n_clusters: int = 4096,
+                          intrinsic: int = 64, noise: float = 0.25
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic L2-normalised descriptors that look like image descriptors: a Gaussian
+    mixture (``n_clusters`` landmarks, spreads varying per cluster) in an ``intrinsic``-dim
+    latent space, mapped to ``d`` dims by a random orthonormal matrix, plus isotropic noise.
+
+    Returns:
+        ``(database (n, d), queries (nq, d))`` float32; queries come from the same mixture.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, intrinsic)).astype(np.float32)
+    spread = rng.uniform(0.3, 0.8, n_clusters).astype(np.float32)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, intrinsic)))
+    basis = basis.T.astype(np.float32)  # (intrinsic, d), orthonormal rows
+    weights = rng.dirichlet(np.full(n_clusters, 2.0))
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, d), dtype=np.float32)
+        for a in range(0, m, 100_000):
+            b = min(a + 100_000, m)
+            c = rng.choice(n_clusters, b - a, p=weights)
+            z = centres[c] + spread[c, None] * rng.standard_normal((b - a, intrinsic),
+                                                                   dtype=np.float32)
+            x = z @ basis + noise * rng.standard_normal((b - a, d), dtype=np.float32) \
+                / math.sqrt(d / intrinsic)
+            out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+    return draw(n), draw(nq)
+
+
+def recall_at(ids: np.ndarray, gt: np.ndarray) -> float:
+    """Mean |approx top-k  intersect  exact top-k| / k."""
+    k = gt.shape[1]
+    return float(np.mean([len(np.intersect1d(a[:k], b)) / k for a, b in zip(ids, gt)]))
+
+
+def timed_search(fn, repeats: int) -> tuple[float, float, list[float], tuple]:
+    fn()  # warm-up, dropped
+    secs, res = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        res = fn()
+        secs.append(time.perf_counter() - t)
+    return *mean_std(secs), secs, res
+
+
+def candidates(n: int) -> list[tuple[str, dict[str, int]]]:
+    """Factory strings and search parameters tried; nlist ~ sqrt(n) (a power of two)."""
+    nl = 2 ** round(math.log2(math.sqrt(n)))
+    return [
+        (f"IVF{nl},PQ64", {"nprobe": 32}),
+        (f"IVF{nl},SQ8", {"nprobe": 16}),
+        (f"IVF{nl},SQ8", {"nprobe": 32}),
+        (f"IVF{nl},SQ8", {"nprobe": 64}),
+        (f"IVF{nl},PQ64x4fs,RFlat", {"nprobe": 32, "k_factor_rf": 4}),
+        (f"IVF{nl},PQ64x4fs,RFlat", {"nprobe": 64, "k_factor_rf": 8}),
+        ("HNSW32", {"efSearch": 128}),
+    ]
+
+
+def bench_search(args) -> dict:
+    t = time.perf_counter()
+    db, q = clustered_descriptors(args.n, args.dim, args.queries, seed=0)
+    print(f"  data {db.shape} + {q.shape} generated in {time.perf_counter() - t:.1f} s",
+          flush=True)
+    k = 100
+    m, s, runs, (_, gt) = timed_search(lambda: knn(q, db, k), args.repeats)
+    exact_qps = args.queries / m
+    rows = [{"index": "Flat (exact, knn)", "params": {}, "qps": exact_qps,
+             "qps_std": exact_qps * s / m, "recall@100": 1.0, "speedup": 1.0, "build_s": 0.0,
+             "runs_s": runs}]
+    print(f"  {'Flat (exact)':<28} {exact_qps:9.1f} q/s  recall 1.000", flush=True)
+    skip_hnsw = args.n > args.hnsw_max
+    built: dict[str, tuple[faiss.Index, float]] = {}
+    for factory, params in candidates(args.n):
+        if factory.startswith("HNSW") and skip_hnsw:
+            rows.append({"index": factory, "params": params, "skipped":
+                         f"build too slow here for n > {args.hnsw_max} (--hnsw-max)"})
+            continue
+        if factory not in built:
+            built.clear()
+            gc.collect()
+            t = time.perf_counter()
+            ix = build_index(db, factory, metric="ip",
+                             train_size=None if factory.startswith("HNSW") else args.train_size)
+            built[factory] = (ix, time.perf_counter() - t)
+        ix, build_s = built[factory]
+        space = faiss.ParameterSpace()
+        for name, v in params.items():
+            space.set_index_parameter(ix, name, v)
+        m, s, runs, (_, ids) = timed_search(lambda: ix.search(q, k), args.repeats)
+        qps = args.queries / m
+        rec = recall_at(ids, gt)
+        rows.append({"index": factory, "params": params, "qps": qps, "qps_std": qps * s / m,
+                     "recall@100": rec, "speedup": qps / exact_qps, "build_s": build_s,
+                     "runs_s": runs})
+        ptxt = ",".join(f"{a}={b}" for a, b in params.items())
+        print(f"  {factory + ' ' + ptxt:<28} {qps:9.1f} q/s  recall {rec:.3f}  "
+              f"x{qps / exact_qps:.1f}  (build {build_s:.0f} s)", flush=True)
+    ok = [r for r in rows[1:] if "qps" in r and r["recall@100"] >= 0.9 and r["speedup"] >= 10]
+    best = max(ok, key=lambda r: r["qps"]) if ok else None
+    return {"n": args.n, "dim": args.dim, "queries": args.queries, "k": k,
+            "train_size": args.train_size, "rows": rows,
+            "chosen": None if best is None else {"index": best["index"],
+                                                 "params": best["params"]}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| index | params | queries/s | x exact | recall@100 | build s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        p = ", ".join(f"{a}={b}" for a, b in r["params"].items())
+        if "skipped" in r:
+            lines.append(f"| {r['index']} | {p} | skipped: {r['skipped']} | | | |")
+            continue
+        lines.append(f"| {r['index']} | {p} | {r['qps']:.0f} +- {r['qps_std']:.0f} | "
+                     f"{r['speedup']:.1f} | {r['recall@100']:.3f} | {r['build_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="100k descriptors, fewer repeats")
+    p.add_argument("--n", type=int, default=None, help="database size (default 1M / 100k)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=None, help="timed search repeats")
+    p.add_argument("--train-size", type=int, default=65536, help="IVF / PQ training sample")
+    p.add_argument("--hnsw-max", type=int, default=200_000,
+                   help="skip HNSW above this size (its build takes long on few cores)")
+    p.add_argument("--model", default="dalg_vit_small_patch16_224")
+    p.add_argument("--images", type=int, default=None, help="images per extraction run")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--extract-repeats", type=int, default=None)
+    p.add_argument("--skip-extraction", action="store_true")
+    p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    args.n = args.n or (100_000 if args.quick else 1_000_000)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.images = args.images or (4 if args.quick else 8)
+    args.extract_repeats = args.extract_repeats or (1 if args.quick else 3)
+    out_path = args.out or str(Path(__file__).parent / "results" /
+                               ("retrieval_quick.json" if args.quick else "retrieval.json"))
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads":
+               torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
+               "python": platform.python_version(), "torch": torch.__version__,
+               "faiss": faiss.__version__, "numpy": np.__version__,
+               "timm": __import__("timm").__version__}
+    print("machine:", json.dumps(machine), flush=True)
+    res: dict = {"machine": machine, "args": vars(args)}
+    if not args.skip_extraction:
+        print("descriptor extraction (512 x 384, longest side 512):", flush=True)
+        res["extraction"] = bench_extraction(args)
+    if not args.skip_search:
+        print(f"search ({args.n} x {args.dim}, {args.queries} queries, top-100):", flush=True)
+        res["search"] = bench_search(args)
+        print(table(res["search"]["rows"]))
+        print("chosen (fastest with recall@100 >= 0.9 and >= 10x exact):",
+              res["search"]["chosen"])
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1)
+    print("->", out_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The retrieval sub-commands of ``finegrain``: ``embed``, ``index {build,search,add,remove}``,
+``retrieval eval``.
+
+``finegrain.cli`` calls :func:`register` with its sub-parsers object; every sub-command sets
+``func`` to a callable ``(args) -> int`` exit code. Errors are raised as ``ValueError`` /
+``FileNotFoundError`` / ``KeyError`` (the CLI prints them and exits with 2), so the commands
+run in-process in tests::
+
+    parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["index", "build", "db", "--kind", "Flat", "--out", "gallery.index"])
+    args.func(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["register"]
+
+
+def _out(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)
+
+
+# --------------------------------------------------------------------------- embed
+def cmd_embed(a: argparse.Namespace) -> int:
+    from .descriptors import save_descriptors
+    from .extract import embed_dataset, load_checkpoint_model
+
+    model, meta, ck_hash = load_checkpoint_model(a.checkpoint, a.device)
+    stats: dict = {}
+    vectors, names, labels, pre, _ = embed_dataset(
+        model, a.dataset, a.root, a.split, a.image_size, a.scales, meta=meta,
+        batch_size=a.batch_size, device=a.device, num_workers=a.num_workers, amp=a.amp,
+        stats=stats)
+    npy, js = save_descriptors(a.out, vectors, names, meta["model_name"], ck_hash, pre,
+                               labels=labels, dataset=a.dataset, split=a.split,
+                               checkpoint=a.checkpoint)
+    _out(f"{len(vectors)} x {vectors.shape[1]} descriptors ({stats['images_per_s']:.1f} img/s) "
+         f"-> {npy}, {js}")
+    return 0
+
+
+# --------------------------------------------------------------------------- index
+def cmd_index_build(a: argparse.Namespace) -> int:
+    from .index import Index
+    index = Index.build(a.descriptors, factory=a.kind, metric=a.metric, train_size=a.train_size,
+                        nprobe=a.nprobe, ef_search=a.ef_search)
+    index.save(a.out)
+    _out(f"index {index.manifest['factory']} ({index.manifest['mode']}) with {len(index)} "
+         f"vectors -> {a.out}")
+    return 0
+
+
+def cmd_index_search(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .descriptors import load_descriptors
+    from .index import Index
+    from .postprocess import alpha_query_expansion, rerank_shortlist
+
+    index = Index.load(a.index)
+    qd = load_descriptors(a.queries)
+    index.check(qd.meta, f"query descriptors {qd.path}")
+    q = np.asarray(qd.vectors, dtype=np.float32)
+    params = dict(nprobe=a.nprobe, ef_search=a.ef_search)
+    if a.aqe:
+        first = index.search(q, a.aqe_n, **params)
+        if (first.ids < 0).any():
+            raise ValueError(f"fewer than --aqe-n {a.aqe_n} results for some query")
+        nb = index.reconstruct(first.ids.reshape(-1)).reshape(len(q), a.aqe_n, -1)
+        q = alpha_query_expansion(q, nb, a.aqe_n, a.aqe_alpha)
+    K = max(a.k, a.rerank_k) if a.rerank else a.k
+    res = index.search(q, K, **params)
+    if a.rerank:
+        ids, dist = rerank_shortlist(q, res.ids, index.reconstruct)
+        ids, dist = ids[:, :a.k], dist[:, :a.k]
+        names = [[index.names[r] if r >= 0 else None for r in row] for row in index.row(ids)]
+        res.ids, res.scores, res.names = ids, -dist.astype(np.float32), names
+    query_names = qd.names
+    for i in range(min(len(query_names), a.show)):
+        top = ", ".join(f"{n} ({s:.3f})" for n, s in zip(res.names[i][:5], res.scores[i][:5]))
+        _out(f"{query_names[i]}: {top}")
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"index": a.index, "k": a.k, "aqe": a.aqe, "rerank": a.rerank,
+                       "score": "negative re-ranked distance" if a.rerank else
+                       index.manifest["metric"], **res.to_json(query_names)}, f)
+        _out(f"results of {len(query_names)} queries -> {a.out}")
+    return 0
+
+
+def cmd_index_add(a: argparse.Namespace) -> int:
+    from .index import Index
+    index = Index.load(a.index)
+    n = index.add(a.descriptors)
+    index.save(a.index)
+    _out(f"added {n} vectors; {len(index)} in {a.index}")
+    return 0
+
+
+def cmd_index_remove(a: argparse.Namespace) -> int:
+    from .index import Index
+    names = list(a.names)
+    if a.names_file:
+        with open(a.names_file) as f:
+            names += [ln.strip() for ln in f if ln.strip()]
+    if not names:
+        raise ValueError("index remove: give image names or --names-file")
+    index = Index.load(a.index)
+    n = index.remove(names)
+    index.save(a.index)
+    _out(f"removed {n} vectors; {len(index)} left in {a.index}")
+    return 0
+
+
+# --------------------------------------------------------------------------- retrieval eval
+def cmd_retrieval_eval(a: argparse.Namespace) -> int:
+    from .pipeline import format_table, retrieval_eval
+
+    out = a.out
+    if out is None:
+        base = os.path.dirname(os.path.abspath(a.checkpoint)) if a.checkpoint else "."
+        out = os.path.join(base, f"retrieval_{a.dataset}")
+    metrics = retrieval_eval(a.checkpoint, a.dataset, a.root, distractors=a.distractors,
+                             scales=a.scales, image_size=a.image_size, out=out, aqe=a.aqe,
+                             rerank=a.rerank, picture=a.picture,
+                             query_descriptors=a.queries, gallery_descriptors=a.gallery,
+                             batch_size=a.batch_size, device=a.device,
+                             num_workers=a.num_workers, amp=a.amp)
+    if a.json:
+        _out(json.dumps(metrics))
+    else:
+        title = f"{a.dataset}" + (" +1M" if a.distractors else "") + " (%)"
+        _out(format_table(metrics, title))
+        _out(f"-> {os.path.join(out, 'metrics.json')}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parsers
+def _extraction_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="resize factors, descriptors averaged then re-normalised "
+                        "(default 1 = single scale; DOLG: 0.7071 1 1.4142)")
+    p.add_argument("--image-size", type=int, default=512,
+                   help="longest image side S (aspect ratio kept; default 512)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per forward among images of identical size")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--num-workers", type=int, default=0, help="decode workers")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
+
+
+def register(subparsers) -> None:
+    """Add ``embed``, ``index`` and ``retrieval`` to an argparse sub-parsers object."""
+    e = subparsers.add_parser("embed", help="extract descriptors of a dataset split",
+                              description="Write NAME.npy (float32) + NAME.json descriptors.")
+    e.add_argument("checkpoint", help="runs/<run>/best.ckpt")
+    e.add_argument("--dataset", required=True, help="roxford5k, rparis6k, revisitop1m, ...")
+    e.add_argument("--root", default=None, help="dataset root")
+    e.add_argument("--split", default="gallery", help="query | gallery | train ...")
+    e.add_argument("--out", required=True, help="output NAME (NAME.npy + NAME.json)")
+    _extraction_args(e)
+    e.set_defaults(func=cmd_embed)
+
+    ix = subparsers.add_parser("index", help="build / search / grow a faiss index folder")
+    isub = ix.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="index a descriptor file")
+    b.add_argument("descriptors", help="descriptor NAME (NAME.npy + NAME.json)")
+    b.add_argument("--kind", default="Flat",
+                   help="faiss factory string: Flat (exact), IVF4096,SQ8 (1M galleries), "
+                        "HNSW32, IVF4096,PQ64x4fs,RFlat ...; 'auto' picks by size")
+    b.add_argument("--out", required=True, help="index folder")
+    b.add_argument("--metric", default="ip", choices=("ip", "l2"))
+    b.add_argument("--train-size", type=int, default=None, help="IVF / PQ training sample")
+    b.add_argument("--nprobe", type=int, default=None, help="IVF cells visited (stored)")
+    b.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (stored)")
+    b.set_defaults(func=cmd_index_build)
+    s = isub.add_parser("search", help="top-k of query descriptors")
+    s.add_argument("index", help="index folder")
+    s.add_argument("queries", help="query descriptor NAME")
+    s.add_argument("-k", type=int, default=100, help="results per query")
+    s.add_argument("--aqe", action="store_true", help="alpha query expansion")
+    s.add_argument("--aqe-n", type=int, default=10, help="neighbours of the expansion")
+    s.add_argument("--aqe-alpha", type=float, default=3.0, help="similarity exponent")
+    s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    s.add_argument("--rerank-k", type=int, default=100, help="shortlist re-ranked")
+    s.add_argument("--nprobe", type=int, default=None)
+    s.add_argument("--ef-search", type=int, default=None)
+    s.add_argument("--out", default=None, help="write the results as JSON")
+    s.add_argument("--show", type=int, default=5, help="queries printed")
+    s.set_defaults(func=cmd_index_search)
+    ad = isub.add_parser("add", help="add descriptors (same model and preprocessing)")
+    ad.add_argument("index")
+    ad.add_argument("descriptors")
+    ad.set_defaults(func=cmd_index_add)
+    rm = isub.add_parser("remove", help="remove images by name")
+    rm.add_argument("index")
+    rm.add_argument("names", nargs="*")
+    rm.add_argument("--names-file", default=None, help="file with one name a line")
+    rm.set_defaults(func=cmd_index_remove)
+
+    rt = subparsers.add_parser("retrieval", help="landmark retrieval evaluation")
+    rsub = rt.add_subparsers(dest="retrieval_command", required=True)
+    ev = rsub.add_parser("eval", help="Revisited Easy / Medium / Hard mAP and mP@k")
+    ev.add_argument("checkpoint", nargs="?", default=None,
+                    help="runs/<run>/best.ckpt (omit with --queries / --gallery)")
+    ev.add_argument("--dataset", required=True,
+                    help="roxford5k | rparis6k | synthetic_landmarks")
+    ev.add_argument("--root", default=None, help="dataset root")
+    ev.add_argument("--distractors", default=None, help="R1M distractor descriptor NAME")
+    ev.add_argument("--out", default=None,
+                    help="folder for metrics.json, descriptors, top10.png "
+                         "(default: beside the checkpoint, retrieval_<dataset>)")
+    ev.add_argument("--aqe", action="store_true", help="alpha query expansion")
+    ev.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    ev.add_argument("--picture", default="worst", choices=("best", "worst", "first", "none"),
+                    help="queries drawn with their top-10")
+    ev.add_argument("--queries", default=None, help="query descriptor NAME (no extraction)")
+    ev.add_argument("--gallery", default=None, help="gallery descriptor NAME (no extraction)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _extraction_args(ev)
+    ev.set_defaults(func=cmd_retrieval_eval)

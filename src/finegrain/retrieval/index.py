@@ -1,0 +1,331 @@
+"""An index folder: a faiss index, its id / name map and the descriptor JSON it came from.
+
+Layout (``finegrain index build DESCRIPTORS --kind FACTORY --out INDEX``)::
+
+    INDEX/
+        index.faiss        faiss.write_index of the index (ids are stable integers)
+        ids.json           {"ids": [...], "names": [...], "labels": [...], "next_id": n,
+                            "removed": [...]}   (one entry per searchable vector)
+        descriptors.json   the JSON of the descriptor file the index was built from
+        index.json         manifest: factory, metric, mode, dim, count, search parameters,
+                           model_name, checkpoint_hash, preprocessing, files added later
+
+**Ids.** Every vector gets an integer id when added (0, 1, 2 ... in add order); search results
+carry ids and names, and ``remove`` takes names. How faiss keeps the ids depends on the index:
+
+- IVF indexes (``IVF4096,SQ8``, ``PCA128,IVF1024,Flat`` ...) store the ids themselves
+  (``add_with_ids``) with a hash-table direct map, so ``remove`` deletes vectors and
+  ``reconstruct`` works (mode ``"ivf"``);
+- every other index is wrapped in ``IndexIDMap2``; flat storage deletes for real (mode
+  ``"idmap"``), indexes without deletion (HNSW, IVF-PQ with a refine stage, PQ...) keep the
+  vector and mark the id removed: searches then ask faiss for ``k + #removed`` and drop the
+  removed ids (mode ``"idmap"`` with a non-empty ``removed`` list; rebuild to compact).
+  (``IndexIDMap2`` over IVF is avoided: faiss's IVF keeps its internal numbering on removal
+  while the id map is compacted, which would mislabel results.)
+
+**Refusal.** ``add`` and ``search`` check that the descriptors come from the same model
+checkpoint and preprocessing as the index (:func:`~finegrain.retrieval.descriptors.check_compatible`)
+and raise :class:`~finegrain.retrieval.descriptors.DescriptorMismatch` naming what differs.
+
+**Factory choice** (docs/retrieval.md has the measured table, benchmarks/retrieval.py): ``Flat``
+(exact) up to ~100k images; for 1M-image galleries :data:`LARGE_GALLERY_FACTORY` with
+:data:`LARGE_GALLERY_PARAMS`, which gave >= 10x the exact search's queries/s at recall@100 >= 0.9
+on 1M x 512 clustered descriptors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from .descriptors import Descriptors, check_compatible, load_descriptors, signature
+from .search import search as faiss_search
+
+__all__ = ["Index", "SearchResult", "LARGE_GALLERY_FACTORY", "LARGE_GALLERY_PARAMS",
+           "default_factory"]
+
+FORMAT = "finegrain-index"
+VERSION = 1
+#: Default factory for galleries of ~1M descriptors (benchmarks/retrieval.py, docs/retrieval.md).
+LARGE_GALLERY_FACTORY = "IVF4096,SQ8"
+#: Its search parameters.
+LARGE_GALLERY_PARAMS = {"nprobe": 64}
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+def default_factory(n: int) -> tuple[str, dict[str, int]]:
+    """``("Flat", {})`` below 200k vectors, else the large-gallery factory and parameters."""
+    return ("Flat", {}) if n < 200_000 else (LARGE_GALLERY_FACTORY, dict(LARGE_GALLERY_PARAMS))
+
+
+class SearchResult:
+    """Results of :meth:`Index.search`: ``scores`` (nq, k) float32 (inner products, or squared
+    L2 distances), ``ids`` (nq, k) int64 (``-1``: no result), ``names`` (nq lists of k names,
+    ``None`` for -1)."""
+
+    def __init__(self, scores: np.ndarray, ids: np.ndarray, names: list[list[str | None]]):
+        self.scores, self.ids, self.names = scores, ids, names
+
+    def to_json(self, query_names: Sequence[str] | None = None) -> dict[str, Any]:
+        q = list(query_names) if query_names is not None else [str(i) for i in
+                                                               range(len(self.ids))]
+        return {"queries": [{"query": qn, "ids": self.ids[i].tolist(),
+                             "names": self.names[i],
+                             "scores": [round(float(s), 6) for s in self.scores[i]]}
+                            for i, qn in enumerate(q)]}
+
+
+def _inner_kind(index: faiss.Index) -> tuple[str, bool]:
+    """``(mode, native_remove)`` of a freshly built (empty) faiss index."""
+    ix = faiss.downcast_index(index)
+    if faiss.try_extract_index_ivf(index) is not None and isinstance(
+            ix, (faiss.IndexIVF, faiss.IndexPreTransform)):
+        return "ivf", True
+    while isinstance(ix, faiss.IndexPreTransform):
+        ix = faiss.downcast_index(ix.index)
+    return "idmap", isinstance(ix, faiss.IndexFlat)
+
+
+class Index:
+    """A searchable, growable descriptor index (see the module docstring).
+
+    Build with :meth:`build`, open with :meth:`load`; :meth:`save` writes the folder.
+    """
+
+    def __init__(self, index: faiss.Index, manifest: dict[str, Any], ids: Sequence[int],
+                 names: Sequence[str], labels: Sequence[int], removed: Sequence[int] = (),
+                 next_id: int | None = None, source_meta: dict[str, Any] | None = None):
+        self.index = index
+        self.manifest = manifest
+        self.ids = [int(i) for i in ids]
+        self.names = [str(n) for n in names]
+        self.labels = [int(v) for v in labels]
+        self.removed = set(int(i) for i in removed)
+        self.next_id = max(self.ids, default=-1) + 1 if next_id is None else int(next_id)
+        self.source_meta = source_meta or {}
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._row = {i: r for r, i in enumerate(self.ids)}
+        self._by_name = {n: i for i, n in zip(self.ids, self.names)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ------------------------------------------------------------------ build / save / load
+    @classmethod
+    def build(cls, descriptors: Descriptors | str, factory: str = "Flat", metric: str = "ip",
+              train_size: int | None = None, nprobe: int | None = None,
+              ef_search: int | None = None, seed: int = 0) -> "Index":
+        """Train (when the factory needs it) and fill an index from a descriptor file.
+
+        Args:
+            descriptors: a :class:`Descriptors` or the ``NAME`` of ``NAME.npy`` / ``NAME.json``.
+            factory: faiss ``index_factory`` string (``"Flat"``, ``"IVF4096,SQ8"``,
+                ``"HNSW32"``, ``"IVF4096,PQ64x4fs,RFlat"`` ...). ``"auto"``:
+                :func:`default_factory` of the database size.
+            metric: ``"ip"`` (L2-normalised descriptors: cosine) or ``"l2"``.
+            train_size: train IVF / PQ on this many rows drawn at random (seeded); ``None``
+                lets faiss subsample (256 points per centroid).
+            nprobe: IVF cells visited per query (stored, used by every later search).
+            ef_search: HNSW search depth (stored).
+            seed: seed of the training sample.
+        """
+        d = descriptors if isinstance(descriptors, Descriptors) else load_descriptors(descriptors)
+        if factory == "auto":
+            factory, params = default_factory(len(d))
+            nprobe = params.get("nprobe", nprobe)
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        try:
+            inner = faiss.index_factory(d.dim, factory, _METRICS[metric])
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot build {factory!r} for {d.dim}-d descriptors: "
+                             f"{str(e).strip().splitlines()[-1]}; see the faiss index_factory "
+                             f"strings (Flat, IVF4096,SQ8, HNSW32 ...)") from None
+        if not inner.is_trained:
+            n = len(d)
+            rows = np.arange(n) if train_size is None or train_size >= n else np.sort(
+                np.random.default_rng(seed).choice(n, int(train_size), replace=False))
+            inner.train(np.ascontiguousarray(d.vectors[rows], dtype=np.float32))
+        mode, native = _inner_kind(inner)
+        if mode == "ivf":
+            faiss.extract_index_ivf(inner).set_direct_map_type(faiss.DirectMap.Hashtable)
+            index = inner
+        else:
+            index = faiss.IndexIDMap2(inner)
+        pre = {k: d.meta.get(k) for k in ("model_name", "checkpoint_hash", "preprocessing")}
+        manifest = {"format": FORMAT, "version": VERSION, "factory": factory, "metric": metric,
+                    "mode": mode, "native_remove": native, "dim": d.dim,
+                    "params": {k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search))
+                               if v is not None},
+                    **pre, "sources": [d.path]}
+        for name, value in manifest["params"].items():  # refuse parameters it does not have
+            try:
+                faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+            except RuntimeError:
+                raise ValueError(f"index {factory!r} has no search parameter {name} (nprobe is "
+                                 f"for IVF indexes, efSearch for HNSW)") from None
+        out = cls(index, manifest, [], [], [], source_meta=d.meta)
+        out._add_vectors(d)
+        return out
+
+    def save(self, folder: str) -> str:
+        """Write the index folder (created if needed); returns it."""
+        os.makedirs(folder, exist_ok=True)
+        faiss.write_index(self.index, os.path.join(folder, "index.faiss"))
+        with open(os.path.join(folder, "ids.json"), "w") as f:
+            json.dump({"ids": self.ids, "names": self.names, "labels": self.labels,
+                       "next_id": self.next_id, "removed": sorted(self.removed)}, f)
+        with open(os.path.join(folder, "descriptors.json"), "w") as f:
+            json.dump(self.source_meta, f)
+        self.manifest["count"] = len(self)
+        with open(os.path.join(folder, "index.json"), "w") as f:
+            json.dump(self.manifest, f, indent=1)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str) -> "Index":
+        """Open an index folder written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: a file of the folder is missing (named).
+        """
+        paths = {n: os.path.join(folder, n) for n in
+                 ("index.faiss", "ids.json", "index.json", "descriptors.json")}
+        for p in paths.values():
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p} not found: {folder} is not a finegrain index "
+                                        f"folder (build one with 'finegrain index build')")
+        with open(paths["index.json"]) as f:
+            manifest = json.load(f)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{paths['index.json']} is not a finegrain index manifest")
+        with open(paths["ids.json"]) as f:
+            idmap = json.load(f)
+        with open(paths["descriptors.json"]) as f:
+            source = json.load(f)
+        index = faiss.read_index(paths["index.faiss"])
+        out = cls(index, manifest, idmap["ids"], idmap["names"], idmap["labels"],
+                  idmap.get("removed", ()), idmap.get("next_id"), source)
+        if index.ntotal != len(out) + len(out.removed):
+            raise ValueError(f"{folder}: index.faiss holds {index.ntotal} vectors but ids.json "
+                             f"{len(out)} (+{len(out.removed)} removed); the folder is "
+                             f"inconsistent: rebuild it")
+        return out
+
+    # ------------------------------------------------------------------ add / remove
+    def _add_vectors(self, d: Descriptors) -> int:
+        clash = [n for n in d.names if n in self._by_name]
+        if clash:
+            raise ValueError(f"{len(clash)} names of {d.path or 'the descriptors'} are already "
+                             f"in the index (first: {clash[0]!r}); remove them first")
+        n = len(d)
+        new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        for a in range(0, n, 65536):
+            chunk = np.ascontiguousarray(d.vectors[a:a + 65536], dtype=np.float32)
+            self.index.add_with_ids(chunk, new_ids[a:a + 65536])
+        self.ids += new_ids.tolist()
+        self.names += d.names
+        self.labels += d.labels
+        self.next_id += n
+        self._reindex()
+        return n
+
+    def add(self, descriptors: Descriptors | str) -> int:
+        """Add a descriptor file (same model and preprocessing); returns how many were added.
+
+        Raises:
+            DescriptorMismatch: other model / checkpoint / preprocessing.
+            ValueError: a name is already in the index.
+        """
+        d = descriptors if isinstance(descriptors, Descriptors) else load_descriptors(descriptors)
+        check_compatible(self.manifest, d.meta, "the index", f"descriptors {d.path or ''}")
+        n = self._add_vectors(d)
+        self.manifest.setdefault("sources", []).append(d.path)
+        return n
+
+    def remove(self, names: Sequence[str]) -> int:
+        """Remove images by name; returns how many were removed.
+
+        Raises:
+            KeyError: a name is not in the index (nothing is removed then).
+        """
+        missing = [n for n in names if n not in self._by_name]
+        if missing:
+            raise KeyError(f"{len(missing)} names are not in the index (first: {missing[0]!r})")
+        ids = np.array(sorted({self._by_name[n] for n in names}), dtype=np.int64)
+        if len(ids) == 0:
+            return 0
+        if self.manifest.get("native_remove", False):
+            sel = faiss.IDSelectorArray(ids) if self.manifest["mode"] == "ivf" else \
+                faiss.IDSelectorBatch(ids)
+            removed = self.index.remove_ids(sel)
+            assert removed == len(ids), (removed, len(ids))
+        else:
+            self.removed.update(ids.tolist())
+        drop = set(ids.tolist())
+        keep = [r for r, i in enumerate(self.ids) if i not in drop]
+        self.ids = [self.ids[r] for r in keep]
+        self.names = [self.names[r] for r in keep]
+        self.labels = [self.labels[r] for r in keep]
+        self._reindex()
+        return len(ids)
+
+    # ------------------------------------------------------------------ search
+    def check(self, meta: dict[str, Any], what: str = "the queries") -> None:
+        """Raise :class:`DescriptorMismatch` unless ``meta`` matches the index."""
+        check_compatible(self.manifest, meta, "the index", what)
+
+    def search(self, queries: Descriptors | np.ndarray, k: int = 100, nprobe: int | None = None,
+               ef_search: int | None = None) -> SearchResult:
+        """Top-``k`` database entries of every query.
+
+        Args:
+            queries: a :class:`Descriptors` (checked against the index) or an (nq, D) array
+                (trusted to come from the same model).
+            k: results per query.
+            nprobe, ef_search: override the stored search parameters.
+        """
+        if isinstance(queries, Descriptors):
+            self.check(queries.meta, f"query descriptors {queries.path}")
+            q = queries.vectors
+        else:
+            q = queries
+        if len(self) == 0:
+            raise ValueError("the index is empty")
+        params = self.manifest.get("params", {})
+        nprobe = params.get("nprobe") if nprobe is None else nprobe
+        ef_search = params.get("efSearch") if ef_search is None else ef_search
+        kk = min(int(k) + len(self.removed), self.index.ntotal)
+        scores, ids = faiss_search(self.index, np.asarray(q, dtype=np.float32), kk, nprobe=nprobe,
+                                   ef_search=ef_search)
+        if self.removed:  # drop marked ids, keep the best k of the rest
+            bad = np.isin(ids, np.fromiter(self.removed, dtype=np.int64)) | (ids < 0)
+            order = np.argsort(bad, axis=1, kind="stable")
+            ids = np.where(np.take_along_axis(bad, order, 1), -1, np.take_along_axis(ids, order, 1))
+            scores = np.take_along_axis(scores, order, 1)
+        k = min(int(k), len(self))
+        ids, scores = ids[:, :k], scores[:, :k]
+        names = [[self.names[self._row[int(i)]] if i >= 0 else None for i in row] for row in ids]
+        return SearchResult(scores, ids, names)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors (approximate for compressed indexes) of ids (m,) -> (m, D)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(ids), self.index.d), dtype=np.float32)
+        for r, i in enumerate(ids):
+            out[r] = self.index.reconstruct(int(i))
+        return out
+
+    def row(self, ids: np.ndarray) -> np.ndarray:
+        """Positions in ``names`` / ``labels`` of ids (m,) (``-1`` for -1)."""
+        return np.array([self._row[int(i)] if i >= 0 else -1 for i in np.ravel(ids)],
+                        dtype=np.int64).reshape(np.shape(ids))
+
+    def signature(self) -> dict[str, Any]:
+        return signature(self.manifest)

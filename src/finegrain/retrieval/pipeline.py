@@ -1,0 +1,274 @@
+"""Revisited landmark-retrieval evaluation of a checkpoint, end to end.
+
+``retrieval_eval(ckpt, "roxford5k", root)``:
+
+1. load the model (``finegrain.models.load_model``) and hash the checkpoint;
+2. extract query descriptors (cropped to ``bbx``) and database descriptors with the retrieval
+   preprocessing (longest side ``image_size``, ``scales``; :mod:`.extract`);
+3. optionally append distractor descriptors (``finegrain embed ... revisitop1m``; checked to
+   come from the same checkpoint and preprocessing) after the database, so ``gnd`` indices
+   stay valid;
+4. rank the whole database exactly (:func:`finegrain.retrieval.search.knn`), optionally with
+   alpha-QE and / or k-reciprocal re-ranking of the top ``rerank_k`` (:mod:`.postprocess`);
+5. score Easy / Medium / Hard mAP and mP@1, 5, 10 (:func:`finegrain.evaluation.revisited.evaluate`);
+6. with ``out``: write ``metrics.json``, the descriptors (``query`` / ``gallery`` ``.npy`` +
+   ``.json``) and ``top10.png``: a few queries (the best / worst by AP, or the first ones)
+   with their top-10, framed green (positive), red (negative) or grey (junk) in the chosen
+   setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from .descriptors import (Descriptors, check_compatible, load_descriptors, save_descriptors)
+
+__all__ = ["retrieval_eval", "rank_database", "format_table", "plot_top_k"]
+
+SETTINGS = ("easy", "medium", "hard")
+
+
+def _setting_lists(g: dict, setting: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(ok, junk)`` database indices of one raw gnd entry in a protocol setting."""
+    easy, hard, junk = (np.asarray(g[k], dtype=np.int64).reshape(-1) for k in
+                        ("easy", "hard", "junk"))
+    if setting == "easy":
+        return easy, np.concatenate([junk, hard])
+    if setting == "medium":
+        return np.concatenate([easy, hard]), junk
+    return hard, np.concatenate([junk, easy])
+
+
+def rank_database(queries: np.ndarray, database: np.ndarray, aqe: bool = False, aqe_n: int = 10,
+                  aqe_alpha: float = 3.0, rerank: bool = False, rerank_k: int = 100,
+                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+    """Complete ranking of the database for every query, in the revisitop layout.
+
+    Args:
+        queries: (nq, D) L2-normalised descriptors.
+        database: (n, D) L2-normalised descriptors (may be memory-mapped).
+        aqe: alpha query expansion (``aqe_n`` neighbours, exponent ``aqe_alpha``).
+        rerank: k-reciprocal re-ranking of each query's first ``rerank_k`` results
+            (``k1``, ``k2``, ``lambda_value``); the rest keeps the first ranking's order.
+
+    Returns:
+        (n, nq) int64: column i lists database indices for query i, best first.
+    """
+    from .postprocess import aqe_search, rerank_shortlist
+    from .search import knn
+
+    db = np.ascontiguousarray(database, dtype=np.float32)
+    n = db.shape[0]
+
+    def exact(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return knn(q, db, k, metric="ip")
+
+    if aqe:
+        _, ids = aqe_search(queries, lambda i: db[i], exact, n, aqe_n, aqe_alpha)
+    else:
+        _, ids = exact(queries, n)  # (nq, n)
+    if rerank:
+        K = min(rerank_k, n)
+        q = queries
+        head, _ = rerank_shortlist(q, ids[:, :K], lambda i: db[i], k1, k2, lambda_value)
+        ids = np.concatenate([head, ids[:, K:]], axis=1)
+    return np.ascontiguousarray(ids.T)
+
+
+def format_table(metrics: dict[str, dict[str, float]], title: str = "") -> str:
+    """The Easy / Medium / Hard table in percentages."""
+    keys = list(next(iter(metrics.values())))
+    lines = [title] if title else []
+    lines.append(f"{'setting':<8}" + "".join(f"{k:>9}" for k in keys))
+    for s in SETTINGS:
+        if s in metrics:
+            lines.append(f"{s:<8}" + "".join(f"{100 * metrics[s][k]:>9.2f}" for k in keys))
+    return "\n".join(lines)
+
+
+def _per_query_ap(ranks: np.ndarray, gnd: Sequence[dict], setting: str) -> np.ndarray:
+    from ..evaluation.revisited import compute_map
+    lists = [dict(zip(("ok", "junk"), _setting_lists(g, setting))) for g in gnd]
+    return compute_map(ranks, lists)[1]
+
+
+def plot_top_k(path: str, query_ds, gallery_ds, ranks: np.ndarray, gnd: Sequence[dict],
+               query_idx: Sequence[int], aps: np.ndarray, setting: str = "medium",
+               k: int = 10, n_db: int | None = None) -> str:
+    """Draw each selected query with its top-``k`` (green positive, red negative, grey junk).
+
+    Database indices ``>= n_db`` are distractors without an image at hand: drawn as a red
+    placeholder. Returns ``path``.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n_db = len(gallery_ds) if n_db is None else n_db
+    rows = len(query_idx)
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.6 * (k + 1), 1.8 * rows), squeeze=False)
+    for r, qi in enumerate(query_idx):
+        ok, junk = _setting_lists(gnd[qi], setting)
+        ax = axes[r, 0]
+        ax.imshow(query_ds.load_image(qi).permute(1, 2, 0).numpy())
+        ax.set_title(f"query {qi}\nAP {100 * aps[qi]:.1f}", fontsize=7)
+        for sp in ax.spines.values():
+            sp.set_edgecolor("blue")
+            sp.set_linewidth(3)
+        for c in range(k):
+            ax = axes[r, c + 1]
+            if c >= ranks.shape[0]:
+                ax.axis("off")
+                continue
+            j = int(ranks[c, qi])
+            colour = "green" if j in ok else ("grey" if j in junk else "red")
+            if j < n_db:
+                ax.imshow(gallery_ds.load_image(j).permute(1, 2, 0).numpy())
+            else:
+                ax.imshow(np.full((8, 8, 3), 0.85))
+                ax.text(4, 4, "distractor", ha="center", va="center", fontsize=6)
+            ax.set_title(f"{c + 1}", fontsize=7)
+            for sp in ax.spines.values():
+                sp.set_edgecolor(colour)
+                sp.set_linewidth(4)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"top-{k} ({setting}): green positive, red negative, grey junk", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _select(aps: np.ndarray, how: str, n: int) -> list[int]:
+    valid = np.flatnonzero(~np.isnan(aps))
+    if how == "first":
+        return valid[:n].tolist()
+    order = valid[np.argsort(aps[valid], kind="stable")]
+    return (order[::-1] if how == "best" else order)[:n].tolist()
+
+
+def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
+                   distractors: str | None = None, scales: Sequence[float] = (1.0,),
+                   image_size: int = 512, out: str | None = None, aqe: bool = False,
+                   aqe_n: int = 10, aqe_alpha: float = 3.0, rerank: bool = False,
+                   rerank_k: int = 100, picture: Literal["best", "worst", "first", "none"] = "worst",
+                   picture_queries: int = 4, picture_setting: str = "medium",
+                   query_descriptors: str | None = None, gallery_descriptors: str | None = None,
+                   batch_size: int = 16, device: str = "cpu", num_workers: int = 0,
+                   amp: bool = False, progress: bool = True, meta: dict | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """Evaluate a checkpoint on a Revisited dataset (see the module docstring).
+
+    Args:
+        ckpt: finegrain checkpoint path, an in-memory model (``meta`` may give its mean /
+            std), or ``None`` when both descriptor files are given.
+        dataset: ``roxford5k``, ``rparis6k`` or ``synthetic_landmarks``.
+        root: dataset root (for ``synthetic_landmarks``: its cache folder, ``None`` default).
+        distractors: ``NAME`` of R1M distractor descriptors (same checkpoint, preprocessing).
+        scales: extraction scales (``(1.0,)``: DALG's single scale).
+        image_size: longest side S.
+        out: folder for ``metrics.json``, descriptors and ``top10.png`` (None: nothing written).
+        aqe, aqe_n, aqe_alpha: alpha query expansion.
+        rerank, rerank_k: k-reciprocal re-ranking of the top ``rerank_k``.
+        picture: which queries to draw (by AP in ``picture_setting``); ``"none"``: no picture.
+        picture_queries: how many queries to draw.
+        picture_setting: setting of the colours and of the AP used to pick queries.
+        query_descriptors, gallery_descriptors: ``NAME`` of descriptor files to use instead of
+            extracting (both, from ``finegrain embed``).
+        batch_size, device, num_workers, amp, progress: extraction options.
+        meta: model meta when ``ckpt`` is a model (``mean``, ``std``, ``model_name``).
+
+    Returns:
+        ``{"easy" | "medium" | "hard": {"mAP", "mP@1", "mP@5", "mP@10"}}`` (fractions).
+    """
+    from ..data import build_dataset
+    from ..evaluation.revisited import evaluate
+    from .extract import embed_dataset, load_checkpoint_model
+
+    t0 = time.perf_counter()
+    qds = build_dataset(dataset, root, "query")
+    gds = build_dataset(dataset, root, "gallery")
+    gnd = qds.gnd
+    if (query_descriptors is None) != (gallery_descriptors is None):
+        raise ValueError("pass both query_descriptors and gallery_descriptors, or neither")
+    timing: dict[str, float] = {}
+    if query_descriptors is not None:
+        qd, gd = load_descriptors(query_descriptors), load_descriptors(gallery_descriptors)
+        check_compatible(gd.meta, qd.meta, f"gallery {gd.path}", f"queries {qd.path}")
+        for d, ds, what in ((qd, qds, "query"), (gd, gds, "gallery")):
+            if len(d) != len(ds):
+                raise ValueError(f"{d.path} holds {len(d)} descriptors but {dataset} has "
+                                 f"{len(ds)} {what} images; embed the {what} split again")
+        qv, gv = np.asarray(qd.vectors), np.asarray(gd.vectors)
+        sig = gd.meta
+    else:
+        if ckpt is None:
+            raise ValueError("retrieval_eval needs a checkpoint (or both descriptor files)")
+        if isinstance(ckpt, nn.Module):
+            model, ck_hash = ckpt.to(device).eval(), "in-memory"
+            meta = dict(meta or {})
+            meta.setdefault("model_name", getattr(model, "finegrain_name", type(model).__name__))
+        else:
+            model, meta, ck_hash = load_checkpoint_model(ckpt, device)
+        opts = dict(batch_size=batch_size, device=device, num_workers=num_workers, amp=amp,
+                    progress=progress)
+        stats_q: dict = {}
+        stats_g: dict = {}
+        qv, qnames, qlabels, pre_q, _ = embed_dataset(model, dataset, root, "query", image_size,
+                                                      scales, meta=meta, stats=stats_q, **opts)
+        gv, gnames, glabels, pre_g, _ = embed_dataset(model, dataset, root, "gallery",
+                                                      image_size, scales, meta=meta,
+                                                      stats=stats_g, **opts)
+        timing.update(query_images_per_s=stats_q["images_per_s"],
+                      gallery_images_per_s=stats_g["images_per_s"])
+        sig = {"model_name": meta["model_name"], "checkpoint_hash": ck_hash,
+               "dim": int(gv.shape[1]), "preprocessing": pre_g}
+        if out is not None:
+            common = dict(model_name=meta["model_name"], checkpoint_hash=ck_hash,
+                          dataset=dataset, checkpoint=ckpt if isinstance(ckpt, str) else None)
+            save_descriptors(os.path.join(out, "query"), qv, qnames, labels=qlabels,
+                             preprocessing=pre_q, split="query", **common)
+            save_descriptors(os.path.join(out, "gallery"), gv, gnames, labels=glabels,
+                             preprocessing=pre_g, split="gallery", **common)
+    database = gv
+    n_distractors = 0
+    if distractors is not None:
+        dd: Descriptors = load_descriptors(distractors)
+        check_compatible(sig, dd.meta, f"the {dataset} descriptors", f"distractors {dd.path}")
+        database = np.concatenate([gv, np.asarray(dd.vectors)], axis=0)
+        n_distractors = len(dd)
+    t1 = time.perf_counter()
+    ranks = rank_database(qv, database, aqe=aqe, aqe_n=aqe_n, aqe_alpha=aqe_alpha,
+                          rerank=rerank, rerank_k=rerank_k)
+    timing["search_s"] = time.perf_counter() - t1
+    metrics = evaluate(ranks, gnd)
+    timing["total_s"] = time.perf_counter() - t0
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        aps = _per_query_ap(ranks, gnd, picture_setting)
+        report: dict[str, Any] = {
+            "dataset": dataset, "root": root, "metrics": metrics,
+            "model_name": sig.get("model_name"), "checkpoint_hash": sig.get("checkpoint_hash"),
+            "preprocessing": sig.get("preprocessing"), "num_queries": len(qv),
+            "num_database": len(gv), "num_distractors": n_distractors,
+            "aqe": {"n": aqe_n, "alpha": aqe_alpha} if aqe else None,
+            "rerank": {"k": rerank_k, "k1": 20, "k2": 6, "lambda": 0.3} if rerank else None,
+            f"ap_{picture_setting}": [None if np.isnan(a) else float(a) for a in aps],
+            "timing": timing}
+        if picture != "none":
+            chosen = _select(aps, picture, picture_queries)
+            report["picture"] = plot_top_k(os.path.join(out, "top10.png"), qds, gds, ranks, gnd,
+                                           chosen, aps, picture_setting, 10, len(gv))
+            report["picture_queries"] = chosen
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    return metrics

@@ -1,0 +1,66 @@
+"""Descriptor files: NAME.npy (memory-mapped float32) + NAME.json, and the compatibility check."""
+
+import json
+
+import numpy as np
+import pytest
+
+from finegrain.retrieval.descriptors import (DescriptorMismatch, check_compatible, checkpoint_hash,
+                                             descriptor_paths, load_descriptors, save_descriptors)
+
+PRE = {"resize": "longest_side", "image_size": 512, "scales": [1.0],
+       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_query_bbx": False}
+
+
+def _save(path, n=5, d=8, **kw):
+    x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float64)
+    args = dict(model_name="dalg_x", checkpoint_hash="abc", preprocessing=PRE)
+    args.update(kw)
+    save_descriptors(path, x, [f"im{i}" for i in range(n)], labels=list(range(n)), **args)
+    return x
+
+
+def test_round_trip_memory_mapped(tmp_path):
+    x = _save(tmp_path / "db", dataset="roxford5k", split="gallery")
+    d = load_descriptors(tmp_path / "db.json")  # any of NAME, NAME.npy, NAME.json
+    assert isinstance(d.vectors, np.memmap) and d.vectors.dtype == np.float32
+    np.testing.assert_array_equal(d.vectors, x.astype(np.float32))
+    assert d.names == [f"im{i}" for i in range(5)] and d.labels == list(range(5))
+    assert d.meta["split"] == "gallery" and d.meta["dim"] == 8 and d.meta["count"] == 5
+    assert d.meta["preprocessing"] == PRE
+    assert descriptor_paths("a/b.npy") == ("a/b.npy", "a/b.json")
+
+
+def test_checkpoint_hash_is_sha256_prefix(tmp_path):
+    import hashlib
+    p = tmp_path / "x.ckpt"
+    p.write_bytes(b"weights" * 1000)
+    assert checkpoint_hash(p) == hashlib.sha256(b"weights" * 1000).hexdigest()[:16]
+
+
+def test_compatibility_names_the_differing_field(tmp_path):
+    _save(tmp_path / "a")
+    _save(tmp_path / "b", preprocessing={**PRE, "crop_query_bbx": True})  # allowed to differ
+    a, b = load_descriptors(tmp_path / "a"), load_descriptors(tmp_path / "b")
+    check_compatible(a.meta, b.meta)
+    _save(tmp_path / "c", checkpoint_hash="other")
+    with pytest.raises(DescriptorMismatch, match="checkpoint_hash"):
+        check_compatible(a.meta, load_descriptors(tmp_path / "c").meta)
+    _save(tmp_path / "d", preprocessing={**PRE, "scales": [0.7071, 1.0, 1.4142]})
+    with pytest.raises(DescriptorMismatch, match="preprocessing.scales"):
+        check_compatible(a.meta, load_descriptors(tmp_path / "d").meta)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="twice"):
+        save_descriptors(tmp_path / "x", np.zeros((2, 3)), ["a", "a"], "m", "h", PRE)
+    with pytest.raises(ValueError, match="NaN"):
+        save_descriptors(tmp_path / "x", np.full((1, 3), np.nan), ["a"], "m", "h", PRE)
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        load_descriptors(tmp_path / "nope")
+    _save(tmp_path / "y")
+    meta = json.loads((tmp_path / "y.json").read_text())
+    meta["count"] = 4
+    (tmp_path / "y.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="out of sync"):
+        load_descriptors(tmp_path / "y")

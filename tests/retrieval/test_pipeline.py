@@ -1,0 +1,136 @@
+"""End-to-end Revisited evaluation on the generated landmark set (in-process, tiny model)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from finegrain import create_model
+from finegrain.data import build_dataset
+from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmarks
+from finegrain.evaluation.revisited import evaluate
+from finegrain.retrieval.descriptors import DescriptorMismatch, save_descriptors
+from finegrain.retrieval.pipeline import format_table, rank_database, retrieval_eval
+
+SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=2, easy_per_landmark=2,
+                        hard_per_landmark=2, junk_per_landmark=1, num_distractors=5,
+                        train_per_landmark=2, extra_train=0)
+TINY = dict(num_classes=4, img_size=64, global_dim=32, local_dim=32, embedding_dim=16,
+            window_size=4, fusion_heads=4,
+            backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))
+PRE = {"resize": "longest_side", "image_size": 64, "scales": [1.0], "mean": [0.5] * 3,
+       "std": [0.5] * 3}
+KEYS = {"mAP", "mP@1", "mP@5", "mP@10"}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return generate_landmarks(str(tmp_path_factory.mktemp("lm")), SMALL)
+
+
+def _oracle(root, tmp_path, dim=16):
+    """Descriptors that encode the ground truth: a landmark's queries, positives and junk
+    share one direction, every other image has its own."""
+    q = build_dataset("synthetic_landmarks", root, "query")
+    n_db, nq = len(q.imlist), len(q.qimlist)
+    eye = np.eye(dim + n_db, dtype=np.float32)
+    lm_of_q = [q.gnd[i]["easy"][0] for i in range(nq)]  # any positive identifies the landmark
+    owner = {}
+    for i, g in enumerate(q.gnd):
+        for j in list(g["easy"]) + list(g["hard"]) + list(g["junk"]):
+            owner[j] = lm_of_q[i]
+    db = np.stack([eye[owner.get(j, j) + dim] for j in range(n_db)])
+    qv = np.stack([eye[lm_of_q[i] + dim] for i in range(nq)])
+    meta = dict(model_name="oracle", checkpoint_hash="gt", preprocessing=PRE)
+    save_descriptors(tmp_path / "q", qv, q.qimlist, **meta)
+    save_descriptors(tmp_path / "g", db, q.imlist, **meta)
+    return str(tmp_path / "q"), str(tmp_path / "g"), q
+
+
+def test_end_to_end_tiny_model(root, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("dalg_deit_tiny_patch16_224", **TINY)
+    out = tmp_path / "eval"
+    metrics = retrieval_eval(model, "synthetic_landmarks", root, image_size=64, out=str(out),
+                             picture="best", picture_queries=2, progress=False)
+    assert set(metrics) == {"easy", "medium", "hard"}
+    for m in metrics.values():
+        assert set(m) == KEYS and all(0.0 <= v <= 1.0 for v in m.values())
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"] == metrics and report["num_queries"] == 6
+    assert report["model_name"] == "dalg_deit_tiny_patch16_224"
+    assert report["preprocessing"]["image_size"] == 64
+    assert os.path.getsize(out / "top10.png") > 10_000
+    best = report["picture_queries"]
+    aps = report["ap_medium"]
+    assert aps[best[0]] == max(aps)
+    # the descriptors written beside the metrics reproduce the numbers without a model
+    again = retrieval_eval(None, "synthetic_landmarks", root, picture="none",
+                           query_descriptors=str(out / "query"),
+                           gallery_descriptors=str(out / "gallery"))
+    assert again == metrics
+    assert "medium" in format_table(metrics)
+
+
+def test_oracle_descriptors_give_map_one(root, tmp_path):
+    qn, gn, _ = _oracle(root, tmp_path)
+    metrics = retrieval_eval(None, "synthetic_landmarks", root, query_descriptors=qn,
+                             gallery_descriptors=gn, out=str(tmp_path / "o"), picture="worst")
+    for setting in ("easy", "medium", "hard"):
+        assert metrics[setting]["mAP"] == pytest.approx(1.0)
+        assert metrics[setting]["mP@1"] == pytest.approx(1.0)
+    assert (tmp_path / "o" / "top10.png").is_file()
+
+
+def test_distractors_appended_and_checked(root, tmp_path):
+    qn, gn, q = _oracle(root, tmp_path, dim=40)
+    rng = np.random.default_rng(0)
+    dis = rng.standard_normal((30, 40 + len(q.imlist))).astype(np.float32)
+    dis[:, 40:] = 0  # orthogonal to every landmark direction
+    dis /= np.linalg.norm(dis, axis=1, keepdims=True)
+    save_descriptors(tmp_path / "r1m", dis, [f"d{i}" for i in range(30)], model_name="oracle",
+                     checkpoint_hash="gt", preprocessing=PRE)
+    m = retrieval_eval(None, "synthetic_landmarks", root, distractors=str(tmp_path / "r1m"),
+                       query_descriptors=qn, gallery_descriptors=gn, out=str(tmp_path / "d"))
+    assert m["medium"]["mAP"] == pytest.approx(1.0)
+    rep = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert rep["num_distractors"] == 30
+    save_descriptors(tmp_path / "bad", dis, [f"d{i}" for i in range(30)], model_name="other",
+                     checkpoint_hash="gt", preprocessing=PRE)
+    with pytest.raises(DescriptorMismatch, match="model_name"):
+        retrieval_eval(None, "synthetic_landmarks", root, distractors=str(tmp_path / "bad"),
+                       query_descriptors=qn, gallery_descriptors=gn)
+
+
+def test_rank_database_with_aqe_and_rerank_are_full_permutations(root, tmp_path):
+    rng = np.random.default_rng(1)
+    db = rng.standard_normal((40, 8)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[:3] + 0.1
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    plain = rank_database(q, db)
+    np.testing.assert_array_equal(plain[:, 0], np.argsort(-(db @ q[0]), kind="stable"))
+    for kw in (dict(aqe=True, aqe_n=2), dict(rerank=True, rerank_k=10),
+               dict(aqe=True, rerank=True, rerank_k=10)):
+        r = rank_database(q, db, **kw)
+        assert r.shape == (40, 3)
+        assert all(sorted(r[:, i]) == list(range(40)) for i in range(3))
+    r = rank_database(q, db, rerank=True, rerank_k=10)
+    np.testing.assert_array_equal(r[10:], plain[10:])  # only the shortlist moves
+    assert all(set(r[:10, i]) == set(plain[:10, i]) for i in range(3))
+
+
+def test_oracle_ranking_through_the_metric(root):
+    """The ranking layout the pipeline produces (n_db, nq) is what evaluate expects."""
+    q = build_dataset("synthetic_landmarks", root, "query")
+    n = len(q.imlist)
+    cols = []
+    for g in q.gnd:
+        head = list(g["easy"]) + list(g["hard"]) + list(g["junk"])
+        cols.append(head + [j for j in range(n) if j not in head])
+    m = evaluate(np.array(cols).T, q.gnd)
+    assert all(m[s]["mAP"] == pytest.approx(1.0) for s in m)
+    worst = evaluate(np.array(cols).T[::-1].copy(), q.gnd)
+    assert worst["medium"]["mAP"] < 0.5
