@@ -78,17 +78,19 @@ def mean_std(x: list[float]) -> tuple[float, float]:
 
 
 def matmul_peak(n: int, dtype: torch.dtype, iters: int = 5) -> dict:
-    """GFLOP/s of (n x n) @ (n x n) in ``dtype``: best (the peak), mean and std; one warm-up."""
+    """GFLOP per CPU-second (and per wall second) of (n x n) @ (n x n) in ``dtype``: best of
+    ``iters`` (the peak), mean and std; one warm-up."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    rates = []
+    cpu, wall = [], []
     for _ in range(iters):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         a @ b
-        rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    m, s = mean_std(rates)
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "peak_gflops": max(rates),
-            "mean_gflops": m, "std_gflops": s}
+        cpu.append(2 * n ** 3 / max(time.process_time() - c, 1e-9) / 1e9)
+        wall.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    m, s = mean_std(cpu)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "peak_gflops": max(cpu),
+            "mean_gflops": m, "std_gflops": s, "peak_gflops_wall": max(wall)}
 
 
 def model_kwargs(name: str, img_size: int) -> dict:
@@ -153,17 +155,21 @@ def count_flops(model, batch) -> int:
     return fc.get_total_flops()
 
 
-def data_rate(dm: FinegrainDataModule, batch: int, seed: int = 0) -> dict:
-    """Decode + train transform with one DataLoader worker: images/s after the first batch."""
-    loader = torch.utils.data.DataLoader(
-        SeededDataset(dm.train_set), batch_sampler=RandomBatchSampler(len(dm.train_set), batch,
-                                                                     seed),
-        num_workers=1, collate_fn=_collate)
-    times, t = [], time.perf_counter()
-    for _ in loader:
-        now = time.perf_counter()
-        times.append(now - t)
-        t = now
+def data_rate(dm: FinegrainDataModule, batch: int, batches: int = 16, seed: int = 0) -> dict:
+    """Decode + train transform with one DataLoader worker: images/s over ``batches`` batches
+    (epochs repeated as needed), after a first batch that includes the worker's start."""
+    sampler = RandomBatchSampler(len(dm.train_set), batch, seed)
+    loader = torch.utils.data.DataLoader(SeededDataset(dm.train_set), batch_sampler=sampler,
+                                         num_workers=1, collate_fn=_collate,
+                                         persistent_workers=True)
+    times, t, epoch = [], time.perf_counter(), 0
+    while len(times) < batches + 1:
+        sampler.set_epoch(epoch)
+        for _ in loader:
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+        epoch += 1
     per_batch, std = mean_std(times[1:])
     return {"images_per_s": batch / per_batch, "batch_s_mean": per_batch, "batch_s_std": std,
             "batches": len(times) - 1}
@@ -239,48 +245,55 @@ def bench_model(name: str, args, cache: str, cfg: dict, peaks: dict) -> dict:
         "workers_needed": math.ceil(model_ips / data["images_per_s"]),
         "gflop_per_step": flops / 1e9,
         "fp32_gflops_per_s": flops / 1e9 / bw,
-        "fp32_fraction_of_peak": flops / 1e9 / bw / peaks["float32"]["peak_gflops"],
+        "fp32_gflops_per_cpu_s": flops / 1e9 / bc,
+        "fp32_fraction_of_peak": flops / 1e9 / bc / peaks["float32"]["peak_gflops"],
         "raw": {"bare_wall": bare_wall, "bare_cpu": bare_cpu, "engine_wall": timer.step_wall,
                 "engine_cpu": timer.step_cpu, "engine_iter": timer.iter_wall},
     }
     if bf16 is not None:
         fw, fws = mean_std(bf16["wall"])
-        row.update({"bf16_step_s": fw, "bf16_step_s_std": fws,
+        fc, _ = mean_std(bf16["cpu"])
+        row.update({"bf16_step_s": fw, "bf16_step_s_std": fws, "bf16_step_cpu_s": fc,
                     "bf16_images_per_s": args.batch / fw,
                     "bf16_gflops_per_s": flops / 1e9 / fw,
-                    "bf16_fraction_of_peak": flops / 1e9 / fw / peaks["bfloat16"]["peak_gflops"]})
-        row["raw"]["bf16_wall"] = bf16["wall"]
+                    "bf16_gflops_per_cpu_s": flops / 1e9 / fc,
+                    "bf16_fraction_of_peak": flops / 1e9 / fc / peaks["bfloat16"]["peak_gflops"]})
+        row["raw"]["bf16_wall"], row["raw"]["bf16_cpu"] = bf16["wall"], bf16["cpu"]
     return row
 
 
 def print_table(rows: list[dict], peaks: dict) -> None:
-    print(f"\nmatmul peak: " + ", ".join(
-        f"{p['dtype']} {p['peak_gflops']:.0f} GFLOP/s (mean {p['mean_gflops']:.0f} ± "
-        f"{p['std_gflops']:.0f}, n={p['n']})" for p in peaks.values()))
-    head = (f"{'model':<24}{'bare img/s':>17}{'engine img/s':>17}{'overhead':>16}"
-            f"{'+fetch img/s':>13}{'ckpt/50':>8}{'data img/s/wkr':>15}{'wkrs':>5}"
-            f"{'GFLOP':>7}{'fp32 GF/s (peak)':>18}{'bf16 img/s':>11}{'bf16 GF/s (peak)':>18}")
+    print("\nmatmul peak (GFLOP per CPU-second, best of 5): " + ", ".join(
+        f"{p['dtype']} {p['peak_gflops']:.0f} (mean {p['mean_gflops']:.0f} ± "
+        f"{p['std_gflops']:.0f}; wall {p['peak_gflops_wall']:.0f} GFLOP/s)"
+        for p in peaks.values()))
+    head = (f"{'model':<24}{'bare img/s':>15}{'engine img/s':>15}{'ovh wall':>9}{'ovh CPU':>8}"
+            f"{'+fetch':>8}{'ckpt/50':>8}{'data/wkr':>9}{'wkrs':>5}{'GFLOP':>6}"
+            f"{'fp32 GF/cpu-s':>17}{'bf16 img/s':>11}{'bf16 GF/cpu-s':>17}")
     print(head)
     print("-" * len(head))
     for r in rows:
         b_sd = r["bare_images_per_s"] * r["bare_step_s_std"] / r["bare_step_s"]
         e_sd = r["engine_images_per_s"] * r["engine_step_s_std"] / r["engine_step_s"]
-        bf = (f"{r['bf16_images_per_s']:>11.1f}{r['bf16_gflops_per_s']:>9.0f} "
+        bf = (f"{r['bf16_images_per_s']:>11.2f}{r['bf16_gflops_per_cpu_s']:>9.0f} "
               f"({100 * r['bf16_fraction_of_peak']:>4.1f}%)") if "bf16_step_s" in r else \
-            f"{'-':>11}{'-':>18}"
+            f"{'-':>11}{'-':>17}"
         print(f"{r['model'] + ' @' + str(r['img_size']):<24}"
-              f"{r['bare_images_per_s']:>10.2f} ± {b_sd:<4.2f}"
-              f"{r['engine_images_per_s']:>10.2f} ± {e_sd:<4.2f}"
-              f"{100 * r['overhead_wall']:>+7.1f}%/{100 * r['overhead_cpu']:>+5.1f}%c"
-              f"{r['engine_iter_images_per_s']:>13.2f}"
+              f"{r['bare_images_per_s']:>8.2f} ± {b_sd:<4.2f}"
+              f"{r['engine_images_per_s']:>8.2f} ± {e_sd:<4.2f}"
+              f"{100 * r['overhead_wall']:>+8.1f}%{100 * r['overhead_cpu']:>+7.1f}%"
+              f"{r['engine_iter_images_per_s']:>8.2f}"
               f"{100 * r['checkpoint_overhead_every_50']:>7.1f}%"
-              f"{r['data_images_per_s_per_worker']:>15.1f}{r['workers_needed']:>5d}"
-              f"{r['gflop_per_step']:>7.0f}"
-              f"{r['fp32_gflops_per_s']:>10.0f} ({100 * r['fp32_fraction_of_peak']:>4.1f}%)"
+              f"{r['data_images_per_s_per_worker']:>9.1f}{r['workers_needed']:>5d}"
+              f"{r['gflop_per_step']:>6.0f}"
+              f"{r['fp32_gflops_per_cpu_s']:>9.0f} ({100 * r['fp32_fraction_of_peak']:>4.1f}%)"
               f"{bf}")
-    print("overhead: engine step / bare step - 1 (wall / process CPU time 'c'); +fetch: engine "
-          "iteration incl. loading the next batch in-process (num_workers=0); ckpt/50: one "
-          "last.ckpt write amortised over 50 steps; wkrs: data workers to feed the fp32 step")
+    print("img/s: wall clock, mean ± std over the timed steps; ovh: engine step / bare step - 1 "
+          "in wall and in process CPU time; +fetch: engine img/s incl. loading the next batch "
+          "in-process (num_workers=0); ckpt/50: one last.ckpt write amortised over 50 steps; "
+          "data/wkr: decode + train transform img/s of one DataLoader worker; wkrs: workers "
+          "needed to feed the engine step; GF/cpu-s: counted FLOPs per CPU-second of the bare "
+          "step (% of the matmul peak in the same dtype)")
 
 
 def main() -> None:
@@ -290,9 +303,12 @@ def main() -> None:
                         "resnet50; --quick: vit_tiny_patch16_224,resnet18)")
     p.add_argument("--img-size", type=int, default=None, help="input size (224; --quick: 64)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=None, help="timed steps (5; --quick: 4)")
-    p.add_argument("--warmup", type=int, default=2, help="dropped steps before timing")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (4; --quick: 4)")
+    p.add_argument("--warmup", type=int, default=1, help="dropped steps before timing")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared machine more threads spin-wait on each "
+                        "other and the step slows by 10x; CPU time then measures this process "
+                        "alone)")
     p.add_argument("--matmul-n", type=int, default=2048, help="matmul size of the peak")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast step")
     p.add_argument("--quick", action="store_true", help="tiny models at 64 px (seconds)")
@@ -302,9 +318,8 @@ def main() -> None:
     args.models = args.models or ("vit_tiny_patch16_224,resnet18" if args.quick
                                   else "vit_small_patch16_224,resnet50")
     args.img_size = args.img_size or (64 if args.quick else 224)
-    args.steps = args.steps or (4 if args.quick else 5)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.steps = args.steps or 4
+    torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     logging.getLogger("finegrain").setLevel(logging.ERROR)

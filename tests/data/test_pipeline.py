@@ -242,11 +242,6 @@ def test_load_state_dict_skips_exactly_the_consumed_batches(make):
     assert _epoch(resumed, 2) == _epoch(make(), 2)  # the next epoch starts from 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "samplers._Resumable.__iter__ sets self.consumed = b + 1 after the yield, so after taking k "
-    "batches state_dict() says k - 1 and a resume repeats one batch (the engine is unaffected: "
-    "ResumableLoader counts trained batches itself); fix: set self.consumed = b + 1 just before "
-    "the yield"))
 def test_state_dict_mid_epoch_counts_the_batches_taken():
     s = RandomBatchSampler(40, 4, seed=1)
     s.set_epoch(1)

@@ -129,6 +129,10 @@ def test_evaluate_errors():
         )
     with pytest.raises(ValueError, match="g_pids has 2 entries"):
         reid.evaluate(d, np.array([1, 2]), np.array([1, 1]), np.array([0, 0]), np.array([0, 0, 0]))
+    with pytest.raises(ValueError, match="max_rank"):
+        reid.evaluate(d, np.array([1, 2]), np.array([1, 1, 3]), np.array([0, 0]), np.ones(3), 0)
+    with pytest.raises(ValueError, match="gallery is empty"):
+        reid.evaluate(np.zeros((2, 0)), np.array([1, 2]), [], np.array([0, 0]), [])
     d[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         reid.evaluate(

@@ -82,11 +82,6 @@ def test_timm_vit_file_gives_timm_features(tmp_path, timm_vit, fmt):
     assert "head.weight" in str(report) or any("head.weight" in s for s in report.skipped_shape)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "weights.load_pretrained sends a backbone file to model.backbone (built with num_classes=0),"
-    " so the ImageNet head is reported as 'unexpected', never as skipped_shape; fix: pop the "
-    "backbone's pretrained_cfg['classifier'] keys before load_into(backbone, ...) and load them "
-    "into model.head when the shapes match, else list them in skipped_shape"))
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_mismatched_head_is_reported_as_skipped(tmp_path, timm_vit, arch):
     if arch == "vit":
@@ -113,8 +108,8 @@ def test_pos_embed_resampled_to_new_grid(tmp_path, timm_vit, img_size, grid):
     assert expected.shape == (1, grid[0] * grid[1] + 1, VIT_KW["embed_dim"])
     torch.testing.assert_close(model.backbone.pos_embed.detach(), expected, rtol=0, atol=1e-6)
     # the rest of the backbone is loaded unchanged
-    torch.testing.assert_close(model.backbone.patch_embed.proj.weight, timm_vit.patch_embed.proj.weight,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(model.backbone.patch_embed.proj.weight,
+                               timm_vit.patch_embed.proj.weight, rtol=0, atol=0)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     assert model(torch.randn(1, 3, h, w))["logits"].shape == (1, 7)
 
@@ -157,8 +152,9 @@ def _export_npz(model: nn.Module, path) -> str:
     for i in range(len(model.blocks)):
         b, p = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
         mha = b + "MultiHeadDotProductAttention_1/"
-        w[b + "LayerNorm_0/scale"], w[b + "LayerNorm_0/bias"] = sd[p + "norm1.weight"], sd[p + "norm1.bias"]
-        w[b + "LayerNorm_2/scale"], w[b + "LayerNorm_2/bias"] = sd[p + "norm2.weight"], sd[p + "norm2.bias"]
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[b + f"{ln}/scale"] = sd[p + f"{norm}.weight"]
+            w[b + f"{ln}/bias"] = sd[p + f"{norm}.bias"]
         qkv_w = np.split(sd[p + "attn.qkv.weight"], 3)  # 3 x (D_out, D_in)
         qkv_b = np.split(sd[p + "attn.qkv.bias"], 3)
         for name, wt, bias in zip(("query", "key", "value"), qkv_w, qkv_b):
@@ -222,11 +218,6 @@ def test_pickle_with_arbitrary_object_is_refused(tmp_path, ext):
     assert _UNPICKLED == [], "the refused file's code ran"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "registry.create_model -> weights.finegrain_meta treats every .ckpt as a finegrain checkpoint"
-    " and raises 'not a finegrain checkpoint; pass it as pretrained=' for a foreign Lightning"
-    " .ckpt although it was passed as pretrained=; fix: finegrain_meta returns"
-    " ckpt.get('finegrain_meta') (None when absent) for .ckpt instead of load_checkpoint_meta"))
 def test_foreign_lightning_ckpt_loads_as_weights(tmp_path):
     src = timm.create_model("resnet18", pretrained=False)
     path = tmp_path / "other_project.ckpt"
@@ -246,10 +237,7 @@ def test_unknown_model_lists_closest_names():
 
 @pytest.mark.parametrize("ext", [
     "pth", "safetensors", "bin", "npz",
-    pytest.param("ckpt", marks=pytest.mark.xfail(strict=True, reason=(
-        "a missing .ckpt reaches weights._torch_load, whose 'except Exception' turns "
-        "FileNotFoundError into ValueError('cannot be read with torch.load(weights_only=True)');"
-        " fix: check os.path.isfile(path) first in _torch_load (raise FileNotFoundError)"))),
+    "ckpt",
 ])
 def test_missing_weights_file_names_the_path(tmp_path, ext):
     path = str(tmp_path / "nowhere" / f"weights.{ext}")

@@ -56,9 +56,9 @@ class _Resumable(Sampler):
         for b, batch in enumerate(batches[start:], start):
             # one seed per (epoch, batch, slot): independent of rank count and of resume
             base = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + b * self.world_size
+            self.consumed = b + 1  # counted when handed out: state_dict() after k batches = k
             yield [(int(i), int((base + self.rank) * 4099 + k) % (2 ** 63))
                    for k, i in enumerate(batch)]
-            self.consumed = b + 1
 
     def __len__(self) -> int:
         return len(self._rank_batches())

@@ -83,8 +83,8 @@ def render(parts: tuple[int, int, int], rng: np.random.Generator, size: tuple[in
     h, w = size
     base_bg = bg if bg is not None else rng.uniform(60, 200, 3)
     img = _clutter(rng, h, w, base_bg)
-    scale = rng.uniform(0.26, 0.34) * min(h, w) if not vertical else rng.uniform(0.4, 0.46) * w
-    theta = rng.uniform(-0.5, 0.5) + (np.pi / 2 if vertical else 0.0)
+    scale = rng.uniform(0.30, 0.38) * min(h, w) if not vertical else rng.uniform(0.42, 0.48) * w
+    theta = rng.uniform(-0.4, 0.4) + (np.pi / 2 if vertical else 0.0)
     if rng.random() < 0.5:
         theta += np.pi  # mirror-like pose: head left or right
     cy = h / 2 + rng.uniform(-0.08, 0.08) * h
@@ -103,22 +103,22 @@ def render(parts: tuple[int, int, int], rng: np.random.Generator, size: tuple[in
     hm, wb, tt = parts
     # head mark (a few pixels): dot / ring / bar / cross
     r2 = (u - 1.12) ** 2 + (v - 0.02) ** 2
-    mark = {0: r2 < 0.1 ** 2,
-            1: (r2 < 0.14 ** 2) & (r2 > 0.07 ** 2),
-            2: (np.abs(u - 1.12) < 0.05) & (np.abs(v) < 0.17),
-            3: ((np.abs(u - 1.12) < 0.04) | (np.abs(v - 0.02) < 0.04)) & (r2 < 0.15 ** 2)}[hm]
+    mark = {0: r2 < 0.13 ** 2,
+            1: (r2 < 0.2 ** 2) & (r2 > 0.1 ** 2),
+            2: (np.abs(u - 1.12) < 0.07) & (np.abs(v) < 0.22),
+            3: ((np.abs(u - 1.12) < 0.06) | (np.abs(v - 0.02) < 0.06)) & (r2 < 0.21 ** 2)}[hm]
     # wing bars on the body's back half
     wing_zone = body & (u > -0.55) & (u < 0.35) & (v > -0.05)
-    bars = {0: np.abs(u + 0.1) < 0.07,
-            1: (np.abs(u + 0.3) < 0.06) | (np.abs(u + 0.05) < 0.06),
-            2: (np.abs(u + 0.4) < 0.05) | (np.abs(u + 0.1) < 0.05) | (np.abs(u - 0.2) < 0.05),
-            3: np.abs((u + 0.1) - 0.9 * (v - 0.2)) < 0.07}[wb] & wing_zone
+    bars = {0: np.abs(u + 0.1) < 0.09,
+            1: (np.abs(u + 0.32) < 0.08) | (np.abs(u + 0.02) < 0.08),
+            2: (np.abs(u + 0.42) < 0.065) | (np.abs(u + 0.1) < 0.065) | (np.abs(u - 0.22) < 0.065),
+            3: np.abs((u + 0.1) - 0.9 * (v - 0.2)) < 0.09}[wb] & wing_zone
     # tail tip
     tip = tail & (u < -1.2)
     tails = {0: np.zeros_like(tip),
-             1: tip & (np.abs(v) < 0.07),
-             2: ((u + 1.25) ** 2 + v ** 2 < 0.09 ** 2),
-             3: tail & (np.abs(u + 1.1) < 0.05)}[tt]
+             1: tip & (np.abs(v) < 0.1),
+             2: ((u + 1.25) ** 2 + v ** 2 < 0.12 ** 2),
+             3: tail & (np.abs(u + 1.1) < 0.07)}[tt]
     for m in (mark, bars, tails):
         img[m & obj if m is not tails else m] = dark
     if cast is not None:

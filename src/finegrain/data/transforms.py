@@ -4,7 +4,8 @@
   size is given); eval resize + centre crop;
 - reid: train plain resize + flip + pad/crop + random erasing; eval plain resize;
 - retrieval: eval keeps the aspect ratio (longest side S); train random-resized crop;
-- dml: train random-resized crop + flip; eval resize 256 + centre crop 224.
+- dml: train random-resized crop + flip; eval resize of the shorter side to 256 + centre crop
+  224 (the DML convention; classification resizes to a square, as TransFG / DCAL).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
         elif train:
             ops = [v2.Resize(rs, antialias=True), v2.RandomCrop((H, W)),
                    v2.RandomHorizontalFlip()]
+        elif task == "dml" and resize_size is not None and isinstance(resize_size, int):
+            ops = [v2.Resize(resize_size, antialias=True), v2.CenterCrop((H, W))]  # shorter side
         else:
             ops = [v2.Resize(rs, antialias=True), v2.CenterCrop((H, W))]
     if train and color_jitter > 0:

@@ -38,10 +38,10 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
     """Return ``x`` (numpy array, torch tensor or sequence) as a numpy array."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # pragma: no cover - defensive
-        raise TypeError(f"{name}: expected an array or tensor, got {type(x).__name__}") from exc
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise TypeError(f"{name}: expected a numeric array or tensor, got {type(x).__name__}")
+    return arr
 
 
 def _check_ids(
@@ -82,15 +82,17 @@ def _evaluate_rows(
 ) -> dict[str, Any]:
     """Core of :func:`evaluate`; ``get_rows(a, b)`` gives queries a..b-1's distances, (b-a, G)."""
     num_q, num_g = q_pids.shape[0], g_pids.shape[0]
-    max_rank = min(int(max_rank), num_g)
-    if max_rank < 1:
+    if num_g == 0:
+        raise ValueError("the gallery is empty: distmat has 0 columns")
+    if int(max_rank) < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    max_rank = min(int(max_rank), num_g)
 
     # Gallery grouped by identity (stable: gallery index order inside a group).
     g_order = np.argsort(g_pids, kind="stable")
     uniq, starts, counts = np.unique(g_pids[g_order], return_index=True, return_counts=True)
     loc = np.clip(np.searchsorted(uniq, q_pids), 0, max(len(uniq) - 1, 0))
-    present = (uniq[loc] == q_pids) if len(uniq) else np.zeros(num_q, dtype=bool)
+    present = uniq[loc] == q_pids
     q_start = np.where(present, starts[loc], 0)
     q_count = np.where(present, counts[loc], 0)
 
@@ -124,7 +126,7 @@ def _evaluate_rows(
             dist = dist[keep]
         if not np.issubdtype(dist.dtype, np.floating):
             dist = dist.astype(np.float64)
-        srt = np.sort(dist, axis=1)  # (C, G)
+        srt = np.sort(dist, axis=1)  # (C, G); NaN sorts last
         if np.isnan(srt[:, -1]).any():
             raise ValueError(
                 "distmat contains NaN; check the features (e.g. zero vectors with cosine)"
@@ -485,9 +487,12 @@ def re_rank(
             [np.where(rf, f, n), np.where((take[..., None] & rc), cand, n).reshape(b - a, -1)],
             axis=1,
         )
-        members.append(_row_unique(idx, n))
-    width = max(int((m < n).sum(axis=1).max()) for m in members)
-    v_idx = np.concatenate([m[:, :width] for m in members], axis=0)  # (N, S) sorted, padded with N
+        idx = _row_unique(idx, n)
+        members.append(idx[:, : int((idx < n).sum(axis=1).max())])  # drop all-padding columns
+    width = max(m.shape[1] for m in members)
+    v_idx = np.concatenate(  # (N, S) sorted, padded with N
+        [np.pad(m, ((0, 0), (0, width - m.shape[1])), constant_values=n) for m in members], axis=0
+    )
     valid = v_idx < n
     rows_i = np.broadcast_to(np.arange(n)[:, None], v_idx.shape)
     v_val = np.zeros(v_idx.shape, dtype=np.float32)

@@ -48,6 +48,8 @@ class LoadReport:
 
 
 def _torch_load(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for files needing arbitrary code
@@ -103,7 +105,8 @@ def finegrain_meta(path: str) -> dict | None:
     foreign weight files (timm, DeiT, torchvision)."""
     path = str(path)
     if path.endswith(".ckpt"):
-        return load_checkpoint_meta(path)
+        ckpt = _torch_load(path)  # a foreign Lightning .ckpt has none: weights only
+        return ckpt.get("finegrain_meta") if isinstance(ckpt, dict) else None
     if path.endswith(".safetensors") and \
             os.path.isfile(os.path.join(os.path.dirname(path), "model.json")):
         return load_checkpoint_meta(path)
@@ -121,6 +124,30 @@ def _backbone_filter(backbone: nn.Module, sd: dict) -> dict:
     names) when the family has one."""
     fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
     return fn(sd, backbone) if fn is not None else sd
+
+
+def _split_classifier(backbone: nn.Module, sd: dict) -> dict:
+    """Pop the backbone file's classifier (``head.*`` / ``fc.*``, timm's
+    ``pretrained_cfg["classifier"]``) out of ``sd``: the backbone is built without one."""
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = [name] if isinstance(name, str) else list(name)
+    return {k: sd.pop(k) for k in list(sd) if any(k.startswith(n + ".") for n in names)}
+
+
+def _load_head(model: nn.Module, head_sd: dict, report: LoadReport) -> None:
+    """Load a backbone file's classifier into ``model.head`` when the shapes match (same label
+    space); otherwise name each key under ``skipped_shape``."""
+    target = getattr(model, "head", None)
+    own = target.state_dict() if isinstance(target, nn.Module) else {}
+    mapped = {k.split(".", 1)[1]: v for k, v in head_sd.items()}
+    if own and all(k in own and own[k].shape == v.shape for k, v in mapped.items()) and \
+            set(mapped) == set(own):
+        target.load_state_dict(mapped)
+        return
+    for k, v in head_sd.items():
+        o = own.get(k.split(".", 1)[1])
+        report.skipped_shape.append(f"{k} {tuple(v.shape)}->"
+                                    f"{tuple(o.shape) if o is not None else 'none'}")
 
 
 def load_into(module: nn.Module, sd: dict, path: str, target: str) -> LoadReport:
@@ -162,7 +189,10 @@ def load_pretrained(model: nn.Module, pretrained: str) -> LoadReport:
         if whole or backbone is None:
             report = load_into(model, sd, path, type(model).__name__)
         else:
-            report = load_into(backbone, _backbone_filter(backbone, sd), path, "backbone")
+            sd = _backbone_filter(backbone, sd)
+            head = _split_classifier(backbone, sd)
+            report = load_into(backbone, sd, path, "backbone")
+            _load_head(model, head, report)
     hook = getattr(model, "on_pretrained_loaded", None)
     if callable(hook):
         hook()
