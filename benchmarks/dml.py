@@ -12,11 +12,13 @@ conditional re-ranker, measured in one run.
 2. ``flops``: the training-step FLOPs ratio for batch 32 and the recipes' batch 112 (the
    branch costs B^2 queries, the backbone B images), for the default branch and for cheaper
    settings (``mlp_ratio: 2``, ``attn_dim: 256``).
-3. ``rerank``: on generated DML data (the ``synthetic_dml`` renderer: classes differ only in
-   small parts; train classes and test classes disjoint) a tiny ViT is trained with and
-   without the branch, then each test query's top-k neighbours by z are re-ordered by
-   the conditional similarity (``conditional_rerank``): Recall@1 before / after and the
-   re-ranking cost per query.
+3. ``rerank``: the cost of ``conditional_rerank`` per query at full size (ResNet-50 /
+   ViT-S at 224 px, top-k), next to the cost of embedding one image; and on generated DML
+   data (the ``synthetic_dml`` renderer: classes differ only in small parts; train and test
+   classes disjoint) a tiny ViT trained from scratch with and without the branch, each test
+   query's top-k neighbours by z re-ordered by the conditional similarity: Recall@1 before /
+   after, printed next to the chance level (a tiny model trained from scratch on a CPU may
+   stay near it: then the figures say nothing about the method).
 
     python benchmarks/dml.py                      # all parts, CPU
     python benchmarks/dml.py --parts flops rerank --rerank-steps 300
@@ -281,12 +283,47 @@ def recall_at_1(model, data, k: int) -> dict:
     return res
 
 
+def rerank_cost(name: str, args) -> dict:
+    """Re-ranking cost per query at full size (random weights and inputs: cost does not
+    depend on training): ``conditional_rerank`` of ``--cost-queries`` queries against their
+    top-k, next to the eval forward (embedding) of one image."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        x = torch.randn(args.cost_queries, 3, args.img_size, args.img_size)
+        embed = timed(lambda: model(x), 1, args.cost_iters)
+        q_tok = model.forward_features(x)  # (Q, T, C)
+    db_tok = q_tok[torch.randint(len(q_tok), (4 * args.rerank_k,))]  # a small database
+    topk = torch.stack([torch.randperm(len(db_tok))[:args.rerank_k]
+                        for _ in range(len(q_tok))])  # (Q, k)
+    rerank = timed(lambda: conditional_rerank(model, q_tok, db_tok, topk), 1, args.cost_iters)
+    (e_mean, e_std), (r_mean, r_std) = mean_std(embed), mean_std(rerank)
+    Q = args.cost_queries
+    return {"embed_ms_per_image": 1e3 * e_mean / Q, "embed_ms_std": 1e3 * e_std / Q,
+            "rerank_ms_per_query": 1e3 * r_mean / Q, "rerank_ms_std": 1e3 * r_std / Q,
+            "k": args.rerank_k, "tokens": tuple(q_tok.shape[1:])}
+
+
 def part_rerank(args) -> dict:
+    out = {"cost": {}, "synthetic": {}}
+    print(f"\n== conditional re-ranking cost, top-{args.rerank_k}, {args.img_size} px, "
+          f"{args.cost_queries} queries, {args.cost_iters} timed ==")
+    for bb in args.backbones:
+        r = rerank_cost(BACKBONES[bb], args)
+        out["cost"][bb] = r
+        print(f"{bb:<10} tokens {r['tokens']}: re-rank {r['rerank_ms_per_query']:.1f} ± "
+              f"{r['rerank_ms_std']:.1f} ms/query vs embedding {r['embed_ms_per_image']:.1f} ± "
+              f"{r['embed_ms_std']:.1f} ms/image "
+              f"({r['rerank_ms_per_query'] / r['embed_ms_per_image']:.2f} images' worth)")
+
     train, test = synthetic_dml(args.rerank_classes, args.rerank_per_class, args.rerank_size)
-    print(f"\n== conditional re-ranking: synthetic DML, {args.rerank_classes // 2} train / "
-          f"{args.rerank_classes // 2} test classes x {args.rerank_per_class} images, "
-          f"{args.rerank_size} px, tiny ViT, {args.rerank_steps} steps, top-{args.rerank_k} ==")
-    out = {}
+    n_test, per = len(test[1]), args.rerank_per_class
+    chance = (per - 1) / (n_test - 1)  # a random neighbour shares the query's class
+    print(f"\n== conditional re-ranking accuracy: synthetic DML, {args.rerank_classes // 2} train "
+          f"/ {args.rerank_classes // 2} test classes x {per} images, {args.rerank_size} px, "
+          f"tiny ViT from scratch, {args.rerank_steps} steps, top-{args.rerank_k}; chance "
+          f"R@1 {chance:.3f} ==")
+    out["synthetic"]["chance_R@1"] = chance
     for seed in range(args.rerank_seeds):
         for cross in (False, True):
             t = time.perf_counter()
@@ -294,7 +331,7 @@ def part_rerank(args) -> dict:
             res = recall_at_1(model, test, args.rerank_k)
             res["train_s"] = time.perf_counter() - t
             key = f"seed{seed}/{'cross_image' if cross else 'baseline'}"
-            out[key] = res
+            out["synthetic"][key] = res
             print(f"{key:<22}" + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     return out
 
@@ -310,10 +347,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--branch-iters", type=int, default=5)
     p.add_argument("--flops-batches", type=int, nargs="+", default=[32, 112])
+    p.add_argument("--cost-queries", type=int, default=8)
+    p.add_argument("--cost-iters", type=int, default=3)
     p.add_argument("--rerank-classes", type=int, default=32)
     p.add_argument("--rerank-per-class", type=int, default=20)
     p.add_argument("--rerank-size", type=int, default=64)
-    p.add_argument("--rerank-steps", type=int, default=300)
+    p.add_argument("--rerank-steps", type=int, default=1000)
     p.add_argument("--rerank-width", type=int, default=64)
     p.add_argument("--rerank-depth", type=int, default=2)
     p.add_argument("--rerank-batch", type=int, default=32)

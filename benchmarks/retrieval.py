@@ -15,6 +15,8 @@ versions and a table; writes JSON (``benchmarks/results/retrieval.json``, or
 
     python benchmarks/retrieval.py             # ~1M descriptors: needs ~6 GB RAM, minutes
     python benchmarks/retrieval.py --quick     # 100k smoke run
+    python benchmarks/retrieval.py --skip-extraction --descriptors db --query-descriptors q
+                                               # tune the index on your own descriptors
 """
 
 from __future__ import annotations
@@ -187,9 +189,10 @@ def build_candidates(db: np.ndarray, nlist: int, train_size: int, hnsw: bool, se
         ix.add_core(n, faiss.swig_ptr(db), None, faiss.swig_ptr(assign))
         return ix
 
+    M = max(1, d // 8)  # PQ sub-quantizers: 64 bytes for 512-d (8 bits) / 32 bytes (4 bits)
     with _Timer() as t:
-        ix = fill(faiss.IndexIVFPQ(quantizer, d, nlist, 64, 8, ip))
-    yield f"IVF{nlist},PQ64", ix, t_shared.s + t.s
+        ix = fill(faiss.IndexIVFPQ(quantizer, d, nlist, M, 8, ip))
+    yield f"IVF{nlist},PQ{M}", ix, t_shared.s + t.s
     del ix
     with _Timer() as t:
         ix = fill(faiss.IndexIVFScalarQuantizer(quantizer, d, nlist,
@@ -198,11 +201,11 @@ def build_candidates(db: np.ndarray, nlist: int, train_size: int, hnsw: bool, se
     del ix
     gc.collect()
     with _Timer() as t:
-        pq4 = fill(faiss.IndexIVFPQ(quantizer, d, nlist, 64, 4, ip))
+        pq4 = fill(faiss.IndexIVFPQ(quantizer, d, nlist, M, 4, ip))
         fs = faiss.IndexIVFPQFastScan(pq4)  # same codes, SIMD fast-scan layout
         del pq4
         ix = faiss.IndexRefineFlat(fs, faiss.swig_ptr(db))  # exact re-scoring of a shortlist
-    yield f"IVF{nlist},PQ64x4fs,RFlat", ix, t_shared.s + t.s
+    yield f"IVF{nlist},PQ{M}x4fs,RFlat", ix, t_shared.s + t.s
     del ix, fs
     gc.collect()
     if hnsw:
@@ -212,7 +215,7 @@ def build_candidates(db: np.ndarray, nlist: int, train_size: int, hnsw: bool, se
 
 
 SEARCH_PARAMS = {  # search parameters tried per candidate
-    "PQ64": [{"nprobe": 32}],
+    "PQ": [{"nprobe": 32}],
     "SQ8": [{"nprobe": 4}, {"nprobe": 8}, {"nprobe": 16}, {"nprobe": 32}],
     "RFlat": [{"nprobe": 8, "k_factor_rf": 2}, {"nprobe": 16, "k_factor_rf": 4},
               {"nprobe": 32, "k_factor_rf": 4}],
@@ -222,8 +225,14 @@ SEARCH_PARAMS = {  # search parameters tried per candidate
 
 def bench_search(args) -> dict:
     t = time.perf_counter()
-    db, q = clustered_descriptors(args.n, args.dim, args.queries, seed=0)
-    print(f"  data {db.shape} + {q.shape} generated in {time.perf_counter() - t:.1f} s",
+    if args.descriptors:  # real descriptor files (finegrain embed) instead of synthetic ones
+        from finegrain.retrieval.descriptors import load_descriptors
+        db = np.ascontiguousarray(load_descriptors(args.descriptors).vectors)
+        q = np.ascontiguousarray(load_descriptors(args.query_descriptors).vectors)
+        args.n, args.dim, args.queries = db.shape[0], db.shape[1], q.shape[0]
+    else:
+        db, q = clustered_descriptors(args.n, args.dim, args.queries, seed=0)
+    print(f"  data {db.shape} + {q.shape} ready in {time.perf_counter() - t:.1f} s",
           flush=True)
     k = 100
     m, s, runs, (_, gt) = timed_search(lambda: knn(q, db, k), args.repeats)
@@ -237,7 +246,7 @@ def bench_search(args) -> dict:
     train_size = args.train_size or 32 * nlist
     hnsw = args.n <= args.hnsw_max
     for factory, ix, build_s in build_candidates(db, nlist, train_size, hnsw):
-        key = next(kk for kk in SEARCH_PARAMS if factory.endswith(kk))
+        key = next(kk for kk in ("RFlat", "SQ8", "HNSW32", "PQ") if kk in factory)
         for params in SEARCH_PARAMS[key]:
             space = faiss.ParameterSpace()
             for name, v in params.items():
@@ -289,6 +298,9 @@ def main() -> None:
                    help="k-means / encoder training sample (default 32 x nlist)")
     p.add_argument("--hnsw-max", type=int, default=200_000,
                    help="skip HNSW above this size (its build takes long on few cores)")
+    p.add_argument("--descriptors", default=None,
+                   help="benchmark on a real database descriptor NAME (finegrain embed) ...")
+    p.add_argument("--query-descriptors", default=None, help="... with these queries")
     p.add_argument("--model", default="dalg_vit_small_patch16_224")
     p.add_argument("--images", type=int, default=None, help="images per extraction run")
     p.add_argument("--batch-size", type=int, default=4)
@@ -297,6 +309,8 @@ def main() -> None:
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if bool(args.descriptors) != bool(args.query_descriptors):
+        p.error("--descriptors and --query-descriptors go together")
     args.n = args.n or (100_000 if args.quick else 1_000_000)
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.images = args.images or (4 if args.quick else 8)

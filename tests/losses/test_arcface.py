@@ -48,7 +48,8 @@ def test_head_logits_without_margin_and_finite_grads():
     x = torch.randn(4, 8, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3])
     logits, loss = head(x, y)
-    cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(head.weight, dim=1).t()
+    F = torch.nn.functional
+    cos = F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).t()
     torch.testing.assert_close(logits, 30.0 * cos)
     loss.backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()

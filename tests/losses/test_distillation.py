@@ -52,7 +52,8 @@ def test_teacher_gradient_official_and_detached():
     s = torch.randn(B, C, requires_grad=True)
     t = torch.randn(B, C, requires_grad=True)
     soft_cross_entropy_distillation(s, t, T).backward()
-    # dL/dt_j = -(1 / (B T)) p_j (log q_j - sum_c p_c log q_c), with p = softmax(t/T), q = softmax(s/T)
+    # dL/dt_j = -(1 / (B T)) p_j (log q_j - sum_c p_c log q_c),
+    # with p = softmax(t / T), q = softmax(s / T)
     p, log_q = F.softmax(t.detach() / T, -1), F.log_softmax(s.detach() / T, -1)
     expected = -(p * (log_q - (p * log_q).sum(-1, keepdim=True))) / (B * T)
     torch.testing.assert_close(t.grad, expected)
@@ -76,7 +77,8 @@ def test_low_precision_inputs_give_fp32():
 def test_module_form_matches_function():
     s, t = torch.randn(3, 4), torch.randn(3, 4)
     loss = SoftCrossEntropyDistillation(temperature=4.0, t2_scale=True)
-    torch.testing.assert_close(loss(s, t), soft_cross_entropy_distillation(s, t, 4.0, t2_scale=True))
+    expected = soft_cross_entropy_distillation(s, t, 4.0, t2_scale=True)
+    torch.testing.assert_close(loss(s, t), expected)
     assert "temperature=4.0" in repr(loss)
 
 

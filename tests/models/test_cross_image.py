@@ -319,3 +319,22 @@ def test_bad_arguments_name_the_fix():
         _model(pool="token")
     with pytest.raises(ValueError, match="depth"):
         _model(depth=0)
+
+
+def test_recipes_name_registered_models_and_twins_differ_only_in_the_branch():
+    import yaml
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[2] / "recipes" / "dml"
+    recipes = sorted(folder.glob("*.yaml"))
+    assert len(recipes) == 16
+    for path in recipes:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["model"]["model_name"] in list_models("cross_image*"), path.name
+        assert cfg["data"]["sampler"] == "pk" and cfg["data"]["num_instances"] == 2
+        if path.stem.endswith("_baseline"):
+            twin = yaml.safe_load((folder / f"{path.stem[:-9]}.yaml").read_text())
+            kw, kw_twin = cfg["model"].pop("model_kwargs"), twin["model"].pop("model_kwargs")
+            assert kw.pop("cross_attention") is False and kw_twin.pop("cross_attention") is True
+            assert {k: v for k, v in kw_twin.items() if k not in ("depth", "num_heads")} == kw
+            assert cfg["model"] == twin["model"] and cfg["data"] == twin["data"]
+            assert cfg["trainer"] == twin["trainer"]

@@ -32,7 +32,8 @@ def _window_attention_reference(block: WindowAttentionBlock, x: torch.Tensor) ->
     for b in range(B):
         for r0 in range(0, H, ws):
             for c0 in range(0, W, ws):
-                pos = [(r, c) for r in range(r0, min(r0 + ws, H)) for c in range(c0, min(c0 + ws, W))]
+                pos = [(r, c) for r in range(r0, min(r0 + ws, H))
+                       for c in range(c0, min(c0 + ws, W))]
                 toks = torch.stack([x[b, r, c] for r, c in pos])  # (n, C)
                 qkv = toks @ attn.qkv.weight.t() + attn.qkv.bias  # (n, 3C)
                 heads = []
@@ -95,7 +96,8 @@ def test_spatial_attention_formula():
         for i in range(3):
             for j in range(4):
                 f = W1 @ x[b, :, i, j] + b1
-                f = (f - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+                f = (f - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+                f = f * bn.weight + bn.bias
                 a = torch.log1p(torch.exp(W2 @ torch.relu(f) + b2))  # softplus
                 torch.testing.assert_close(att[b, 0, i, j], a[0], atol=1e-6, rtol=1e-5)
                 torch.testing.assert_close(got[b, :, i, j], a * f / f.norm(), atol=1e-6, rtol=1e-5)
@@ -214,4 +216,57 @@ def test_pretrained_backbone_file_loads_into_backbone(tmp_path):
     model = create_model("dalg_deit_tiny_patch16_224", pretrained=str(tmp_path / "vit.safetensors"),
                          num_classes=7, img_size=64, global_dim=64, local_dim=64,
                          embedding_dim=32, window_size=4, fusion_heads=4, backbone_kwargs=TINY)
-    torch.testing.assert_close(model.backbone.blocks[2].attn.qkv.weight, ref.blocks[2].attn.qkv.weight)
+    torch.testing.assert_close(model.backbone.blocks[2].attn.qkv.weight,
+                               ref.blocks[2].attn.qkv.weight)
+
+
+def test_recipes_build_and_twins_differ_only_in_the_branches():
+    import yaml
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[2] / "recipes" / "dalg"
+    recipes = sorted(folder.glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"gldv2_vit_base", "gldv2_vit_base_baseline",
+                                         "gldv2_vit_small", "gldv2_vit_small_baseline"}
+    for path in recipes:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["model"]["model_name"] in list_models("dalg*"), path.name
+        assert cfg["data"]["dataset"] == "gldv2" and cfg["data"]["img_size"] == 512
+        assert cfg["model"]["optimizer"] == "sgd" and cfg["model"]["lr"] == 0.01
+        kw = dict(cfg["model"]["model_kwargs"])
+        # the recipe's arguments build the model (tiny backbone to stay fast)
+        model = create_model(cfg["model"]["model_name"], num_classes=3,
+                             **{**kw, "img_size": 64, "backbone_kwargs": TINY})
+        assert model.embedding_dim == 512 and model.head.s == 30.0 and model.head.m == 0.15
+        if path.stem.endswith("_baseline"):
+            twin = yaml.safe_load((folder / f"{path.stem[:-9]}.yaml").read_text())
+            kw_twin = dict(twin["model"]["model_kwargs"])
+            assert (kw.pop("local"), kw.pop("fusion")) == ("none", "none")
+            assert (kw_twin.pop("local"), kw_twin.pop("fusion")) == ("window_attention",
+                                                                     "cross_attention")
+            local_only = ("local_dim", "window_size", "fusion_heads")
+            assert {k: v for k, v in kw_twin.items() if k not in local_only} == kw
+            for key in ("model", "data", "trainer"):
+                a, b = dict(cfg[key]), dict(twin[key])
+                a.pop("model_kwargs", None), b.pop("model_kwargs", None)
+                assert a == b, (path.name, key)
+
+
+def test_no_weight_decay_names_exist():
+    model = tiny()
+    names = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    assert {"backbone.pos_embed", "backbone.cls_token",
+            "window_block.attn.relative_position_bias_table"} <= names
+    assert names <= set(params)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    x, y = torch.randn(2, 3, 32, 40), torch.tensor([1, 2])
+    grads = []
+    for ck in (False, True):
+        torch.manual_seed(0)
+        model = tiny(drop_path_rate=0.0).train()
+        model.set_grad_checkpointing(ck)
+        model(x, targets=y)["losses"]["arcface"].backward()
+        grads.append(model.backbone.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

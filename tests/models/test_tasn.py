@@ -347,10 +347,23 @@ def test_attention_pretrained_loads_into_attention_body(tmp_path):
     assert model.attention.body.layer2[0].conv1.stride == (1, 1)  # strides still removed
 
 
+def test_pretrained_backbone_file_goes_to_the_master_net_only(tmp_path):
+    import timm
+    ref = timm.create_model("resnet18", num_classes=9, **TINY)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    model = tiny_tasn(pretrained=str(path))
+    torch.testing.assert_close(model.backbone.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
+    assert not torch.equal(model.attention.body.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
+
+
 def test_explain_maps_and_images():
-    model = tiny_tasn().eval()
+    model = tiny_tasn().train()
     images = torch.randn(2, 3, 40, 40)
+    stats = model.attention.bn.running_mean.clone()
     ex = model.explain(images)
+    assert model.training and torch.equal(stats, model.attention.bn.running_mean)
+    model.eval()
     assert ex["structure"].shape == ex["detail"].shape == (2, 40, 40)
     assert ex["structure_image"].shape == ex["detail_image"].shape == (2, 3, 32, 32)
     for k in ("structure", "detail"):

@@ -60,7 +60,7 @@ def _clutter(rng: np.random.Generator, h: int, w: int, base: np.ndarray) -> np.n
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = base[None, None, :] * (0.7 + 0.3 * (yy / h))[..., None]
     img = img + rng.normal(0, 6, (h, w, 3))
-    for _ in range(rng.integers(4, 9)):
+    for _ in range(rng.integers(3, 7)):
         cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(2, max(h, w) / 6)
         col = rng.uniform(40, 220, 3)
         m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
@@ -83,18 +83,25 @@ def render(parts: tuple[int, int, int], rng: np.random.Generator, size: tuple[in
     h, w = size
     base_bg = bg if bg is not None else rng.uniform(60, 200, 3)
     img = _clutter(rng, h, w, base_bg)
-    scale = rng.uniform(0.30, 0.38) * min(h, w) if not vertical else rng.uniform(0.42, 0.48) * w
-    theta = rng.uniform(-0.4, 0.4) + (np.pi / 2 if vertical else 0.0)
+    scale = rng.uniform(0.27, 0.32) * min(h, w) if not vertical else rng.uniform(0.42, 0.48) * w
+    theta = rng.uniform(-0.35, 0.35) + (np.pi / 2 if vertical else 0.0)
     if rng.random() < 0.5:
-        theta += np.pi  # mirror-like pose: head left or right
-    cy = h / 2 + rng.uniform(-0.08, 0.08) * h
-    cx = w / 2 + rng.uniform(-0.08, 0.08) * w
+        theta = np.pi - theta  # mirrored pose: head left or right (wings stay on top)
+        mirror = True
+    else:
+        mirror = False
+    cy = h / 2 + rng.uniform(-0.05, 0.05) * h
+    cx = w / 2 + rng.uniform(-0.05, 0.05) * w
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     c, s = np.cos(theta), np.sin(theta)
     u = ((xx - cx) * c + (yy - cy) * s) / scale  # object frame
     v = (-(xx - cx) * s + (yy - cy) * c) / scale
+    if mirror:
+        v = -v
     body_col = _PALETTE[rng.integers(len(_PALETTE))] * rng.uniform(0.8, 1.1)
-    dark = np.clip(255 - body_col, 20, 235) * 0.6
+    # parts contrast with the body whatever its colour: dark on light bodies, light on dark
+    lum = float(body_col @ np.array([0.299, 0.587, 0.114]))
+    dark = np.array([30.0, 30.0, 45.0]) if lum > 120 else np.array([235.0, 230.0, 200.0])
     body = (u / 1.0) ** 2 + (v / 0.45) ** 2 < 1
     head = (u - 1.05) ** 2 + v ** 2 < 0.3 ** 2
     tail = (u < -0.85) & (u > -1.45) & (np.abs(v) < 0.12 + 0.35 * (-0.85 - u))

@@ -192,7 +192,8 @@ def _homography(rng: np.random.Generator, kind: str, H: int, W: int,
     rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
     scale = np.diag([1 / zoom, 1 / zoom, 1.0])
     persp = np.array([[1, 0, 0], [0, 1, 0], [px, py, 1]])
-    cu, cv = centre[0] + rng.uniform(-1, 1) * p["shift"], centre[1] + rng.uniform(-1, 1) * p["shift"]
+    cu = centre[0] + rng.uniform(-1, 1) * p["shift"]
+    cv = centre[1] + rng.uniform(-1, 1) * p["shift"]
     to_world = np.array([[1, 0, cu], [0, 1, cv], [0, 0, 1]])
     return to_world @ persp @ rot @ scale @ to_unit
 

@@ -140,6 +140,12 @@ def vit_base_r50_s16_224(**kwargs) -> Classifier:
 
 
 @register_model
+def vit_tiny_r_s16_p8_224(**kwargs) -> Classifier:
+    """R+ViT-Ti hybrid: a ResNet stem (stride 4) under a ViT-Ti; the small demo ViT."""
+    return _create_classifier("vit_tiny_r_s16_p8_224", **kwargs)
+
+
+@register_model
 def resnet18(**kwargs) -> Classifier:
     return _create_classifier("resnet18", **kwargs)
 

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
+from torch.utils.checkpoint import checkpoint
 
 from ..losses.arcface import ArcFaceHead
 from .registry import register_model
@@ -327,8 +328,9 @@ class DALG(nn.Module):
             (B, _, C), (h, w) = x.shape, bb.patch_embed.grid_size
         x = bb.norm_pre(bb.patch_drop(bb._pos_embed(x)))  # (B, P + h*w, C), P prefix tokens
         mid = None
+        ckpt = bb.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(bb.blocks):
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
             if i == self.local_block:
                 mid = x
         x = bb.norm(x)
@@ -356,8 +358,21 @@ class DALG(nn.Module):
             out["losses"] = {"arcface": loss}
             with torch.no_grad():
                 acc = (logits.argmax(1) == targets).float().mean()
-            out["logs"] = {"arcface": loss.detach(), "train_acc": acc}
+            out["logs"] = {"arcface": loss.detach(), "acc": acc}
         return out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone blocks in the backward pass (memory for 512 px ViT-B)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names exempt from weight decay (timm convention: the backbone's position
+        embedding and class token, Swin's relative position bias table)."""
+        own = dict(self.named_parameters())
+        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()} & set(own)
+        if self.local_block is not None:
+            names.add("window_block.attn.relative_position_bias_table")
+        return names
 
     @torch.no_grad()
     def explain(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

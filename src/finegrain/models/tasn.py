@@ -544,8 +544,18 @@ class TASN(nn.Module):
         Returns:
             ``structure`` and ``detail``: (B, H, W) maps in [0, 1] (per-image min-max of the
             maps the sampler uses); ``structure_image`` and ``detail_image``:
-            (B, 3, h_s, w_s) sampled images, in the input normalisation.
+            (B, 3, h_s, w_s) sampled images, in the input normalisation. Runs in eval mode
+            (BatchNorm statistics untouched) and restores the previous mode.
         """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._explain(images, channel, seed)
+        finally:
+            self.train(was_training)
+
+    def _explain(self, images: torch.Tensor, channel: int | None,
+                 seed: int) -> dict[str, torch.Tensor]:
         maps, _ = self.attention_maps(images)  # (B, c, h, w)
         structure = self.structure_attention(maps, images)  # (B, H, W)
         if channel is None:

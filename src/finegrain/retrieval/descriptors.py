@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["Descriptors", "DescriptorMismatch", "save_descriptors", "load_descriptors",
-           "checkpoint_hash", "check_compatible", "descriptor_paths", "COMPARED_PREPROCESSING"]
+           "checkpoint_hash", "check_compatible", "descriptor_paths", "signature",
+           "COMPARED_PREPROCESSING"]
 
 FORMAT = "finegrain-descriptors"
 VERSION = 1
