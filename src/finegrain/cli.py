@@ -21,7 +21,8 @@ log = logging.getLogger("finegrain")
 def _eval_transform(meta: dict):
     from .data.transforms import build_transform
     return build_transform(meta.get("task", "classification"), False, meta["img_size"],
-                           meta.get("resize_size"), tuple(meta["mean"]), tuple(meta["std"]))
+                           meta.get("resize_size"), tuple(meta["mean"]), tuple(meta["std"]),
+                           resize_mode=meta.get("resize_mode", "square"))
 
 
 def _load_images(paths: list[str], meta: dict):
@@ -74,6 +75,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     module.set_data_meta(meta)
     data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
             "resize_size": meta.get("resize_size"), "mean": tuple(meta["mean"]),
+            "resize_mode": meta.get("resize_mode", "square"),
             "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64,
             "dataset_kwargs": meta.get("dataset_kwargs")}
     data.update(overrides or {})
@@ -163,7 +165,7 @@ def _cmd_data(a) -> int:
 
 def _cmd_demo(a) -> int:
     from .demo import run_demo
-    run_demo(seeds=a.seeds, out=a.out, only=a.only)
+    run_demo(seeds=a.seeds, out=a.out, only=a.only, jobs=a.jobs)
     return 0
 
 
@@ -199,7 +201,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     dm = sub.add_parser("demo", help="every method vs its baseline on generated data (CPU)")
     dm.add_argument("--seeds", type=int, default=1)
     dm.add_argument("--out", default="runs/demo")
-    dm.add_argument("--only", nargs="*", help="run only these demo entries")
+    dm.add_argument("--only", nargs="*", help="run only these entries (fgvc reid tasn dml dalg)")
+    dm.add_argument("--jobs", type=int, default=2, help="training runs in parallel (1 thread "
+                                                         "each)")
     try:
         from .retrieval.commands import register
     except ModuleNotFoundError as err:  # retrieval pipeline not installed in this build
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"predict": _cmd_predict, "explain": _cmd_explain, "data": _cmd_data,
                    "demo": _cmd_demo}.get(a.command)
         return handler(a) if handler else a.func(a)
-    except (DatasetError, FileNotFoundError, KeyError, ValueError) as e:
+    except (DatasetError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

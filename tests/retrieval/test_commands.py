@@ -66,8 +66,10 @@ def test_embed_writes_descriptors_of_the_checkpoint(setup, capsys):
     ds = build_dataset("synthetic_landmarks", root, "gallery",
                        transform=retrieval_transform(64, (0.5,) * 3, (0.5,) * 3))
     np.testing.assert_allclose(d.vectors, extract(model.eval(), ds, progress=False), atol=1e-5)
+    # without --image-size: the checkpoint's training size (meta img_size 64)
     assert main(["embed", ck, "--dataset", "synthetic_landmarks", "--root", root, "--split",
-                 "query", "--out", str(tmp / "q"), "--image-size", "64"]) == 0
+                 "query", "--out", str(tmp / "q")]) == 0
+    assert load_descriptors(tmp / "q").meta["preprocessing"]["image_size"] == 64
 
 
 def test_index_build_search_add_remove(setup, capsys):
@@ -113,7 +115,7 @@ def test_retrieval_eval_command(setup, capsys):
                  "--image-size", "64", "--out", str(out), "--picture", "none", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed) == {"easy", "medium", "hard"}
-    assert json.loads((out / "metrics.json").read_text())["metrics"] == printed
+    assert json.loads((out / "retrieval.json").read_text())["metrics"] == printed
     # the lead's CLI dispatches to the same commands and reports errors with exit code 2
     cli = pytest.importorskip("finegrain.cli")
     assert cli.main(["retrieval", "eval", "--dataset", "synthetic_landmarks", "--root", root,

@@ -9,7 +9,7 @@ from finegrain import create_model
 from finegrain.data import build_dataset
 from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmarks
 from finegrain.retrieval.extract import (embed_dataset, extract, model_mean_std,
-                                         retrieval_transform, sample_names)
+                                         resolve_image_size, retrieval_transform, sample_names)
 
 SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=1, easy_per_landmark=2,
                         hard_per_landmark=2, junk_per_landmark=1, num_distractors=4,
@@ -82,3 +82,10 @@ def test_model_without_embedding_is_refused(root):
                        transform=retrieval_transform(32, (0.5,) * 3, (0.5,) * 3))
     with pytest.raises(ValueError, match="no 'embedding'"):
         extract(clf, ds, progress=False)
+
+
+def test_image_size_defaults_to_the_training_size():
+    assert resolve_image_size(300, {"img_size": 64}) == 300
+    assert resolve_image_size(None, {"img_size": 64}) == 64
+    assert resolve_image_size(None, {"img_size": [256, 128]}) == 256
+    assert resolve_image_size(None, None) == 512

@@ -58,7 +58,7 @@ def test_end_to_end_tiny_model(root, tmp_path):
     assert set(metrics) == {"easy", "medium", "hard"}
     for m in metrics.values():
         assert set(m) == KEYS and all(0.0 <= v <= 1.0 for v in m.values())
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / "retrieval.json").read_text())
     assert report["metrics"] == metrics and report["num_queries"] == 6
     assert report["model_name"] == "dalg_deit_tiny_patch16_224"
     assert report["preprocessing"]["image_size"] == 64
@@ -95,7 +95,7 @@ def test_distractors_appended_and_checked(root, tmp_path):
     m = retrieval_eval(None, "synthetic_landmarks", root, distractors=str(tmp_path / "r1m"),
                        query_descriptors=qn, gallery_descriptors=gn, out=str(tmp_path / "d"))
     assert m["medium"]["mAP"] == pytest.approx(1.0)
-    rep = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    rep = json.loads((tmp_path / "d" / "retrieval.json").read_text())
     assert rep["num_distractors"] == 30
     save_descriptors(tmp_path / "bad", dis, [f"d{i}" for i in range(30)], model_name="other",
                      checkpoint_hash="gt", preprocessing=PRE)

@@ -60,12 +60,12 @@ def _clutter(rng: np.random.Generator, h: int, w: int, base: np.ndarray) -> np.n
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = base[None, None, :] * (0.7 + 0.3 * (yy / h))[..., None]
     img = img + rng.normal(0, 6, (h, w, 3))
-    for _ in range(rng.integers(3, 7)):
+    for _ in range(rng.integers(2, 5)):
         cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(2, max(h, w) / 6)
         col = rng.uniform(40, 220, 3)
         m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
         img[m] = 0.5 * img[m] + 0.5 * col
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(0, 3)):
         a, c = rng.uniform(-1, 1), rng.uniform(0, w)
         m = np.abs(xx - (a * yy + c)) < 1.0
         img[m] = rng.uniform(40, 220, 3)
@@ -74,7 +74,8 @@ def _clutter(rng: np.random.Generator, h: int, w: int, base: np.ndarray) -> np.n
 
 def render(parts: tuple[int, int, int], rng: np.random.Generator, size: tuple[int, int] = (96, 96),
            cast: np.ndarray | None = None, bg: np.ndarray | None = None,
-           vertical: bool = False) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+           vertical: bool = False, body_colour: np.ndarray | None = None
+           ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Draw one object with the given parts; returns (H, W, 3) uint8 and its bbox (x1,y1,x2,y2).
 
     Object frame: body ellipse centred at 0 with semi-axes (1, 0.45); head at u = +1.05;
@@ -98,7 +99,8 @@ def render(parts: tuple[int, int, int], rng: np.random.Generator, size: tuple[in
     v = (-(xx - cx) * s + (yy - cy) * c) / scale
     if mirror:
         v = -v
-    body_col = _PALETTE[rng.integers(len(_PALETTE))] * rng.uniform(0.8, 1.1)
+    body_col = (_PALETTE[rng.integers(len(_PALETTE))] if body_colour is None else body_colour) * \
+        rng.uniform(0.8, 1.1)
     # parts contrast with the body whatever its colour: dark on light bodies, light on dark
     lum = float(body_col @ np.array([0.299, 0.587, 0.114]))
     dark = np.array([30.0, 30.0, 45.0]) if lum > 120 else np.array([235.0, 230.0, 200.0])
@@ -216,7 +218,8 @@ def generate_cub(root: str | None = None, cfg: FGVCConfig = FGVCConfig(),
 def generate_market(root: str | None = None, cfg: ReIDConfig = ReIDConfig()) -> str:
     """Write a Market-1501 tree (cached); returns its folder (``.../Market-1501-v15.09.15``).
 
-    Identities are part combinations (plus a fixed body colour per identity, as clothing);
+    Identities are part combinations plus a body colour (as clothing) shared by every eighth
+    identity, so identities of one colour differ only in their parts;
     each camera has its own background tone and colour cast. Test identities: for each
     camera, the first image goes to ``query/`` and the rest to ``bounding_box_test/``; a
     few distractors (pid 0000) and junk (pid -1) images are added to the gallery.
@@ -236,7 +239,8 @@ def generate_market(root: str | None = None, cfg: ReIDConfig = ReIDConfig()) -> 
         for cam in range(cfg.num_cameras):
             for k in range(cfg.images_per_camera):
                 rng = np.random.default_rng([cfg.seed, pid, cam, k])
-                img, _ = render(parts, rng, size, cast=casts[cam], bg=bgs[cam], vertical=True)
+                img, _ = render(parts, rng, size, cast=casts[cam], bg=bgs[cam], vertical=True,
+                                body_colour=_PALETTE[pid % len(_PALETTE)])
                 name = f"{pid:04d}_c{cam + 1}s1_{k * 25 + 1:06d}_{k:02d}.jpg"
                 sub = "bounding_box_train" if train else ("query" if k == 0 else
                                                           "bounding_box_test")

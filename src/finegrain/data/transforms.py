@@ -38,7 +38,8 @@ class LongestSide(torch.nn.Module):
 def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
                     resize_size: int | tuple[int, int] | None = None,
                     mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                    random_erasing: float | None = None, color_jitter: float = 0.0) -> v2.Compose:
+                    random_erasing: float | None = None, color_jitter: float = 0.0,
+                    rotation: float = 0.0, resize_mode: str = "square") -> v2.Compose:
     """The transform of ``task`` (classification | reid | retrieval | dml) for train or eval.
 
     Args:
@@ -50,6 +51,10 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
         mean, std: normalisation (the backbone's).
         random_erasing: probability (Re-ID default 0.5; 0 turns it off).
         color_jitter: brightness / contrast / saturation strength (0 = off).
+        rotation: training random rotation range in degrees (TASN: 30; 0 = off).
+        resize_mode: classification: ``square`` resizes to ``resize_size`` x ``resize_size``
+            (TransFG / DCAL), ``shorter`` resizes the shorter side and keeps the aspect ratio
+            (TASN). DML always resizes the shorter side.
     """
     H, W = _size(img_size)
     ops: list = []
@@ -62,15 +67,20 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
     else:
         rs = _size(resize_size) if resize_size is not None else \
             (round(H * 256 / 224), round(W * 256 / 224))
+        if isinstance(resize_size, int) and (task == "dml" or resize_mode == "shorter"):
+            rs = resize_size  # an int: torchvision resizes the shorter side
         if train and resize_size is None:
-            ops = [v2.RandomResizedCrop((H, W), antialias=True), v2.RandomHorizontalFlip()]
+            # landmarks: keep at least a quarter of the image, or the building is often gone
+            scale = (0.25, 1.0) if task == "retrieval" else (0.08, 1.0)
+            ops = [v2.RandomResizedCrop((H, W), scale=scale, antialias=True),
+                   v2.RandomHorizontalFlip()]
         elif train:
             ops = [v2.Resize(rs, antialias=True), v2.RandomCrop((H, W)),
                    v2.RandomHorizontalFlip()]
-        elif task == "dml" and resize_size is not None and isinstance(resize_size, int):
-            ops = [v2.Resize(resize_size, antialias=True), v2.CenterCrop((H, W))]  # shorter side
         else:
             ops = [v2.Resize(rs, antialias=True), v2.CenterCrop((H, W))]
+    if train and rotation > 0:
+        ops.insert(1 if task != "reid" else 2, v2.RandomRotation(rotation))
     if train and color_jitter > 0:
         ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]

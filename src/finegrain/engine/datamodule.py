@@ -63,6 +63,8 @@ class FinegrainDataModule(pl.LightningDataModule):
         std: normalisation std.
         random_erasing: probability (None: 0.5 for Re-ID, 0 otherwise).
         color_jitter: colour jitter strength for training (0 = off).
+        rotation: training random rotation in degrees (0 = off).
+        resize_mode: ``square`` or ``shorter`` (keep the aspect ratio) for ``resize_size``.
         on_error: ``raise`` on a corrupt / missing image (names it) or ``skip`` and count it.
         seed: seed of the sample order and the augmentations.
         dataset_kwargs: extra reader arguments (e.g. ``config`` of a ``synthetic_*`` set,
@@ -77,6 +79,7 @@ class FinegrainDataModule(pl.LightningDataModule):
                  mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD,
                  random_erasing: float | None = None, color_jitter: float = 0.0,
+                 rotation: float = 0.0, resize_mode: str = "square",
                  on_error: str = "raise", seed: int = 0,
                  dataset_kwargs: dict[str, Any] | None = None):
         super().__init__()
@@ -91,7 +94,8 @@ class FinegrainDataModule(pl.LightningDataModule):
     def _build(self, split: str, train: bool):
         hp = self.hparams
         tf = build_transform(self.task, train, hp.img_size, hp.resize_size, tuple(hp.mean),
-                             tuple(hp.std), hp.random_erasing, hp.color_jitter)
+                             tuple(hp.std), hp.random_erasing, hp.color_jitter,
+                             hp.rotation if train else 0.0, hp.resize_mode)
         return build_dataset(hp.dataset, hp.root, split, transform=tf, on_error=hp.on_error,
                              **(hp.dataset_kwargs or {}))
 
@@ -110,14 +114,13 @@ class FinegrainDataModule(pl.LightningDataModule):
     def val_set(self):
         if self._val is None:
             split = self.hparams.val_split
-            if split == "none":
-                return None
-            if self.task == "reid" and split is None:
+            if split == "none" or (split is None and self.task == "retrieval"):
+                return None  # retrieval is evaluated by `finegrain retrieval eval`
+            cls = get_dataset_class(self.hparams.dataset)
+            if split is None and self.task in ("reid", "dml") and "query" in cls.splits:
                 q, g = self._build("query", False), self._build("gallery", False)
                 self._num_query = len(q)
                 self._val = ConcatDataset([q, g])
-            elif self.task == "retrieval" and split is None:
-                return None
             else:
                 self._val = self._build(split or "test", False)
         return self._val
@@ -127,7 +130,8 @@ class FinegrainDataModule(pl.LightningDataModule):
         hp = self.hparams
         return {"dataset": hp.dataset, "dataset_kwargs": dict(hp.dataset_kwargs or {}),
                 "task": self.task, "class_names": list(self.train_set.classes),
-                "img_size": hp.img_size, "resize_size": hp.resize_size, "mean": list(hp.mean),
+                "img_size": hp.img_size, "resize_size": hp.resize_size,
+                "resize_mode": hp.resize_mode, "mean": list(hp.mean),
                 "std": list(hp.std), "num_query": self._num_query}
 
     # ---- loaders ----------------------------------------------------------------------

@@ -47,6 +47,8 @@ class FinegrainModule(pl.LightningModule):
         milestones: epochs of the step schedule.
         gamma: factor of the step schedule.
         max_grad_norm: clip the gradient norm (None: off).
+        head_lr_mult: learning-rate factor of every parameter outside ``model.backbone``
+            (new heads, attention modules, proxies; DML practice trains them faster).
         nonfinite: ``raise`` stops with the step and term that went NaN / inf (the last
             checkpoint stays intact); ``skip`` skips that step and counts it.
     """
@@ -57,7 +59,8 @@ class FinegrainModule(pl.LightningModule):
                  nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
                  scheduler: str = "cosine", warmup_epochs: float = 0.0, min_lr: float = 0.0,
                  milestones: list[int] | None = None, gamma: float = 0.1,
-                 max_grad_norm: float | None = None, nonfinite: str = "raise"):
+                 max_grad_norm: float | None = None, head_lr_mult: float = 1.0,
+                 nonfinite: str = "raise"):
         super().__init__()
         self.save_hyperparameters()
         kwargs = dict(model_kwargs or {})
@@ -66,7 +69,9 @@ class FinegrainModule(pl.LightningModule):
         self.model = create_model(model_name, pretrained=pretrained, **kwargs)
         # what a checkpoint needs to describe itself; stored beside (not in) the hparams,
         # which LightningCLI feeds back as arguments on resume
-        self.meta: dict[str, Any] = {"model_name": model_name, "model_kwargs": kwargs}
+        # (weight-file paths are not part of the model: a checkpoint must rebuild anywhere)
+        self.meta: dict[str, Any] = {"model_name": model_name, "model_kwargs": {
+            k: v for k, v in kwargs.items() if not k.endswith("pretrained")}}
         self._val_outputs: list[dict] = []
         self._rng_to_restore: torch.Tensor | None = None
         self.skipped_steps = 0
@@ -123,13 +128,15 @@ class FinegrainModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         skip = set(getattr(self.model, "no_weight_decay", lambda: set())())
-        decay, no_decay = [], []
+        groups: dict[tuple[bool, bool], list] = {}
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+            key = (p.ndim <= 1 or n in skip, not n.startswith("backbone."))
+            groups.setdefault(key, []).append(p)
+        groups = [{"params": ps, "weight_decay": 0.0 if no_wd else hp.weight_decay,
+                   "lr": hp.lr * (hp.head_lr_mult if head else 1.0)}
+                  for (no_wd, head), ps in sorted(groups.items())]
         if hp.optimizer == "adamw":
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         elif hp.optimizer == "sgd":
@@ -220,6 +227,10 @@ class FinegrainModule(pl.LightningModule):
         self.log("val/score", float(metrics[primary_metric(self.task)]), sync_dist=False)
 
 
+# Recall@K of each DML benchmark's protocol (protocols.md); others use CUB / Cars' 1, 2, 4, 8
+DML_KS = {"sop": (1, 10, 100, 1000), "inshop": (1, 10, 20, 30, 40, 50)}
+
+
 def primary_metric(task: str) -> str:
     """The metric that picks ``best.ckpt``."""
     return {"classification": "top1", "reid": "mAP", "dml": "R@1"}.get(task, "top1")
@@ -244,5 +255,10 @@ def compute_metrics(task: str, res: dict[str, np.ndarray], meta: dict) -> dict:
         return out
     if task == "dml":
         from ..evaluation.dml import evaluate
-        return evaluate(res["embedding"], res["label"], ks=(1, 2, 4, 8))
+        ks = DML_KS.get(meta.get("dataset"), (1, 2, 4, 8))
+        nq = int(meta.get("num_query") or 0)
+        if nq:  # In-Shop: queries search a separate gallery
+            e, y = res["embedding"], res["label"]
+            return evaluate(e[nq:], y[nq:], ks=ks, query=e[:nq], query_labels=y[:nq])
+        return evaluate(res["embedding"], res["label"], ks=ks)
     raise ValueError(f"no training-time evaluation for task {task!r}")

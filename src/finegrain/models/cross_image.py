@@ -36,7 +36,9 @@ Readings chosen where the paper is silent (all configurable):
    LayerNorms them itself; no position embedding (ResNet tokens carry none; ViT tokens already
    hold theirs). Every layer attends to all N tokens of image i ("hierarchy" = depth L).
 3. Layer: ``q = q + Proj(MHA(LN(q), LN(kv)))``, ``q = q + MLP(LN(q))`` (GELU MLP, ratio 4);
-   output ``c = L2norm(W_o LN(q))`` in the embedding space (E).
+   output ``c = L2norm(W_o LN(q))`` in the embedding space (E). The first layer's queries are
+   the same B vectors for every image i, so its LN and query projection run on B vectors,
+   not B^2 (exact).
 4. Pooling: ``avg`` for CNNs; ``token`` (the CLS token after the final norm) for ViTs, as in
    DINO / Hyp-ViT DML; ``max`` and ``avgmax`` (avg + max) are options.
 5. The diagonal s_ii is computed but never used (pml losses skip i = i pairs).
@@ -374,7 +376,8 @@ class CrossImageDML(nn.Module):
             maps[f"cross_attention_layer{layer}"] = _unit(a.float().mean(1)[:, 0]).reshape(B, h, w)
         maps["cross_attention"] = maps[f"cross_attention_layer{len(attns) - 1}"]
         _, attns_r = self.cross(self.patch_tokens(feats_p), z.unsqueeze(1), return_attn=True)
-        maps["cross_attention_reverse"] = _unit(attns_r[-1].float().mean(1)[:, 0]).reshape(B, hp, wp)
+        reverse = _unit(attns_r[-1].float().mean(1)[:, 0])  # (B, N')
+        maps["cross_attention_reverse"] = reverse.reshape(B, hp, wp)
         return maps
 
     @torch.no_grad()

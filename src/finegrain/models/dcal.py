@@ -632,3 +632,9 @@ def dcal_vit_base_patch16_224(**kwargs) -> DCAL:
 def dcal_vit_base_r50_s16_224(**kwargs) -> DCAL:
     """R50+ViT-B/16 hybrid (ResNet-50 stem + ViT-B, stride 16)."""
     return _create_dcal("vit_base_r50_s16_224", **kwargs)
+
+
+@register_model
+def dcal_vit_tiny_r_s16_p8_224(**kwargs) -> DCAL:
+    """R+ViT-Ti hybrid (ResNet stem + ViT-Ti); the demo's small DCAL."""
+    return _create_dcal("vit_tiny_r_s16_p8_224", **kwargs)

@@ -137,7 +137,7 @@ def cmd_retrieval_eval(a: argparse.Namespace) -> int:
     else:
         title = f"{a.dataset}" + (" +1M" if a.distractors else "") + " (%)"
         _out(format_table(metrics, title))
-        _out(f"-> {os.path.join(out, 'metrics.json')}")
+        _out(f"-> {os.path.join(out, 'retrieval.json')}")
     return 0
 
 
@@ -146,8 +146,9 @@ def _extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="resize factors, descriptors averaged then re-normalised "
                         "(default 1 = single scale; DOLG: 0.7071 1 1.4142)")
-    p.add_argument("--image-size", type=int, default=512,
-                   help="longest image side S (aspect ratio kept; default 512)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="longest image side S, aspect ratio kept (default: the checkpoint's "
+                        "training size, 512 for the GLDv2 recipes)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward among images of identical size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -214,7 +215,7 @@ def register(subparsers) -> None:
     ev.add_argument("--root", default=None, help="dataset root")
     ev.add_argument("--distractors", default=None, help="R1M distractor descriptor NAME")
     ev.add_argument("--out", default=None,
-                    help="folder for metrics.json, descriptors, top10.png "
+                    help="folder for retrieval.json, descriptors, top10.png "
                          "(default: beside the checkpoint, retrieval_<dataset>)")
     ev.add_argument("--aqe", action="store_true", help="alpha query expansion")
     ev.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")

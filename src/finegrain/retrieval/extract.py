@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
-           "sample_names", "retrieval_transform", "DEFAULT_IMAGE_SIZE"]
+           "resolve_image_size", "sample_names", "retrieval_transform", "DEFAULT_IMAGE_SIZE"]
 
 DEFAULT_IMAGE_SIZE = 512
 MULTI_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)  # DOLG / DELG 5-scale setting
@@ -43,6 +43,18 @@ def retrieval_transform(image_size: int, mean: Sequence[float], std: Sequence[fl
     """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == image_size``, normalised."""
     from ..data.transforms import build_transform
     return build_transform("retrieval", False, image_size, mean=tuple(mean), std=tuple(std))
+
+
+def resolve_image_size(image_size: int | None, meta: dict | None = None) -> int:
+    """The longest side S: ``image_size`` when given, else the checkpoint's training size
+    (``meta["img_size"]``, the larger side of a pair; the GLDv2 recipes train at 512), else
+    :data:`DEFAULT_IMAGE_SIZE` (512)."""
+    if image_size is not None:
+        return int(image_size)
+    size = (meta or {}).get("img_size")
+    if size is None:
+        return DEFAULT_IMAGE_SIZE
+    return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
 
 
 def model_mean_std(model: nn.Module, meta: dict | None = None
@@ -181,10 +193,12 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
 
 
 def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
-                  image_size: int = DEFAULT_IMAGE_SIZE, scales: Sequence[float] = (1.0,),
+                  image_size: int | None = None, scales: Sequence[float] = (1.0,),
                   meta: dict | None = None, **kwargs: Any
                   ) -> tuple[np.ndarray, list[str], list[int], dict, Any]:
     """Build ``dataset_name``/``split`` with the retrieval transform and extract it.
+
+    ``image_size`` None: :func:`resolve_image_size` (the checkpoint's training size).
 
     Returns:
         ``(vectors (N, D), names, labels, preprocessing, dataset)``; ``preprocessing`` is the
@@ -192,6 +206,7 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
     """
     from ..data import build_dataset
     mean, std = model_mean_std(model, meta)
+    image_size = resolve_image_size(image_size, meta)
     ds = build_dataset(dataset_name, root, split,
                        transform=retrieval_transform(image_size, mean, std))
     vectors = extract(model, ds, scales=scales, desc=f"{dataset_name}/{split}", **kwargs)

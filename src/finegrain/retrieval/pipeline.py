@@ -11,7 +11,8 @@
 4. rank the whole database exactly (:func:`finegrain.retrieval.search.knn`), optionally with
    alpha-QE and / or k-reciprocal re-ranking of the top ``rerank_k`` (:mod:`.postprocess`);
 5. score Easy / Medium / Hard mAP and mP@1, 5, 10 (:func:`finegrain.evaluation.revisited.evaluate`);
-6. with ``out``: write ``metrics.json``, the descriptors (``query`` / ``gallery`` ``.npy`` +
+6. with ``out``: write ``retrieval.json`` (not ``metrics.json``: ``out`` may be a run folder),
+   the descriptors (``query`` / ``gallery`` ``.npy`` +
    ``.json``) and ``top10.png``: a few queries (the best / worst by AP, or the first ones)
    with their top-10, framed green (positive), red (negative) or grey (junk) in the chosen
    setting.
@@ -158,7 +159,7 @@ def _select(aps: np.ndarray, how: str, n: int) -> list[int]:
 
 def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
                    distractors: str | None = None, scales: Sequence[float] = (1.0,),
-                   image_size: int = 512, out: str | None = None, aqe: bool = False,
+                   image_size: int | None = None, out: str | None = None, aqe: bool = False,
                    aqe_n: int = 10, aqe_alpha: float = 3.0, rerank: bool = False,
                    rerank_k: int = 100,
                    picture: Literal["best", "worst", "first", "none"] = "worst",
@@ -176,8 +177,9 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         root: dataset root (for ``synthetic_landmarks``: its cache folder, ``None`` default).
         distractors: ``NAME`` of R1M distractor descriptors (same checkpoint, preprocessing).
         scales: extraction scales (``(1.0,)``: DALG's single scale).
-        image_size: longest side S.
-        out: folder for ``metrics.json``, descriptors and ``top10.png`` (None: nothing written).
+        image_size: longest side S (None: the checkpoint's training size ``meta["img_size"]``,
+            512 for the GLDv2 recipes; 512 when unknown).
+        out: folder for ``retrieval.json``, descriptors and ``top10.png`` (None: nothing written).
         aqe, aqe_n, aqe_alpha: alpha query expansion.
         rerank, rerank_k: k-reciprocal re-ranking of the top ``rerank_k``.
         picture: which queries to draw (by AP in ``picture_setting``); ``"none"``: no picture.
@@ -270,6 +272,6 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
             report["picture"] = plot_top_k(os.path.join(out, "top10.png"), qds, gds, ranks, gnd,
                                            chosen, aps, picture_setting, 10, len(gv))
             report["picture_queries"] = chosen
-        with open(os.path.join(out, "metrics.json"), "w") as f:
+        with open(os.path.join(out, "retrieval.json"), "w") as f:
             json.dump(report, f, indent=1)
     return metrics
