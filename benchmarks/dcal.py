@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,33 +26,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, matmul_peak, mean_std  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 
 PAPER_TRAIN_RATIO = 3.8 / 2.1
 PAPER_INFER_FLOPS = "+2-3%"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def matmul_peak(n: int = 2048, iters: int = 5) -> float:
-    """GFLOP/s of an (n x n) @ (n x n) fp32 matmul, best of ``iters``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(iters):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def build(name: str, dcal: bool, args) -> torch.nn.Module:
@@ -87,10 +64,6 @@ def timed_interleaved(fns: dict, warmup: int, iters: int) -> dict[str, dict[str,
             times[k]["cpu"].append(time.process_time() - c)
             times[k]["wall"].append(time.perf_counter() - t)
     return times
-
-
-def mean_std(x: list[float]) -> tuple[float, float]:
-    return statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0
 
 
 def flops(fn) -> int:
@@ -163,9 +136,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     peak = matmul_peak()
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
-               "torch": torch.__version__, "python": platform.python_version(),
-               "matmul_peak_gflops": round(peak, 1)}
+    machine = machine_info("cpu", "cores", "threads", "torch", "python", "matmul_peak_gflops",
+                           threads=args.threads, matmul_peak_gflops=round(peak, 1))
     print(f"machine: {machine['cpu']}, {machine['cores']} cores ({args.threads} threads), "
           f"torch {torch.__version__}, matmul peak {peak:.1f} GFLOP/s")
     print(f"model: {args.model} vs its baseline twin, batch {args.batch}, "

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,49 +39,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, matmul_peak, mean_std, timed  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 from finegrain.models.cross_image import conditional_rerank  # noqa: E402
 
 BACKBONES = {"resnet50": "cross_image_resnet50",
              "vit_small": "cross_image_vit_small_patch16_224"}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def matmul_peak(n: int = 2048, iters: int = 5) -> float:
-    """GFLOP/s of an (n x n) @ (n x n) fp32 matmul, best of ``iters``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(iters):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
-def timed(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def pk_labels(batch: int, per_class: int = 2) -> torch.Tensor:
@@ -366,17 +328,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    import pytorch_metric_learning
-    import timm
     peak = matmul_peak()
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
-               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-               "torch": torch.__version__, "timm": timm.__version__,
-               "pytorch_metric_learning": pytorch_metric_learning.__version__,
-               "python": platform.python_version(), "matmul_peak_gflops": round(peak, 1)}
+    machine = machine_info("cpu", "cores", "threads", "cuda", "torch", "timm",
+                           "pytorch_metric_learning", "python", "matmul_peak_gflops",
+                           threads=args.threads, matmul_peak_gflops=round(peak, 1))
     print(f"machine: {machine['cpu']}, {machine['cores']} cores ({args.threads} threads), "
-          f"torch {torch.__version__}, timm {timm.__version__}, pml "
-          f"{pytorch_metric_learning.__version__}, matmul peak {peak:.1f} GFLOP/s")
+          f"torch {machine['torch']}, timm {machine['timm']}, pml "
+          f"{machine['pytorch_metric_learning']}, matmul peak {peak:.1f} GFLOP/s")
 
     # each part records its own machine and arguments; parts not run now keep earlier results
     result = {}

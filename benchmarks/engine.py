@@ -33,9 +33,7 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -48,8 +46,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-import lightning  # noqa: E402
-import timm  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, matmul_rates, mean_std  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from finegrain.data.samplers import RandomBatchSampler, SeededDataset  # noqa: E402
@@ -62,32 +60,10 @@ NUM_CLASSES = 4
 LR, WEIGHT_DECAY = 5e-4, 0.05  # FinegrainModule defaults
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mean_std(x: list[float]) -> tuple[float, float]:
-    return statistics.mean(x), (statistics.stdev(x) if len(x) > 1 else 0.0)
-
-
-def matmul_peak(n: int, dtype: torch.dtype, iters: int = 5) -> dict:
+def matmul_stats(n: int, dtype: torch.dtype, iters: int = 5) -> dict:
     """GFLOP per CPU-second (and per wall second) of (n x n) @ (n x n) in ``dtype``: best of
     ``iters`` (the peak), mean and std; one warm-up."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    cpu, wall = [], []
-    for _ in range(iters):
-        t, c = time.perf_counter(), time.process_time()
-        a @ b
-        cpu.append(2 * n ** 3 / max(time.process_time() - c, 1e-9) / 1e9)
-        wall.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    wall, cpu = matmul_rates(n, dtype, iters)
     m, s = mean_std(cpu)
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "peak_gflops": max(cpu),
             "mean_gflops": m, "std_gflops": s, "peak_gflops_wall": max(wall)}
@@ -325,19 +301,17 @@ def main() -> None:
     logging.getLogger("finegrain").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__, "timm": timm.__version__,
-               "lightning": lightning.__version__, "python": platform.python_version(),
-               "load_avg": os.getloadavg()}
+    machine = machine_info("cpu", "cores", "torch_threads", "torch", "timm", "lightning",
+                           "python", "load_avg")
     print(f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch "
-          f"threads), load avg {machine['load_avg'][0]:.1f}; torch {torch.__version__}, "
-          f"timm {timm.__version__}, lightning {lightning.__version__}")
+          f"threads), load avg {machine['load_avg'][0]:.1f}; torch {machine['torch']}, "
+          f"timm {machine['timm']}, lightning {machine['lightning']}")
     print(f"models {args.models} at {args.img_size} px, batch {args.batch}, {args.warmup} "
           f"warm-up + {args.steps} timed steps (bare loop: before and after the engine)")
 
-    peaks = {"float32": matmul_peak(args.matmul_n, torch.float32)}
+    peaks = {"float32": matmul_stats(args.matmul_n, torch.float32)}
     if not args.no_bf16:
-        peaks["bfloat16"] = matmul_peak(args.matmul_n, torch.bfloat16)
+        peaks["bfloat16"] = matmul_stats(args.matmul_n, torch.bfloat16)
 
     own_cache = args.cache is None
     cache = args.cache or tempfile.mkdtemp(prefix="finegrain-bench-")

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import threading
 import time
@@ -44,7 +42,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import machine_info, mean_std, timed  # noqa: E402
 from finegrain.evaluation import dml, reid, revisited  # noqa: E402
 
 FULL = {
@@ -90,54 +90,25 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 def timeit(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
     """Mean and std of ``repeats`` timed runs after one dropped warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return _stats(times)
+    return _stats(timed(fn, 1, repeats))
 
 
 def _stats(times: list[float]) -> dict[str, float]:
-    return {
-        "mean_s": statistics.mean(times),
-        "std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "runs": len(times),
-    }
+    mean, std = mean_std(times)
+    return {"mean_s": mean, "std_s": std, "runs": len(times)}
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import faiss
-    import pytorch_metric_learning
-
-    return {
-        "cpu": cpu,
-        "cpu_flags_avx512": (
+    return machine_info(
+        "cpu", "cpu_flags_avx512", "load_average_1min", "cores_visible", "torch_threads",
+        "faiss_threads", "python", "numpy", "torch", "faiss", "pytorch_metric_learning",
+        cpu_flags_avx512=(
             "avx512f" in Path("/proc/cpuinfo").read_text()
             if Path("/proc/cpuinfo").exists()
             else None
         ),
-        "load_average_1min": os.getloadavg()[0],
-        "cores_visible": (
-            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        ),
-        "torch_threads": torch.get_num_threads(),
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-    }
+        load_average_1min=os.getloadavg()[0],
+    )
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -26,8 +26,6 @@ import gc
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,24 +37,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, mean_std  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 from finegrain.retrieval.extract import MULTI_SCALES, extract  # noqa: E402
 from finegrain.retrieval.search import build_index, knn  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mean_std(x: list[float]) -> tuple[float, float]:
-    return statistics.mean(x), (statistics.stdev(x) if len(x) > 1 else 0.0)
 
 
 # --------------------------------------------------------------------------- extraction
@@ -317,11 +302,8 @@ def main() -> None:
     args.extract_repeats = args.extract_repeats or (1 if args.quick else 3)
     out_path = args.out or str(Path(__file__).parent / "results" /
                                ("retrieval_quick.json" if args.quick else "retrieval.json"))
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads":
-               torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-               "python": platform.python_version(), "torch": torch.__version__,
-               "faiss": faiss.__version__, "numpy": np.__version__,
-               "timm": __import__("timm").__version__}
+    machine = machine_info("cpu", "cores", "torch_threads", "faiss_threads", "python", "torch",
+                           "faiss", "numpy", "timm")
     print("machine:", json.dumps(machine), flush=True)
     res: dict = {"machine": machine, "args": vars(args)}
     if not args.skip_extraction:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,18 +24,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, mean_std  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 from finegrain.models.tasn import attention_sample  # noqa: E402
 
 
 def machine(device: str) -> dict:
-    cpu = platform.processor() or "unknown"
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": device}
+    info = machine_info("cpu", "cores", "torch_threads", "torch", "python", "device",
+                        device=device)
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -56,7 +50,7 @@ def timeit(fn, device: str, warmup: int, iters: int) -> tuple[float, float]:
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.mean(times), (statistics.stdev(times) if len(times) > 1 else 0.0)
+    return mean_std(times)
 
 
 def forward_flops(model: torch.nn.Module, x: torch.Tensor, **kw) -> int:

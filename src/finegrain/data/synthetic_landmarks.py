@@ -39,19 +39,17 @@ set goes to its own sub-folder.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .datasets._parsing import read_rows, to_int
 from .datasets.base import DatasetError, Sample, check_file
 from .datasets.revisited import _Revisited
 from .registry import register_dataset
+from .synthetic import _done, _folder, _stamp, _write_jpeg
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "finegrain",
                              "synthetic_landmarks")
@@ -272,17 +270,6 @@ def render_view(sc: Scene, kind: str, rng: np.random.Generator, cfg: LandmarksCo
     return img, bbx, visible
 
 
-def _write_jpeg(path: str, img: np.ndarray) -> None:
-    from torchvision.io import write_jpeg
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_jpeg(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), path, quality=92)
-
-
-def _folder(root: str | None, cfg: LandmarksConfig) -> str:
-    tag = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return os.path.join(root or DEFAULT_CACHE, f"landmarks-{tag}")
-
-
 def generate_landmarks(root: str | None = None, cfg: LandmarksConfig = LandmarksConfig()) -> str:
     """Write the tree (cached) and return its folder (see the module docstring).
 
@@ -290,8 +277,8 @@ def generate_landmarks(root: str | None = None, cfg: LandmarksConfig = Landmarks
     """
     if root is not None and os.path.isfile(os.path.join(root, GND_NAME)):
         return root
-    folder = _folder(root, cfg)
-    if os.path.isfile(os.path.join(folder, ".complete")):
+    folder = _folder(root or DEFAULT_CACHE, "landmarks", cfg)
+    if _done(folder):
         return folder
     os.makedirs(os.path.join(folder, "jpg"), exist_ok=True)
     L = cfg.num_landmarks
@@ -342,8 +329,7 @@ def generate_landmarks(root: str | None = None, cfg: LandmarksConfig = Landmarks
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(folder, GND_NAME), "wb") as f:
         pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": qgnd}, f)
-    with open(os.path.join(folder, ".complete"), "w") as f:
-        json.dump(asdict(cfg), f)
+    _stamp(folder, cfg)
     return folder
 
 

@@ -140,18 +140,17 @@ class FinegrainCLI(LightningCLI):
     def before_fit(self):
         self.datamodule.val_set  # noqa: B018  (builds it: the meta records its query count)
         self.model.set_data_meta(self.datamodule.meta())
-        old_path = os.path.join(self.run_dir, "config.yaml")
-        if self.resuming and os.path.isfile(old_path):
-            with open(old_path) as f:
-                old = yaml.safe_load(f) or {}
-            new = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False)) or {}
-            diff = changed_keys(old, new)
+        path = os.path.join(self.run_dir, "config.yaml")
+        resolved = self._parser("fit").dump(self.config["fit"], skip_none=False)
+        if self.resuming and os.path.isfile(path):
+            with open(path) as f:
+                diff = changed_keys(yaml.safe_load(f) or {}, yaml.safe_load(resolved) or {})
             if diff:
                 warnings.warn(f"resuming {self.run_dir} with a changed config: "
                               f"{', '.join(diff)}", stacklevel=1)
         if self.trainer.is_global_zero:  # the resolved config, whatever the loggers
-            with open(old_path, "w") as f:
-                f.write(self._parser("fit").dump(self.config["fit"], skip_none=False))
+            with open(path, "w") as f:
+                f.write(resolved)
 
 
 def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
