@@ -20,7 +20,10 @@ log = logging.getLogger("finegrain")
 # ---- predict ----------------------------------------------------------------------------
 def _eval_transform(meta: dict):
     from .data.transforms import build_transform
-    return build_transform(meta.get("task", "classification"), False, meta["img_size"],
+    task = meta.get("task", "classification")
+    if task == "retrieval":  # a batch of pictures: a plain resize, not the longest side
+        task = "reid"
+    return build_transform(task, False, meta["img_size"],
                            meta.get("resize_size"), tuple(meta["mean"]), tuple(meta["std"]),
                            resize_mode=meta.get("resize_mode", "square"))
 
@@ -131,7 +134,6 @@ def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None
     if not hasattr(model, "explain"):
         raise ValueError(f"{meta['model_name']} has no attention to explain (plain baseline); "
                          f"use a DCAL, TASN, DALG or cross-image checkpoint")
-    x = _load_images(images, meta)
     kw, px = {}, None
     if pair:
         if len(pair) != 2:
@@ -139,6 +141,10 @@ def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None
         x = _load_images([pair[0]], meta)
         px = _load_images([pair[1]], meta)
         kw["pair"] = px
+    elif images:
+        x = _load_images(images, meta)
+    else:
+        raise ValueError("explain: give one or more images, or --pair A B")
     with torch.no_grad():
         maps = model.explain(x, **kw)
     return save_explain(x, maps, out, meta["mean"], meta["std"],
