@@ -147,7 +147,8 @@ class FinegrainCLI(LightningCLI):
                 diff = changed_keys(yaml.safe_load(f) or {}, yaml.safe_load(resolved) or {})
             if diff:
                 warnings.warn(f"resuming {self.run_dir} with a changed config: "
-                              f"{', '.join(diff)}", stacklevel=1)
+                              f"{', '.join(diff)} (the optimizer and scheduler states, "
+                              f"learning rates included, come from last.ckpt)", stacklevel=1)
         if self.trainer.is_global_zero:  # the resolved config, whatever the loggers
             with open(path, "w") as f:
                 f.write(resolved)
@@ -182,7 +183,9 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
         if not os.path.isfile(last):
             raise FileNotFoundError(f"--resume {run_dir}: {last} not found; pass the run "
                                     f"folder of an earlier `finegrain train`")
-        rest += ["--ckpt_path", last]
+        # first: LightningCLI applies the checkpoint's hyper-parameters where --ckpt_path
+        # stands, so what the user passes after it (a new lr ...) must come later to win
+        rest = ["--ckpt_path", last] + rest
     else:
         run_dir = known.run_dir or run_dir_for(known.config[-1] if known.config else None,
                                                known.runs_root)
