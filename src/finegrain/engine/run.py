@@ -203,6 +203,9 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
                       LastCheckpoint(run_dir, known.every), RunFolder(run_dir),
                       *(callbacks or [])],
     }
+    # we pass `finegrain train`'s own argv as args: LightningCLI's "args and sys.argv" warning
+    # is for a different mistake
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *rest],
                         run_dir=run_dir, resuming=bool(known.resume),
                         seed_everything_default=0, trainer_defaults=defaults,
