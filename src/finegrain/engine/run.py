@@ -133,6 +133,14 @@ class FinegrainCLI(LightningCLI):
         self.run_dir, self.resuming = run_dir, resuming
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model's arguments by the checkpoint's hyper-parameters when
+        # resuming; keep what the user asked for, to name every key that changed
+        sub = self.config.get("subcommand")
+        if sub:
+            self.asked = yaml.safe_load(self._parser(sub).dump(self.config[sub], skip_none=False))
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("seed_everything", "data.seed")
@@ -144,11 +152,14 @@ class FinegrainCLI(LightningCLI):
         resolved = self._parser("fit").dump(self.config["fit"], skip_none=False)
         if self.resuming and os.path.isfile(path):
             with open(path) as f:
-                diff = changed_keys(yaml.safe_load(f) or {}, yaml.safe_load(resolved) or {})
+                old = yaml.safe_load(f) or {}
+            asked = getattr(self, "asked", None) or yaml.safe_load(resolved) or {}
+            diff = changed_keys(old, asked)
             if diff:
                 warnings.warn(f"resuming {self.run_dir} with a changed config: "
-                              f"{', '.join(diff)} (the optimizer and scheduler states, "
-                              f"learning rates included, come from last.ckpt)", stacklevel=1)
+                              f"{', '.join(diff)}; model.* arguments and the optimizer and "
+                              f"scheduler states (learning rates included) come from last.ckpt",
+                              stacklevel=1)
         if self.trainer.is_global_zero:  # the resolved config, whatever the loggers
             with open(path, "w") as f:
                 f.write(resolved)
