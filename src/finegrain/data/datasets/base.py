@@ -10,6 +10,7 @@ counted in ``self.skipped``.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -119,10 +120,11 @@ class ImageDataset(Dataset):
             try:
                 img = self.load_image(i)
                 break
-            except DatasetError:
+            except DatasetError as e:
                 if self.on_error != "skip":
                     raise
-                self.skipped += 1
+                self.skipped += 1  # per process: DataLoader workers count their own
+                warnings.warn(f"skipped: {e}", stacklevel=2)
         else:
             raise DatasetError(f"no readable image in {self.root} split {self.split}")
         if self.transform is not None:
