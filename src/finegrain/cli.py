@@ -68,13 +68,13 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     """Evaluate a checkpoint on its dataset's evaluation split (same code path as training,
     DDP-exact). ``overrides``: ``FinegrainDataModule`` arguments (``root`` ...)."""
     import lightning.pytorch as pl
-    import torch
     from .engine import FinegrainDataModule, FinegrainModule
-    from .models.weights import load_checkpoint_meta
-    meta = load_checkpoint_meta(checkpoint)
+    from .models.weights import load_checkpoint_meta, read_weights
+    sd, meta = read_weights(checkpoint)  # one read: weights (``model.`` stripped) and meta
+    if meta is None:
+        load_checkpoint_meta(checkpoint)  # raises, naming what is missing
     module = FinegrainModule(meta["model_name"], meta["model_kwargs"])
-    sd = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(sd)
+    module.model.load_state_dict(sd)
     module.set_data_meta(meta)
     data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
             "resize_size": meta.get("resize_size"), "mean": tuple(meta["mean"]),

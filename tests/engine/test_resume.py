@@ -86,3 +86,14 @@ def test_resume_with_changed_config_warns_naming_keys(tmp_path):
 def test_resume_missing_run_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         train(["--resume", str(tmp_path / "nope")])
+
+
+def test_load_model_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_argv(tmp_path, run, epochs=1))
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    model, meta = load_model(str(run / "last.ckpt"))
+    assert len(calls) == 1, calls
+    assert meta["model_name"] == "vit_tiny_patch16_224" and not model.training

@@ -51,22 +51,36 @@ def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Modul
     Raises:
         KeyError: unknown ``name``; the message lists the closest registered names.
     """
+    _check_name(name)
+    from .weights import is_hub_tag, read_weights
+    sd = meta = None
+    if pretrained is not None and not str(pretrained).endswith(".npz") and \
+            not is_hub_tag(pretrained):
+        sd, meta = read_weights(pretrained)  # read once: meta and weights
+    return _build(name, pretrained, sd, meta, kwargs)
+
+
+def _check_name(name: str) -> None:
     _import_all()
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.4)
         hint = ", ".join(close) if close else ", ".join(sorted(_MODELS)[:10]) + ", ..."
         raise KeyError(f"unknown model {name!r}; closest registered names: {hint} "
                        f"(finegrain.list_models() lists all)")
-    from .weights import finegrain_meta
-    meta = finegrain_meta(pretrained) if pretrained is not None else None
-    if meta is not None:  # a finegrain file describes itself: its arguments are the defaults
+
+
+def _build(name: str, pretrained: str | None, sd: dict | None, meta: dict | None,
+           kwargs: dict) -> nn.Module:
+    """Instantiate ``name`` (a finegrain file's stored arguments are the defaults: it
+    describes itself) and load ``pretrained`` (its state dict ``sd`` when already read)."""
+    if meta is not None:
         kwargs = {**meta.get("model_kwargs", {}), **kwargs}
     model = _MODELS[name](**kwargs)
     model.finegrain_name = name
     model.finegrain_kwargs = dict(kwargs)
     if pretrained is not None:
         from .weights import load_pretrained
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, state_dict=sd)
     return model
 
 
@@ -88,8 +102,9 @@ def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, dict]:
     ``meta`` holds ``model_name``, ``model_kwargs``, ``class_names``, ``img_size``, ``mean``,
     ``std``, ``task`` and ``dataset``: everything ``eval`` / ``predict`` / ``embed`` need.
     """
-    from .weights import load_checkpoint_meta
-    meta = load_checkpoint_meta(checkpoint)
-    model = create_model(meta["model_name"], pretrained=checkpoint,
-                         **{**meta.get("model_kwargs", {}), **kwargs})
-    return model.eval(), meta
+    from .weights import load_checkpoint_meta, read_weights
+    sd, meta = read_weights(checkpoint)
+    if meta is None:
+        load_checkpoint_meta(checkpoint)  # raises, naming what is missing
+    _check_name(meta["model_name"])
+    return _build(meta["model_name"], checkpoint, sd, meta, kwargs).eval(), meta

@@ -58,59 +58,67 @@ def _torch_load(path: str) -> dict:
                          f".safetensors where it was made") from None
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a flat ``{name: tensor}`` from ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt``.
-
-    Nested containers (``state_dict``, ``model``, ``module``, ``state_dict_ema``) are unwrapped
-    and the ``module.`` / ``model.`` prefixes of DDP / Lightning stripped.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        sd = _torch_load(path)
-        for key in ("state_dict", "model", "module", "model_state"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-                break
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+def _flat(obj: dict) -> dict[str, torch.Tensor]:
+    """Unwrap nested containers (``state_dict``, ``model``, ``module``, ``model_state``) and
+    strip the ``module.`` / ``model.`` prefixes of DDP / Lightning."""
+    for key in ("state_dict", "model", "module", "model_state"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     for p in _PREFIXES:
         if sd and all(k.startswith(p) for k in sd):
             sd = {k[len(p):]: v for k, v in sd.items()}
     return sd
 
 
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read a local weights file once: ``(flat state dict, finegrain meta or None)``.
+
+    ``.safetensors`` (meta from ``model.json`` beside it, when there is one), ``.pth`` /
+    ``.bin`` / ``.ckpt`` through ``torch.load(weights_only=True)`` (meta from a finegrain
+    ``.ckpt``'s ``finegrain_meta``; foreign files, Lightning ones included, have none).
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        meta_path = os.path.join(os.path.dirname(path), "model.json")
+        meta = None
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+        return _flat(load_file(path)), meta
+    raw = _torch_load(path)
+    meta = raw.get("finegrain_meta") if isinstance(raw, dict) else None
+    return _flat(raw), meta
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` from ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt``."""
+    return read_weights(path)[0]
+
+
 def load_checkpoint_meta(path: str) -> dict:
     """The self-description stored in a finegrain checkpoint (model name, kwargs, classes,
     input size, normalisation); reads ``model.json`` beside ``weights.safetensors``."""
-    if path.endswith(".safetensors"):
+    if str(path).endswith(".safetensors"):
         meta_path = os.path.join(os.path.dirname(path), "model.json")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: a finegrain weights.safetensors "
                                     f"needs its model.json beside it")
-        with open(meta_path) as f:
-            return json.load(f)
-    ckpt = _torch_load(path)
-    meta = ckpt.get("finegrain_meta") if isinstance(ckpt, dict) else None
+    meta = read_weights(path)[1]
     if meta is None:
         raise ValueError(f"{path} is not a finegrain checkpoint (no finegrain_meta); "
                          f"pass it as pretrained= to load weights only")
     return meta
 
 
-def finegrain_meta(path: str) -> dict | None:
-    """The meta of a finegrain ``.ckpt`` / ``weights.safetensors`` + ``model.json``; None for
-    foreign weight files (timm, DeiT, torchvision)."""
+def is_hub_tag(path: str) -> bool:
+    """A Hub tag (``hf-hub:org/name`` / ``timm/name``) rather than a local file."""
     path = str(path)
-    if path.endswith(".ckpt"):
-        ckpt = _torch_load(path)  # a foreign Lightning .ckpt has none: weights only
-        return ckpt.get("finegrain_meta") if isinstance(ckpt, dict) else None
-    if path.endswith(".safetensors") and \
-            os.path.isfile(os.path.join(os.path.dirname(path), "model.json")):
-        return load_checkpoint_meta(path)
-    return None
+    return not os.path.exists(path) and (path.startswith("hf-hub:") or path.startswith("timm/"))
 
 
 def _hub_file(tag: str) -> str:
@@ -166,14 +174,16 @@ def load_into(module: nn.Module, sd: dict, path: str, target: str) -> LoadReport
     return report
 
 
-def load_pretrained(model: nn.Module, pretrained: str) -> LoadReport:
+def load_pretrained(model: nn.Module, pretrained: str,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> LoadReport:
     """Load weights into ``model`` (see the module docstring); returns and logs the report.
 
     After loading, ``model.on_pretrained_loaded()`` runs when the model defines it (DCAL copies
-    its last SA block into the GLCA block there).
+    its last SA block into the GLCA block there). ``state_dict``: the file's contents when the
+    caller has already read them (:func:`read_weights`), so a checkpoint is read once.
     """
     path = str(pretrained)
-    if not os.path.exists(path) and (path.startswith("hf-hub:") or path.startswith("timm/")):
+    if is_hub_tag(path):
         path = _hub_file(path)
     backbone = getattr(model, "backbone", None)
     if path.endswith(".npz"):
@@ -183,7 +193,7 @@ def load_pretrained(model: nn.Module, pretrained: str) -> LoadReport:
         _load_weights(backbone, path)
         report = LoadReport(path=path, target="backbone (npz)")
     else:
-        sd = load_state_dict_file(path)
+        sd = state_dict if state_dict is not None else load_state_dict_file(path)
         own = model.state_dict()
         whole = sum(k in own for k in sd) >= 0.5 * len(sd)
         if whole or backbone is None:
