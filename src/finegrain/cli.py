@@ -125,12 +125,14 @@ def _cmd_eval(a, extra) -> int:
 
 
 # ---- explain ----------------------------------------------------------------------------
-def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None) -> str:
-    """Write the model's attention pictures (``model.explain``) for ``images`` to ``out``."""
+def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
+            loaded: tuple | None = None) -> str:
+    """Write the model's attention pictures (``model.explain``) for ``images`` to ``out``.
+    ``loaded``: the ``(model, meta)`` of ``checkpoint`` when the caller already has them."""
     import torch
     from .models.registry import load_model
     from .visualize import save_explain
-    model, meta = load_model(checkpoint)
+    model, meta = loaded if loaded is not None else load_model(checkpoint)
     if not hasattr(model, "explain"):
         raise ValueError(f"{meta['model_name']} has no attention to explain (plain baseline); "
                          f"use a DCAL, TASN, DALG or cross-image checkpoint")

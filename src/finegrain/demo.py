@@ -173,9 +173,9 @@ def _explain_picture(entry: DemoEntry, run_dir: str, out_png: str) -> str | None
         gallery = build_dataset(data["dataset"], data.get("root"), "gallery", **kw)
         q = ds.samples[0]
         match = next(s.path for s in gallery.samples if s.label == q.label and s.camid != q.camid)
-        return explain(ckpt, [], out_png, pair=[q.path, match])
+        return explain(ckpt, [], out_png, pair=[q.path, match], loaded=(model, meta))
     paths = [s.path for s in ds.samples[:: max(1, len(ds) // 4)][:4]]
-    return explain(ckpt, paths, out_png)
+    return explain(ckpt, paths, out_png, loaded=(model, meta))
 
 
 def format_table(rows: list[dict]) -> str:
