@@ -64,16 +64,19 @@ def _cmd_predict(a) -> int:
 # ---- eval -------------------------------------------------------------------------------
 def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
                         devices: int | str = 1, accelerator: str = "auto",
-                        progress: bool = True) -> dict:
+                        progress: bool = True, model_overrides: dict | None = None) -> dict:
     """Evaluate a checkpoint on its dataset's evaluation split (same code path as training,
-    DDP-exact). ``overrides``: ``FinegrainDataModule`` arguments (``root`` ...)."""
+    DDP-exact). ``overrides``: ``FinegrainDataModule`` arguments (``root`` ...);
+    ``model_overrides``: inference-time model arguments (DCAL ``sa_only``, ``glca_selection``)
+    that leave the weights unchanged."""
     import lightning.pytorch as pl
     from .engine import FinegrainDataModule, FinegrainModule
     from .models.weights import load_checkpoint_meta, read_weights
     sd, meta = read_weights(checkpoint)  # one read: weights (``model.`` stripped) and meta
     if meta is None:
         load_checkpoint_meta(checkpoint)  # raises, naming what is missing
-    module = FinegrainModule(meta["model_name"], meta["model_kwargs"])
+    module = FinegrainModule(meta["model_name"], {**meta["model_kwargs"],
+                                                  **(model_overrides or {})})
     module.model.load_state_dict(sd)
     module.set_data_meta(meta)
     data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
@@ -94,24 +97,30 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
 
 
-def _overrides(extra: list[str]) -> dict:
-    out, it = {}, iter(extra)
+def _overrides(extra: list[str]) -> tuple[dict, dict]:
+    """``--data.<name> VALUE`` and ``--model.<name> VALUE`` pairs -> (data, model) dicts."""
+    out: dict[str, dict] = {"data": {}, "model": {}}
+    it = iter(extra)
     for a in it:
-        if not a.startswith("--data."):
-            raise SystemExit(f"unknown option {a}; eval takes --data.<name> VALUE overrides")
-        key, _, val = a[len("--data."):].partition("=")
+        kind = a[2:].partition(".")[0] if a.startswith("--") else ""
+        if kind not in out:
+            raise SystemExit(f"unknown option {a}; eval takes --data.<name> VALUE and "
+                             f"--model.<name> VALUE overrides")
+        key, _, val = a[len(kind) + 3:].partition("=")
         val = val or next(it)
         try:
             val = json.loads(val)
         except json.JSONDecodeError:
             pass
-        out[key] = val
-    return out
+        out[kind][key] = val
+    return out["data"], out["model"]
 
 
 def _cmd_eval(a, extra) -> int:
     # the progress bar writes to stdout: off when stdout carries JSON
-    res = evaluate_checkpoint(a.checkpoint, _overrides(extra), a.devices, progress=not a.json)
+    data, model = _overrides(extra)
+    res = evaluate_checkpoint(a.checkpoint, data, a.devices, progress=not a.json,
+                              model_overrides=model)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
@@ -183,7 +192,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="train from a YAML recipe (LightningCLI fit; see "
                                  "`finegrain train --help`)", add_help=False)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset (--data.root DIR)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset (--data.root DIR; "
+                                    "--data.<name> VALUE and inference-time --model.<name> "
+                                    "VALUE overrides, e.g. --model.sa_only true)")
     e.add_argument("checkpoint")
     e.add_argument("--devices", default=1, help="devices (DDP when > 1: same metrics)")
     e.add_argument("--json", action="store_true", help="print JSON")

@@ -194,8 +194,8 @@ def test_glca_block_matches_hand_written_formula():
         out = glca(x, index)
         blk = glca.block
         for b in range(B):
-            tokens = [0] + (index[b] + 1).tolist()
-            qs, _, _ = ref_qkv(blk, x[b][tokens])  # local queries from the R+1 tokens
+            tokens = (index[b] + 1).tolist()  # Q^l: the R selected tokens only
+            qs, _, _ = ref_qkv(blk, x[b][tokens])  # local queries from the R tokens
             _, ks, vs = ref_qkv(blk, x[b])  # global keys / values from all N+1 tokens
             heads = [ref_softmax(q @ k.T / math.sqrt(q.shape[-1])) @ v
                      for q, k, v in zip(qs, ks, vs)]
@@ -203,16 +203,132 @@ def test_glca_block_matches_hand_written_formula():
             torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-5)
 
 
+def ref_glca_feature(model: DCAL, images: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """GLCA feature by hand: SA blocks 1..L-1 per image, then Eq. 4 with Q^l = the selected
+    tokens and K^g, V^g = all tokens, the block's tail on those R tokens, LN of their mean."""
+    x0 = ref_embed(model, images)
+    blk = model.glca_block.block
+    feats = []
+    for b in range(images.shape[0]):
+        x = x0[b]
+        for sa in model.backbone.blocks[:-1]:
+            x = ref_sa_block(sa, x)[0]
+        tokens = (selected[b] + 1).tolist()
+        qs, _, _ = ref_qkv(blk, x[tokens])
+        _, ks, vs = ref_qkv(blk, x)
+        heads = [ref_softmax(q @ k.T / math.sqrt(q.shape[-1])) @ v for q, k, v in zip(qs, ks, vs)]
+        z = ref_tail(blk, x[tokens], heads)  # (R, C)
+        feats.append(ref_layernorm(model.glca_norm, z.mean(0)))
+    return torch.stack(feats)
+
+
 def test_glca_branch_reads_last_block_input_and_own_norm():
     model = tiny().eval()
     images = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         f = model.forward_features(images)
-        x = ref_embed(model, images)
-        for blk in model.backbone.blocks[:-1]:
-            x = blk(x)
-        ref = model.glca_norm(model.glca_block(x, f["selected"]))[:, 0]
+        ref = ref_glca_feature(model, images, f["selected"])
     torch.testing.assert_close(f["glca"], ref, rtol=1e-4, atol=1e-5)
+
+
+def _perturbed(model: DCAL) -> DCAL:
+    with torch.no_grad():  # trained-looking weights: GLCA its own, not a copy of the last block
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_glca_feature_and_logits_depend_on_the_selection(monkeypatch):
+    # The fault this catches: a class-token query attends to everything and the MLP is per
+    # token, so a feature read from the class token ignores which patches were selected.
+    torch.manual_seed(0)
+    model = _perturbed(tiny()).eval()
+    images = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        f = model.forward_features(images)
+        out = model(images)["logits"]
+        other = (f["selected"] + 5) % 16  # another 4 patches per image
+        assert not torch.equal(other.sort(1).values, f["selected"].sort(1).values)
+        monkeypatch.setattr(dcal_mod, "select_top_patches", lambda row, ratio: other)
+        f2 = model.forward_features(images)
+        out2 = model(images)["logits"]
+        ref2 = ref_glca_feature(model, images, other)
+    assert torch.equal(f2["selected"], other)
+    torch.testing.assert_close(f2["glca"], ref2, rtol=1e-4, atol=1e-5)
+    assert (f2["glca"] - f["glca"]).abs().max() > 1e-2
+    assert (out2 - out).abs().max() > 1e-3
+    torch.testing.assert_close(f2["sa"], f["sa"])  # only GLCA moved
+
+
+def test_random_and_rollout_selection_differ_on_the_same_weights():
+    torch.manual_seed(0)
+    model = _perturbed(tiny()).eval()
+    images = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        roll = model(images)["logits"]
+        f_roll = model.forward_features(images)
+        model.glca_selection = "random"
+        torch.manual_seed(1)
+        f_rand = model.forward_features(images)
+        torch.manual_seed(1)
+        rand = model(images)["logits"]
+    assert "rollout" not in f_rand  # random selection needs no rollout (fused SA attention)
+    assert f_rand["selected"].shape == f_roll["selected"].shape == (2, 4)
+    for b in range(2):  # R distinct patches per image, in range
+        assert len(set(f_rand["selected"][b].tolist())) == 4
+    assert not torch.equal(f_rand["selected"].sort(1).values, f_roll["selected"].sort(1).values)
+    assert (rand - roll).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="glca_selection"):
+        tiny(glca_selection="top")
+
+
+def test_random_selection_is_uniform_per_image():
+    torch.manual_seed(0)
+    counts = torch.zeros(16)
+    for _ in range(400):
+        sel = dcal_mod.random_patches(8, 16, 0.25)
+        assert sel.shape == (8, 4)
+        assert all(len(set(r.tolist())) == 4 for r in sel)
+        counts += torch.bincount(sel.flatten(), minlength=16)
+    # 400 x 8 x 4 = 12,800 draws over 16 patches: 800 each; 5 sigma ~ 130
+    assert (counts - 800).abs().max() < 130, counts
+
+
+def test_reid_embedding_depends_on_the_selection(monkeypatch):
+    torch.manual_seed(0)
+    model = _perturbed(tiny(task="reid", img_size=(64, 32), top_ratio=None)).eval()
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        f = model.forward_features(images)
+        e = model(images)["embedding"]
+        other = (f["selected"] + 7) % 32
+        monkeypatch.setattr(dcal_mod, "select_top_patches", lambda row, ratio: other)
+        e2 = model(images)["embedding"]
+    D = e.shape[1] // 2
+    assert (e2[:, D:] - e[:, D:]).abs().max() > 1e-3  # the GLCA half moves
+
+
+def test_sa_only_inference_is_the_sa_head_at_zero_extra_cost(monkeypatch):
+    torch.manual_seed(0)
+    model = _perturbed(tiny()).eval()
+    images = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        sa_logits = model.head(model.forward_features(images)["sa"])
+        model.sa_only = True
+        calls = []
+        monkeypatch.setattr(dcal_mod, "attention_rollout_class_row",
+                            lambda m: calls.append(1))
+        model.glca_block.register_forward_hook(lambda *a: calls.append(2))
+        out = model(images)
+    assert not calls  # neither the rollout nor the GLCA block ran
+    torch.testing.assert_close(out["logits"], sa_logits)
+    reid = tiny(task="reid", sa_only=True).eval()
+    with torch.no_grad():
+        assert reid(images)["embedding"].shape == (2, 32)  # SA feature only
+    model.train()  # training keeps every branch
+    y = torch.tensor([0, 1])
+    monkeypatch.undo()
+    assert set(model(images, targets=y)["losses"]) == {"sa", "glca", "pwca"}
 
 
 def test_glca_block_is_an_own_copy():
@@ -350,6 +466,31 @@ def test_losses_are_uncertainty_weighted_and_reach_w_and_backbone():
     assert model.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
     assert model.glca_block.block.attn.qkv.weight.grad.abs().sum() > 0
     assert "uncertainty.w" in model.no_weight_decay()
+
+
+def test_w_init_and_parameter_groups():
+    from finegrain.engine.module import param_groups
+    model = tiny(w_init={"sa": -1.85, "glca": -1.05}, w_lr=0.01)
+    torch.testing.assert_close(model.uncertainty.w.detach(), torch.tensor([-1.85, -1.05, 0.0]))
+    assert tiny(w_init=0.5).uncertainty.w.tolist() == [0.5, 0.5, 0.5]
+    with pytest.raises(KeyError, match="w_init"):
+        tiny(w_init={"glcaa": 1.0})
+    groups = param_groups(model, lr=1e-4, weight_decay=0.05, head_lr_mult=10.0)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert sum(len(g["params"]) for g in groups) == len(named)  # each parameter once
+    # the GLCA block and norm are copies of backbone modules: backbone lr, decay on matrices
+    assert lr_of[id(named["glca_block.block.attn.qkv.weight"])] == (1e-4, 0.05)
+    assert lr_of[id(named["glca_block.block.norm1.weight"])] == (1e-4, 0.0)
+    assert lr_of[id(named["glca_norm.weight"])] == (1e-4, 0.0)
+    assert lr_of[id(named["backbone.blocks.0.mlp.fc1.weight"])] == (1e-4, 0.05)
+    assert lr_of[id(named["head.weight"])] == pytest.approx((1e-3, 0.05))  # new: x head_lr_mult
+    assert lr_of[id(named["glca_head.weight"])] == pytest.approx((1e-3, 0.05))
+    assert lr_of[id(named["uncertainty.w"])] == (0.01, 0.0)  # w_lr, no decay
+    plain = tiny()  # no w_lr: the uncertainty weights train as a new (head) parameter
+    default = param_groups(plain, lr=1e-4, weight_decay=0.05, head_lr_mult=10.0)
+    g = next(g for g in default if any(p is plain.uncertainty.w for p in g["params"]))
+    assert (g["lr"], g["weight_decay"]) == (pytest.approx(1e-3), 0.0)
 
 
 # ---- baseline twin and weights -------------------------------------------------------------------

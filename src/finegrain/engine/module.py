@@ -15,12 +15,46 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.nn as nn
 
 from ..models.registry import create_model
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN / inf; the message names the term and the step."""
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 head_lr_mult: float = 1.0) -> list[dict]:
+    """Optimizer parameter groups: backbone vs. new parts, decay vs. none.
+
+    A parameter is a *backbone* parameter when its name starts with ``backbone.``; the others
+    (heads, attention modules, proxies) get ``lr * head_lr_mult``. 1-d parameters and those in
+    ``model.no_weight_decay()`` get no weight decay. A model may refine this with
+    ``model.optim_overrides() -> {name prefix: {...}}`` (longest prefix wins), each value
+    holding any of ``"group": "backbone" | "head"`` (a copy of a backbone block belongs with
+    the backbone), ``"lr"`` (absolute learning rate), ``"lr_mult"`` (factor on ``lr``) and
+    ``"weight_decay"``. The schedule scales every group alike.
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    overrides = dict(getattr(model, "optim_overrides", lambda: {})())
+    buckets: dict[tuple, list] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        prefix = max((k for k in overrides if n.startswith(k)), key=len, default="")
+        o = overrides.get(prefix, {})
+        unknown = set(o) - {"group", "lr", "lr_mult", "weight_decay"}
+        if unknown:
+            raise ValueError(f"optim_overrides[{prefix!r}]: unknown keys {sorted(unknown)}")
+        head = o.get("group", "backbone" if n.startswith("backbone.") else "head") == "head"
+        group_lr = o.get("lr", lr * o.get("lr_mult", head_lr_mult if head else 1.0))
+        no_wd = p.ndim <= 1 or n in skip
+        wd = 0.0 if no_wd else o.get("weight_decay", weight_decay)
+        buckets.setdefault((float(group_lr), float(wd), head, prefix), []).append(p)
+    # backbone groups first: param_groups[0]["lr"] is the logged "lr"
+    order = sorted(buckets, key=lambda k: (k[2], k[3], -k[1], k[0]))
+    return [{"params": buckets[k], "lr": k[0], "weight_decay": k[1]} for k in order]
 
 
 class FinegrainModule(pl.LightningModule):
@@ -127,16 +161,7 @@ class FinegrainModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        skip = set(getattr(self.model, "no_weight_decay", lambda: set())())
-        groups: dict[tuple[bool, bool], list] = {}
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            key = (p.ndim <= 1 or n in skip, not n.startswith("backbone."))
-            groups.setdefault(key, []).append(p)
-        groups = [{"params": ps, "weight_decay": 0.0 if no_wd else hp.weight_decay,
-                   "lr": hp.lr * (hp.head_lr_mult if head else 1.0)}
-                  for (no_wd, head), ps in sorted(groups.items())]
+        groups = param_groups(self.model, hp.lr, hp.weight_decay, hp.head_lr_mult)
         if hp.optimizer == "adamw":
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         elif hp.optimizer == "sgd":

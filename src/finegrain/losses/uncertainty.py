@@ -13,7 +13,7 @@ separately (the training engine sums them) so that every term can be logged by n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,19 +25,29 @@ class UncertaintyWeighting(nn.Module):
     Args:
         names: one name per loss term (``("sa", "glca", "pwca")``); fixes the order of
             ``self.w``.
-        init: initial value of every ``w_b`` (0 gives every term weight ``exp(0) = 1``
-            and the total ``0.5 * sum_b L_b``).
+        init: initial ``w_b``: one value for every term, or ``{name: value}`` (missing
+            names start at 0). 0 gives every term weight ``exp(0) = 1`` and the total
+            ``0.5 * sum_b L_b``; FairMOT, which DCAL says it follows, starts its two terms at
+            -1.85 and -1.05.
     """
 
-    def __init__(self, names: Sequence[str], init: float = 0.0):
+    def __init__(self, names: Sequence[str], init: float | Mapping[str, float] = 0.0):
         super().__init__()
         if len(names) == 0 or len(set(names)) != len(names):
             raise ValueError(f"UncertaintyWeighting needs distinct, non-empty names, got "
                              f"{list(names)}")
         self.names = tuple(names)
+        if isinstance(init, Mapping):
+            unknown = set(init) - set(self.names)
+            if unknown:
+                raise KeyError(f"w_init names {sorted(unknown)} are not loss terms; known "
+                               f"terms: {list(self.names)}")
+            values = [float(init.get(n, 0.0)) for n in self.names]
+        else:
+            values = [float(init)] * len(self.names)
         # One scalar per term, log-variance parametrisation; 1-d, so the engine exempts it
         # from weight decay (decay would pull every weight towards exp(0) = 1).
-        self.w = nn.Parameter(torch.full((len(self.names),), float(init)))
+        self.w = nn.Parameter(torch.tensor(values))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The current ``w_b`` by name (detached, for logging)."""

@@ -8,9 +8,11 @@ Three branches share one timm ViT:
 
 1. **SA** (Sec. 3.1, Eq. 1): the plain pre-LN backbone, L blocks, class token -> head.
 2. **GLCA** (Sec. 3.2, Eqs. 2-4): attention rollout over the SA blocks picks the top-R patches
-   the class token attends to; one transformer block with its *own* weights runs its
-   queries on [class token + R selected tokens] against keys / values of all N + 1 tokens,
-   then its MLP on those R + 1 tokens; its own final norm and head read its class token.
+   the class token attends to; one transformer block with its *own* weights runs the R
+   selected tokens as queries (``Q^l``) against keys / values of all N + 1 tokens, then its MLP
+   on those R tokens; the GLCA feature is the normed mean of the R outputs, read by its own
+   head. The feature is a function of the selection (``glca_selection: random`` is the
+   paper's control).
 3. **PWCA** (Sec. 3.3, Eq. 5), training only: a second residual stream of image I1 runs
    through the same L blocks (shared weights); in every block its queries attend, under one
    softmax, to the concatenation of its own keys / values and those of a distractor image
@@ -19,7 +21,8 @@ Three branches share one timm ViT:
 
 The losses of the enabled branches are balanced by uncertainty weighting (Eq. 6,
 :class:`finegrain.losses.uncertainty.UncertaintyWeighting`). At inference PWCA is gone: FGVC
-adds the SA and GLCA class probabilities, Re-ID concatenates the SA and GLCA class tokens.
+adds the SA and GLCA class probabilities, Re-ID concatenates the SA and GLCA features
+(``sa_only=True``: the SA branch alone, the paper's zero-cost deployment option).
 
 Readings we take where the paper is silent (each one is an argument or a documented choice):
 
@@ -29,8 +32,16 @@ Readings we take where the paper is silent (each one is an argument or a documen
   :meth:`DCAL.on_pretrained_loaded` after pretrained weights arrive); the GLCA final norm
   starts as a copy of the SA final norm; the GLCA head is new. From then on the weights are
   its own (not shared).
-- R = ceil(ratio * N) patches, ratio 10% for FGVC and 30% for Re-ID; the class token is
-  always a query, so GLCA has a class token of its own.
+- R = ceil(ratio * N) patches, ratio 10% for FGVC and 30% for Re-ID.
+- **The GLCA feature** (corrected 2026-11-30; spec/dcal.md was wrong here). Eq. 4 builds the
+  query matrix ``Q^l`` from the R selected tokens only ("the most attentive local
+  embeddings"), and Fig. 2 sends GLCA's output to its own classifier. An earlier reading added
+  the class token as an extra query and read only its row: a class-token query attends to all
+  keys / values and the MLP is per token, so that feature was *independent of the selection*
+  (rollout and random selection gave bit-identical outputs; the paper's ablation, random 82.6
+  vs rollout 83.1 on CUB, shows the selection matters). Here the queries are exactly the R
+  selected tokens and the feature is ``LN(mean_r z_r)`` over their R outputs (timm's
+  ``fc_norm`` over an average pool; the GLCA LayerNorm starts as a copy of the SA final norm).
 - The rollout's head-mean attention uses the probabilities before attention dropout; the
   rollout is not differentiated through (the top-R choice is discrete).
 - The distractor I2 of each image is given by a random derangement of the batch drawn from
@@ -164,11 +175,19 @@ def select_top_patches(rollout_row: torch.Tensor, ratio: float) -> torch.Tensor:
     return patches.topk(num_selected(patches.shape[1], ratio), dim=1).indices
 
 
+def random_patches(batch: int, num_patches: int, ratio: float,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """(B, R) patch indices drawn uniformly without replacement, independently per image, from
+    torch's global RNG: the paper's random-selection control for GLCA (Table 5)."""
+    R = num_selected(num_patches, ratio)
+    return torch.rand(batch, num_patches, device=device).argsort(dim=1)[:, :R]
+
+
 class GlobalLocalCrossAttention(nn.Module):
     """The GLCA block (Eq. 4): a full pre-LN transformer block with its own weights whose
-    queries are the local tokens (class token + R selected patches) and whose keys / values
-    are all N + 1 global tokens: ``softmax(Q^l K^g^T / sqrt(d)) V^g``, then proj + residual
-    and the MLP + residual on the R + 1 local tokens only.
+    queries are the R selected local tokens and whose keys / values are all N + 1 global
+    tokens: ``softmax(Q^l K^g^T / sqrt(d)) V^g``, then proj + residual and the MLP + residual
+    on the R local tokens only.
 
     Args:
         block: a timm ``Block`` to deep-copy (the last SA block); its norm1, attention
@@ -189,21 +208,20 @@ class GlobalLocalCrossAttention(nn.Module):
             index: (B, R) selected patch indices in ``[0, N)``.
 
         Returns:
-            (B, R + 1, C) updated local tokens, class token first.
+            (B, R, C) updated local tokens, in the order of ``index``.
         """
         blk, attn = self.block, self.block.attn
         B, T, C = x.shape
         A = attn.num_heads * attn.head_dim
-        tokens = torch.cat([index.new_zeros(B, 1), index + 1], dim=1)  # (B, R+1) positions
-        gather = tokens.unsqueeze(-1).expand(-1, -1, C)  # (B, R+1, C)
+        gather = (index + 1).unsqueeze(-1).expand(-1, -1, C)  # (B, R, C) token positions
         h = blk.norm1(x)  # pre-LN of all N+1 tokens: the keys / values see them all
-        x_l, h_l = x.gather(1, gather), h.gather(1, gather)  # (B, R+1, C) local tokens
+        x_l, h_l = x.gather(1, gather), h.gather(1, gather)  # (B, R, C) local tokens
         w, b = attn.qkv.weight, attn.qkv.bias
-        q = _heads(attn, F.linear(h_l, w[:A], None if b is None else b[:A]))  # (B, H, R+1, D)
+        q = _heads(attn, F.linear(h_l, w[:A], None if b is None else b[:A]))  # Q^l (B,H,R,D)
         kv = F.linear(h, w[A:], None if b is None else b[A:])  # (B, T, 2A): K^g, V^g
         k, v = kv.reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(q), attn.k_norm(k)  # (B, H, R+1, D), (B, H, T, D)
-        o = _sdpa(attn, q, k, v)  # Eq. 4, (B, H, R+1, D)
+        q, k = attn.q_norm(q), attn.k_norm(k)  # (B, H, R, D), (B, H, T, D)
+        o = _sdpa(attn, q, k, v)  # Eq. 4, (B, H, R, D)
         x_l = x_l + blk.drop_path1(blk.ls1(_out(attn, o)))
         return x_l + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x_l))))
 
@@ -264,6 +282,15 @@ class DCAL(nn.Module):
         top_ratio: fraction R / N of the patches GLCA selects (rounded up); default 0.1 for
             FGVC, 0.3 for Re-ID.
         glca: enable the GLCA branch.
+        glca_selection: how GLCA picks its R query patches: ``"rollout"`` (Eqs. 2-3, the
+            paper) or ``"random"`` (R patches drawn uniformly per image and forward pass:
+            the paper's control, Table 5; its outputs are stochastic at eval too).
+        sa_only: inference from the SA branch alone (GLCA and the rollout are skipped:
+            zero extra cost; the paper's SA-only results). Training is unchanged.
+        w_init: initial uncertainty weights ``w_b`` (Eq. 6): one value, or
+            ``{"sa": .., "glca": .., "pwca": ..}``. 0 (default) weights every branch 1;
+            FairMOT, which the paper follows, starts its two terms at -1.85 / -1.05.
+        w_lr: learning rate of the uncertainty weights (None: the engine's head lr).
         pwca: enable the PWCA branch (training only). ``glca=False, pwca=False`` is the
             baseline twin: exactly the plain ViT + head.
         detach_pair: stop the gradient into the distractor's keys / values (ablation).
@@ -280,6 +307,8 @@ class DCAL(nn.Module):
     def __init__(self, backbone: str = "deit_tiny_patch16_224", num_classes: int = 1000,
                  img_size: int | tuple[int, int] | None = None, task: str = "fgvc",
                  top_ratio: float | None = None, glca: bool = True, pwca: bool = True,
+                 glca_selection: str = "rollout", sa_only: bool = False,
+                 w_init: float | dict[str, float] = 0.0, w_lr: float | None = None,
                  detach_pair: bool = False, bnneck: bool | None = None,
                  label_smoothing: float | None = None, triplet_margin: float = 0.3,
                  drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None):
@@ -307,7 +336,11 @@ class DCAL(nn.Module):
         self.top_ratio = (0.3 if task == "reid" else 0.1) if top_ratio is None else top_ratio
         if not 0.0 < self.top_ratio <= 1.0:
             raise ValueError(f"top_ratio must be in (0, 1], got {self.top_ratio}")
+        if glca_selection not in ("rollout", "random"):
+            raise ValueError(f"glca_selection must be 'rollout' or 'random', got "
+                             f"{glca_selection!r}")
         self.glca, self.pwca, self.detach_pair = glca, pwca, detach_pair
+        self.glca_selection, self.sa_only, self.w_lr = glca_selection, sa_only, w_lr
         self.use_bnneck = (task == "reid") if bnneck is None else bnneck
         self.label_smoothing = (0.1 if task == "reid" else 0.0) if label_smoothing is None \
             else label_smoothing
@@ -326,7 +359,8 @@ class DCAL(nn.Module):
         branches = ["sa"] + (["glca"] if glca else []) + (["pwca"] if pwca else [])
         # Uncertainty weighting (Eq. 6) only balances two or more branches; the baseline
         # twin keeps the plain loss.
-        self.uncertainty = UncertaintyWeighting(branches) if len(branches) > 1 else None
+        self.uncertainty = UncertaintyWeighting(branches, init=w_init) \
+            if len(branches) > 1 else None
         self._glca_in_loaded_state = False
         self.register_load_state_dict_pre_hook(self._note_loaded_keys)
 
@@ -345,6 +379,17 @@ class DCAL(nn.Module):
         if self.uncertainty is not None:
             names.add("uncertainty.w")
         return names
+
+    def optim_overrides(self) -> dict[str, dict]:
+        """Parameter groups for the engine (``finegrain.engine.module.param_groups``): the
+        GLCA block and norm are copies of backbone modules and train with the backbone (not
+        under ``head_lr_mult``); the uncertainty weights take ``w_lr`` when set."""
+        out: dict[str, dict] = {}
+        if self.glca:
+            out["glca_block."] = out["glca_norm."] = {"group": "backbone"}
+        if self.uncertainty is not None and self.w_lr is not None:
+            out["uncertainty."] = {"lr": float(self.w_lr)}
+        return out
 
     def _note_loaded_keys(self, module, state_dict, prefix, *args) -> None:
         # A whole-model load (finegrain checkpoint) carrying GLCA weights must not be
@@ -426,15 +471,18 @@ class DCAL(nn.Module):
             images: (B, 3, H, W).
             pairs: PWCA pairs ``(i1, i2)``, each (P,) indices into the batch: the PWCA
                 stream of image ``i1[j]`` attends to distractor ``i2[j]``. None: no PWCA.
-            rollout: compute the rollout (default: when GLCA is on).
+            rollout: compute the rollout (default: when GLCA runs and selects by rollout).
             pair_probs: also return the last block's PWCA probabilities (explain).
 
         Returns:
-            ``"sa"`` (B, C); with GLCA ``"glca"`` (B, C), ``"rollout"`` (B, N+1) (class-token
-            row of S_hat), ``"selected"`` (B, R) patch indices; with pairs ``"pwca"``
-            (P, C) (and ``"pair_probs"`` (P, H, T, 2T)).
+            ``"sa"`` (B, C); with GLCA ``"glca"`` (B, C) (normed mean of the R local
+            outputs) and ``"selected"`` (B, R) patch indices; with the rollout ``"rollout"``
+            (B, N+1) (class-token row of S_hat); with pairs ``"pwca"`` (P, C) (and
+            ``"pair_probs"`` (P, H, T, 2T)).
         """
-        rollout = self.glca if rollout is None else rollout
+        run_glca = self.glca and not (self.sa_only and not self.training)
+        if rollout is None:
+            rollout = run_glca and self.glca_selection == "rollout"
         bb = self.backbone
         if rollout and len(bb.blocks) < 2:
             raise ValueError("the rollout spans blocks 1..L-1: it needs depth >= 2")
@@ -457,10 +505,13 @@ class DCAL(nn.Module):
             with torch.no_grad():
                 row = attention_rollout_class_row(attn_means)  # Eq. 3, (B, N+1)
             out["rollout"] = row
-            out["selected"] = select_top_patches(row, self.top_ratio)  # (B, R)
-        if self.glca:
-            x_l = self.glca_block(x_last_in, out["selected"])  # Eq. 4, (B, R+1, C)
-            out["glca"] = self.glca_norm(x_l)[:, 0]
+        if run_glca:
+            if self.glca_selection == "rollout":
+                out["selected"] = select_top_patches(out["rollout"], self.top_ratio)  # (B, R)
+            else:  # the paper's control: R patches uniformly at random
+                out["selected"] = random_patches(B, x.shape[1] - 1, self.top_ratio, x.device)
+            x_l = self.glca_block(x_last_in, out["selected"])  # Eq. 4, (B, R, C)
+            out["glca"] = self.glca_norm(x_l.mean(dim=1))  # LN(mean_r z_r)
         if pairs is not None:
             out["pwca"] = bb.forward_head(bb.norm(x_p), pre_logits=True)
             if pair_probs:
@@ -496,7 +547,7 @@ class DCAL(nn.Module):
         f = self.forward_features(images, pairs=pairs)
         neck = {"sa": self._neck(self.bnneck, f["sa"])}
         logits = {"sa": self.head(neck["sa"])}
-        if self.glca:
+        if "glca" in f:
             neck["glca"] = self._neck(self.glca_bnneck, f["glca"])
             logits["glca"] = self.glca_head(neck["glca"])
             # Inference: add the SA and GLCA class probabilities; log of their mean.
@@ -507,12 +558,12 @@ class DCAL(nn.Module):
             combined = logits["sa"]
         out = {"logits": combined}
         if self.task == "reid":
-            desc = torch.cat([neck["sa"], neck["glca"]], dim=-1) if self.glca else neck["sa"]
+            desc = torch.cat([neck["sa"], neck["glca"]], dim=-1) if "glca" in f else neck["sa"]
             out["embedding"] = F.normalize(desc.float(), dim=-1)
         if targets is None:
             return out
         feats = {"sa": f["sa"]}
-        if self.glca:
+        if "glca" in f:
             feats["glca"] = f["glca"]
         if "pwca" in f:  # PWCA: I1's label through the SA head
             feats["pwca"] = f["pwca"]
@@ -570,7 +621,7 @@ class DCAL(nn.Module):
             f = self.forward_features(images, pairs=pairs, rollout=True,
                                       pair_probs=pair is not None)
             maps = {"rollout": _minmax(f["rollout"][:B, 1:]).reshape(B, h, w)}
-            if self.glca:
+            if "selected" in f:
                 sel = f["selected"][:B]  # (B, R)
                 mask = torch.zeros(B, h * w, device=images.device)
                 maps["glca_selected"] = mask.scatter_(1, sel, 1.0).reshape(B, h, w)
