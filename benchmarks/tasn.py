@@ -2,7 +2,10 @@
 
 1. Sampler: ``attention_sample`` (a 28 x 28 map upsampled to the 512 x 512 image, max-marginals,
    zoom clipping, inverse CDF, ``grid_sample``) vs a ResNet-50 forward on the sampled batch
-   (the master-net's work), for each output size (224, 336). Aim: < 5 %.
+   (the master-net's work), for each output size (224, 336). Aim: < 5 %. The ratio depends on
+   the device: the sampler is about 120 small operations (5 coupled clipping passes on both
+   axes ...), cheap on a CPU but launch-bound on a GPU, so measure it there with
+   ``--device cuda`` rather than carry the CPU figure over.
 2. Training: one ``tasn_resnet50`` step (forward + backward) on ``--in-size`` images vs one
    plain ``resnet50`` classifier step on ``--sample-size`` images (the baseline twin), same
    batch; images/s and their ratio. FLOPs of one forward of each (``FlopCounterMode``;

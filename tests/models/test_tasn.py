@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from finegrain.models import create_model, list_models
 from finegrain.models.tasn import (TASN, AttentionNet, attention_grid, attention_sample,
                                    detail_map, distinct_maps_mask, inverse_cdf, max_marginals,
-                                   structure_map, trilinear_attention, zoom_bounded_density)
+                                   structure_map, trilinear_attention, zoom_bounded_densities,
+                                   zoom_bounded_density)
 
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8)
 
@@ -72,6 +73,37 @@ def test_distinct_maps_counted_once_in_structure_and_detail():
     assert picks == {0, 2, 4}  # duplicates drawn as one group, never more often
 
 
+def test_distinct_maps_mask_uses_exact_equality_without_chaining():
+    """Official ``detail_att``: a new group wherever a sorted sum != its predecessor."""
+    maps = torch.rand(1, 6, 4, 4) + 0.5
+    base = maps[0, 0].clone()
+    tol = 1e-5 * float(base.sum())  # the old neighbour-chaining tolerance (rtol 1e-5)
+    maps[0, 1] = base
+    maps[0, 1, 0, 0] += 0.6 * tol  # a ~ b: close, but a different map
+    maps[0, 2] = base
+    maps[0, 2, 0, 0] += 1.2 * tol  # b ~ c, yet c is not close to a
+    maps[0, 3] = base  # an exact duplicate of a
+    sums = maps.sum((2, 3))[0]
+    assert len({float(sums[k]) for k in range(3)}) == 3  # a, b, c really differ in fp32
+    mask = distinct_maps_mask(maps)[0]
+    assert mask[1] and mask[2]  # close but different: distinct, and a ~ b ~ c did not merge a, c
+    assert int(mask[[0, 3]].sum()) == 1  # exact duplicates: one group
+    assert mask.tolist().count(True) == 5
+
+
+def test_all_zero_feature_channels_give_one_group():
+    """Exact equality is enough in practice: the maps of all-zero channels are bit-identical
+    (same N1 row, same products), also at the official c = 512, 28 x 28."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.rand(2, 512, 28, 28, generator=gen)
+    features[:, 1::3] = 0  # 170 all-zero channels
+    maps = trilinear_attention(features)
+    zero = maps[:, 1::3]
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))
+    mask = distinct_maps_mask(maps)
+    assert (mask[:, 1::3].sum(1) == 1).all()
+
+
 def test_detail_map_is_one_random_channel_per_image():
     maps = torch.rand(3, 6, 2, 2)
     gen = torch.Generator().manual_seed(1)
@@ -106,6 +138,20 @@ def _ref_density(profile: list[float], m: int, max_zoom: float, iterations: int)
         spread = (m - sum(d)) / n
         d = [v + spread for v in d]
     return d
+
+
+def _ref_densities_coupled(profiles: list[list[float]], ms: list[int], max_zoom: float,
+                           iterations: int) -> list[list[float]]:
+    """Official coupled clipping in zoom units (z = d n / m): one threshold for every axis,
+    min(max_zoom, max z_a) on the first pass, min_a max z_a afterwards."""
+    zs = [[v / sum(p) * len(p) for v in p] for p in profiles]
+    for j in range(iterations):
+        t = min(max(z) for z in zs)
+        if j == 0:
+            t = min(t, max_zoom)
+        zs = [[min(v, t) for v in z] for z in zs]
+        zs = [[v + (len(z) - sum(z)) / len(z) for v in z] for z in zs]
+    return [[v * m / len(z) for v in z] for z, m in zip(zs, ms)]
 
 
 def _ref_coords(d: list[float], m: int) -> list[float]:
@@ -145,9 +191,27 @@ def test_density_zero_profile_is_uniform_and_cap_validated():
     torch.testing.assert_close(zoom_bounded_density(torch.zeros(1, 8), 4), torch.full((1, 8), 0.5))
     with pytest.raises(ValueError, match="max_zoom"):
         zoom_bounded_density(torch.ones(1, 8), 4, max_zoom=0.5)
+    with pytest.raises(ValueError, match="clip"):
+        attention_sample(torch.rand(1, 1, 8, 8), torch.rand(1, 8, 8), 4, clip="both")
+    with pytest.raises(ValueError, match="clip"):
+        tiny_tasn(clip="per-axis")
 
 
-def test_sampled_ramp_lands_where_index_math_says():
+@pytest.mark.parametrize("max_zoom,iterations", [(4.0, 5), (2.0, 3), (100.0, 0)])
+def test_coupled_densities_match_loop_reference_non_square(max_zoom, iterations):
+    cols, rows = torch.rand(2, 17) ** 6 + 1e-3, torch.rand(2, 11) ** 2 + 1e-3
+    dx, dy = zoom_bounded_densities([cols, rows], [9, 5], max_zoom, iterations)
+    for b in range(2):
+        rx, ry = _ref_densities_coupled([cols[b].tolist(), rows[b].tolist()], [9, 5], max_zoom,
+                                        iterations)
+        torch.testing.assert_close(dx[b], torch.tensor(rx), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dy[b], torch.tensor(ry), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx.sum(-1), torch.full((2,), 9.0))
+    torch.testing.assert_close(dy.sum(-1), torch.full((2,), 5.0))
+
+
+@pytest.mark.parametrize("clip", ["coupled", "per_axis"])
+def test_sampled_ramp_lands_where_index_math_says(clip):
     """A ramp image (value = pixel index) sampled with bilinear interpolation returns the
     sampled coordinate itself: checks inverse CDF, pixel centres and align_corners at once."""
     B, H, W, out_h, out_w = 2, 20, 24, 11, 13
@@ -155,13 +219,19 @@ def test_sampled_ramp_lands_where_index_math_says():
     cols = torch.arange(W, dtype=torch.float32).expand(B, 1, H, W)
     rows = torch.arange(H, dtype=torch.float32)[:, None].expand(B, 1, H, W)
     for max_zoom, iters in [(4.0, 5), (1e3, 0)]:
-        out = attention_sample(torch.cat([cols, rows], 1), att, (out_h, out_w), max_zoom, iters)
+        out = attention_sample(torch.cat([cols, rows], 1), att, (out_h, out_w), max_zoom, iters,
+                               clip)
         for b in range(B):
             a = att[b].tolist()
             col_prof = [max(a[r][c] for r in range(H)) for c in range(W)]  # max over rows
             row_prof = [max(a[r]) for r in range(H)]  # max over columns
-            xs = _ref_coords(_ref_density(col_prof, out_w, max_zoom, iters), out_w)
-            ys = _ref_coords(_ref_density(row_prof, out_h, max_zoom, iters), out_h)
+            if clip == "coupled":
+                dx, dy = _ref_densities_coupled([col_prof, row_prof], [out_w, out_h], max_zoom,
+                                                iters)
+            else:
+                dx = _ref_density(col_prof, out_w, max_zoom, iters)
+                dy = _ref_density(row_prof, out_h, max_zoom, iters)
+            xs, ys = _ref_coords(dx, out_w), _ref_coords(dy, out_h)
             # pixel index of a continuous coordinate x is x - 0.5, clamped at the border
             ex = torch.tensor([min(max(x - 0.5, 0.0), W - 1) for x in xs])
             ey = torch.tensor([min(max(y - 0.5, 0.0), H - 1) for y in ys])
@@ -201,24 +271,32 @@ def _peaked_map(H: int = 64, W: int = 64) -> torch.Tensor:
     return torch.exp(-((xx - 40) ** 2 + (yy - 20) ** 2) / 8.0)[None]  # (1, H, W), peak (20, 40)
 
 
+def _magnification(g: torch.Tensor, m: int) -> torch.Tensor:
+    """Local zoom of a 1-D grid relative to the uniform resize (its step is 2 / m)."""
+    return (2.0 / m) / (g[1:] - g[:-1])
+
+
 def test_peaked_map_magnifies_its_region_bounded_by_the_cap():
     att, n, m = _peaked_map(), 64, 32
-    uniform_step = 2.0 / m  # grid step of the plain resize, in grid units
     for max_zoom in (2.0, 4.0):
-        grid = attention_grid(att, (n, n), (m, m), max_zoom=max_zoom, iterations=5)
+        grid = attention_grid(att, (n, n), (m, m), max_zoom, 5, clip="per_axis")
         gx, gy = grid[0, 0, :, 0], grid[0, :, 0, 1]
         for g, centre in ((gx, 40.5), (gy, 20.5)):
-            step = g[1:] - g[:-1]
-            magnification = uniform_step / step  # local zoom relative to the uniform resize
+            magnification = _magnification(g, m)
             assert magnification.max() <= max_zoom * 1.01
             assert magnification.max() >= max_zoom * 0.95  # the cap is reached
             zoomed = (g[1:][magnification >= 0.95 * max_zoom] + 1) * n / 2  # pixel coords
             assert zoomed.min() - 1 < centre < zoomed.max() + 1  # the peak is magnified
             assert zoomed.max() - zoomed.min() < n / 2  # ... and not everything else
+        # coupled (official): the first pass clips at the cap, later passes only at
+        # min(max_x, max_y), so the peak ends above the cap by the spread mass, equal on x, y
+        grid = attention_grid(att, (n, n), (m, m), max_zoom, 5, clip="coupled")
+        zx = float(_magnification(grid[0, 0, :, 0], m).max())
+        zy = float(_magnification(grid[0, :, 0, 1], m).max())
+        assert max_zoom * 0.99 < zx < max_zoom * 1.5 and zy == pytest.approx(zx, rel=0.02)
     # without clipping the same map is magnified far beyond the cap (the test above can fail)
     grid = attention_grid(att, (n, n), (m, m), max_zoom=4.0, iterations=0)
-    step = grid[0, 0, 1:, 0] - grid[0, 0, :-1, 0]
-    assert (uniform_step / step).max() > 8.0
+    assert _magnification(grid[0, 0, :, 0], m).max() > 8.0
 
 
 def test_grid_is_monotone_separable_and_in_range():
@@ -249,9 +327,205 @@ def test_sampler_is_vectorised_per_image():
     torch.testing.assert_close(batched, single)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_half_precision_images_are_sampled_in_fp32(dtype, atol):
+    """A half-precision grid cannot address a 256-pixel axis (it gave NaN on CPU): the grid
+    and the interpolation stay fp32, the result comes back in the image dtype."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 256, 320, generator=gen)
+    att = torch.rand(2, 28, 28, generator=gen) ** 4
+    ref = attention_sample(images, att, 224)
+    half = images.to(dtype)
+    got = attention_sample(half, att, 224)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got, attention_sample(half.float(), att, 224).to(dtype),
+                               atol=0, rtol=0)  # exactly the fp32 computation, rounded
+    torch.testing.assert_close(got.float(), ref, atol=atol, rtol=0)
+    leaf = half.clone().requires_grad_()
+    attention_sample(leaf, att, 224).float().sum().backward()
+    assert leaf.grad.dtype == dtype and leaf.grad.abs().sum() > 0
+
+
+def test_changing_the_attention_map_changes_the_sampled_image():
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    left, right = _peaked_map(), _peaked_map().flip(-1)  # peak at column 40 vs 23
+    a = attention_sample(images, left, 32)
+    torch.testing.assert_close(attention_sample(images, left.clone(), 32), a)  # same map
+    b = attention_sample(images, right, 32)
+    assert float((a - b).abs().mean()) > 0.1  # pixels of [0, 1] images
+    # the magnified region moves with the peak: a column ramp shows which columns are read
+    ramp = torch.arange(64, dtype=torch.float32).expand(1, 1, 64, 64)
+    cols_a = attention_sample(ramp, left, 32)[0, 0, 0]
+    cols_b = attention_sample(ramp, right, 32)[0, 0, 0]
+    dense_a = cols_a[1:][(cols_a[1:] - cols_a[:-1]) < 1.0]  # input columns zoomed in
+    dense_b = cols_b[1:][(cols_b[1:] - cols_b[:-1]) < 1.0]
+    assert 30 < float(dense_a.mean()) < 50 and 13 < float(dense_b.mean()) < 33
+
+
 def test_sampler_rejects_bad_shapes():
     with pytest.raises(ValueError, match="attention"):
         attention_sample(torch.rand(2, 3, 8, 8), torch.rand(3, 4, 4), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler against a slow port of the official op
+# ---------------------------------------------------------------------------------------------
+# researchmm/tasn @ 5dba8cc: tasn-mxnet/example/tasn/model.py (``att_sample``: max-marginals,
+# normalised to sum 1) and tasn-mxnet/src/operator/contrib/att_sampler-inl.h
+# (``AttSamplerOp::Forward``: clipping and index computation; the .cu file only samples with
+# the grid, bilinear in align_corners=True units, zeros outside). Ported line by line, loops.
+
+def _official_marginals(att: torch.Tensor) -> tuple[list[float], list[float]]:
+    """``map_sx = max(att, axis=2)`` (each row's max: a profile over y) and ``map_sy =
+    max(att, axis=1)`` (over x), each divided by its sum. ``att``: (H, W), H == W."""
+    a = att.double().tolist()
+    n = len(a)
+    map_sx = [max(a[r][c] for c in range(n)) for r in range(n)]
+    map_sy = [max(a[r][c] for r in range(n)) for c in range(n)]
+    sx, sy = sum(map_sx), sum(map_sy)
+    return [v / sx for v in map_sx], [v / sy for v in map_sy]
+
+
+def _official_att_sampler(attx: list[float], atty: list[float], out_size: int,
+                          dense: float = 4.0, iters: int = 5) -> dict:
+    """``AttSamplerOp::Forward`` for one image (``att_size == in_size``, as in the official
+    512 -> 224 use; ``scale = out_size / in_size``). ``attx`` feeds the grid's y channel and
+    ``atty`` its x channel (``index_y`` is computed from ``mapxi``). Returns the clipped
+    densities, the cumulative sums, their steps and the indices (align_corners=True units)."""
+    att_size = len(attx)
+    in_size = att_size
+    scale = out_size / in_size
+    mapx = [v * out_size for v in attx]
+    mapy = [v * out_size for v in atty]
+    threshold = scale * dense * in_size / att_size
+    for j in range(iters):
+        map_maxx = 0.0
+        map_maxy = 0.0
+        for i in range(att_size):
+            map_maxx = map_maxx if map_maxx > mapx[i] else mapx[i]
+            map_maxy = map_maxy if map_maxy > mapy[i] else mapy[i]
+        map_maxx = map_maxy if map_maxx > map_maxy else map_maxx  # ONE threshold for both
+        threshold_in_use = map_maxx
+        if j == 0:
+            threshold_in_use = map_maxx if threshold > map_maxx else threshold
+        for i in range(att_size):
+            mapx[i] = threshold_in_use if mapx[i] > threshold_in_use else mapx[i]
+            mapy[i] = threshold_in_use if mapy[i] > threshold_in_use else mapy[i]
+        sumx, sumy = sum(mapx), sum(mapy)  # linalg_gemm with a ones vector
+        deltax = (out_size - sumx) / att_size
+        deltay = (out_size - sumy) / att_size
+        for i in range(att_size):
+            mapx[i] += deltax
+            mapy[i] += deltay
+    # cumulative sums: the buffers are created filled with 1 and element 0 is never written
+    mapxi = [1.0] * att_size
+    mapyi = [1.0] * att_size
+    for i in range(att_size - 1):
+        mapxi[i + 1] = mapxi[i] + mapx[i + 1]
+        mapyi[i + 1] = mapyi[i] + mapy[i + 1]
+    stepx = mapxi[att_size - 1] / out_size
+    stepy = mapyi[att_size - 1] / out_size
+    myscale = 2.0 / (att_size - 1)
+    index_y, index_x = [0.0] * out_size, [0.0] * out_size
+    for cum, step, index in ((mapxi, stepx, index_y), (mapyi, stepy, index_x)):
+        i = j = 0
+        while i < out_size:
+            if cum[j] >= i * step:
+                # i = 0 meets j = 0 and reads cum[-1]: out of bounds in the op (the previous
+                # image's total for b > 0, undefined for b = 0); a total puts x_0 at ~0
+                prev = cum[j - 1] if j > 0 else cum[att_size - 1]
+                index[i] = (j + (i * step - cum[j]) / (cum[j] - prev)) * myscale - 1.0
+                i += 1
+            else:
+                j += 1
+    return {"density_x": mapy, "density_y": mapx, "cum_x": mapyi, "cum_y": mapxi,
+            "step_x": stepy, "step_y": stepx, "index_x": index_x, "index_y": index_y}
+
+
+def _gaussian_map(n: int, cy: float, cx: float, sy: float, sx: float) -> torch.Tensor:
+    c = torch.arange(n, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    return torch.exp(-((xx - cx) ** 2 / (2 * sx ** 2) + (yy - cy) ** 2 / (2 * sy ** 2)))[None]
+
+
+OFFICIAL_MAPS = {  # (cy, cx, sigma_y, sigma_x) on a 512 image
+    "round": (256.0, 256.0, 28.0, 28.0),
+    "elongated": (256.0, 256.0, 8.5, 85.0),
+    "off-centre": (400.0, 110.0, 21.0, 32.0),
+}
+
+
+def _official_cdf(cum: list[float], p: float) -> float:
+    """The op's cumulative sum as a function of the pixel-centre position p (node j at p = j),
+    linear between nodes and beyond the ends."""
+    j = min(max(int(math.floor(p)), 0), len(cum) - 2)
+    return cum[j] + (p - j) * (cum[j + 1] - cum[j])
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_MAPS))
+def test_sampler_matches_official_op_port(name):
+    """Same clipped densities (hence the same zoom on x and y) as the official op, and the same
+    sampling positions up to the two documented index conventions.
+
+    Positions are compared in output pixels of the official op: ``s_i = G(p_i) / step`` is
+    where the official op would put the location our output ``i`` samples (``G`` the op's
+    cumulative sum, ``p_i`` our pixel-centre position). With equal densities,
+    ``G(p) = 1 - d_0 + F(p + 1)`` (``F`` our CDF; the op's cumsum starts at 1, not ``d_0``), our
+    ``F(p_i + 0.5) = i + 0.5`` (pixel centres) and the op targets ``i * step`` (left edges), so
+    ``s_i - i`` lies in ``[0.5, 1.5 + max(d) / 2]``: about one output pixel, everywhere.
+    """
+    n, m = 512, 224
+    att = _gaussian_map(n, *OFFICIAL_MAPS[name])
+    attx, atty = _official_marginals(att[0])
+    ref = _official_att_sampler(attx, atty, m)
+    ramp = torch.arange(n, dtype=torch.float32)
+    ramps = torch.stack([ramp.expand(n, n), ramp[:, None].expand(n, n)])[None]  # x, y index
+
+    dx, dy = zoom_bounded_densities(list(max_marginals(att)), [m, m])
+    for d, key in ((dx, "density_x"), (dy, "density_y")):
+        expected = torch.tensor(ref[key], dtype=torch.float64)
+        torch.testing.assert_close(d[0].double(), expected, rtol=1e-5, atol=1e-6)
+    zoom = [float(d.max()) * n / m for d in (dx, dy)]
+    ref_zoom = [max(ref[k]) * n / m for k in ("density_x", "density_y")]
+    assert zoom == pytest.approx(ref_zoom, rel=1e-5)
+
+    pos = attention_sample(ramps, att, m)[0]  # sampled ramps: our pixel-centre positions
+    for axis, p in (("x", pos[0, 0]), ("y", pos[1, :, 0])):
+        cum, step = ref[f"cum_{axis}"], ref[f"step_{axis}"]
+        s = torch.tensor([_official_cdf(cum, float(p[i])) / step - i for i in range(m)])
+        upper = 1.5 + 0.5 * max(ref[f"density_{axis}"])
+        assert 0.5 - 1e-3 <= float(s.min()) and float(s.max()) <= upper + 1e-3, (axis, s)
+        # the op's own positions, in pixels, advance with the same local zoom as ours
+        off = [(g + 1) * (n - 1) / 2 for g in ref[f"index_{axis}"]]  # align_corners=True
+        assert off[0] == pytest.approx(0.0, abs=1e-2) and 0 <= min(off) and max(off) < n - 1
+
+    # per-axis clipping, measured the same way, is not the official op (the test can fail)
+    px, py = zoom_bounded_densities(list(max_marginals(att)), [m, m], clip="per_axis")
+    gap = max(float((px[0].double() - torch.tensor(ref["density_x"], dtype=torch.float64))
+                    .abs().max()),
+              float((py[0].double() - torch.tensor(ref["density_y"], dtype=torch.float64))
+                    .abs().max()))
+    assert gap > 0.05
+
+
+def test_official_coupling_keeps_the_zoom_equal_on_an_elongated_part():
+    """On a part 10x longer than wide, the official op zooms both axes alike (its one
+    threshold is set by the flatter axis); per-axis clipping zooms across the part to the cap."""
+    n, m = 512, 224
+    att = _gaussian_map(n, *OFFICIAL_MAPS["elongated"])
+    ramp = torch.arange(n, dtype=torch.float32)
+    ramps = torch.stack([ramp.expand(n, n), ramp[:, None].expand(n, n)])[None]
+    zooms, pos = {}, {}
+    for clip in ("coupled", "per_axis"):
+        grid = attention_grid(att, n, m, clip=clip)
+        zooms[clip] = (float(_magnification(grid[0, 0, :, 0], m).max()),
+                       float(_magnification(grid[0, :, 0, 1], m).max()))
+        pos[clip] = attention_sample(ramps, att, m, clip=clip)[0, 1, :, 0]  # y positions
+    zx, zy = zooms["coupled"]
+    assert zy == pytest.approx(zx, rel=0.02) and zx < 3.0
+    px, py = zooms["per_axis"]
+    assert px == pytest.approx(zx, rel=0.02) and py == pytest.approx(4.0, rel=0.02)
+    assert float((pos["coupled"] - pos["per_axis"]).abs().max()) > 20  # pixels of the image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +574,49 @@ def test_distillation_teacher_gradient_option(detach):
     assert model.fc_master.weight.grad.abs().sum() > 0
     teacher_grad = model.fc_part.weight.grad
     assert (teacher_grad is None or teacher_grad.abs().sum() == 0) == detach
+
+
+def test_detail_channel_choice_moves_the_part_stream(monkeypatch):
+    """Training: the detail map's channel decides what the part-net sees, and only that."""
+    import finegrain.models.tasn as tasn_module
+    model = tiny_tasn().train()
+    images, y = torch.randn(2, 3, 40, 40), torch.tensor([0, 1])
+    with torch.no_grad():
+        maps, _ = model.attention_maps(images)
+    sums = maps.sum((2, 3))  # (B, c): two channels per image whose maps differ most
+    lo, hi = sums.argmin(1), sums.argmax(1)
+    assert not torch.equal(maps[0, lo[0]], maps[0, hi[0]])
+
+    store = _capture(model)
+    inputs: list = []
+    model.backbone.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+
+    def run(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def fixed(maps, distinct=True, generator=None):  # stands in for the random draw
+            return maps[torch.arange(maps.shape[0]), channels]
+        monkeypatch.setattr(tasn_module, "detail_map", fixed)
+        with torch.no_grad():
+            model(images, y)
+        return inputs[-1][:2], inputs[-1][2:], store["fc_part"][1]
+
+    detail_lo, structure_lo, z_part_lo = run(lo)
+    detail_hi, structure_hi, z_part_hi = run(hi)
+    detail_again, _, z_part_again = run(lo)
+    torch.testing.assert_close(detail_again, detail_lo)  # nothing else random
+    torch.testing.assert_close(structure_hi, structure_lo)  # the structure stream is unmoved
+    assert float((detail_lo - detail_hi).abs().mean()) > 1e-2  # the part-net input moves ...
+    assert not torch.allclose(z_part_lo, z_part_hi)  # ... and so do its logits
+
+
+def test_model_passes_the_clip_rule_to_the_sampler():
+    images = torch.randn(1, 3, 64, 64)
+    att = _gaussian_map(64, 32.0, 32.0, 1.0, 12.0)  # elongated: the two rules differ
+    for clip in ("coupled", "per_axis"):
+        model = tiny_tasn(clip=clip)
+        torch.testing.assert_close(model._sample(images, att),
+                                   attention_sample(images, att, 32, clip=clip))
+    assert not torch.allclose(tiny_tasn(clip="coupled")._sample(images, att),
+                              tiny_tasn(clip="per_axis")._sample(images, att))
 
 
 def test_eval_uses_average_map_and_master_path_only():

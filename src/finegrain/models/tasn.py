@@ -13,7 +13,8 @@ The file follows the paper (and ``spec/tasn.md``) top to bottom:
    structure-preserved map averages them (:func:`structure_map`), the detail-preserved map is
    one random map per image in training (:func:`detail_map`). Maps carry no gradient.
 2. Sec. 3.2, attention-based sampler (spec §2): max-marginals (:func:`max_marginals`),
-   zoom-bounded densities (:func:`zoom_bounded_density`), inverse CDF
+   zoom-bounded densities with one clipping threshold for x and y
+   (:func:`zoom_bounded_densities`), inverse CDF
    (:func:`inverse_cdf`), a separable grid (:func:`attention_grid`) and bilinear sampling
    (:func:`attention_sample`). Vectorised over the batch; differentiable w.r.t. the image.
 3. Sec. 3.3, part-net / master-net / distiller (spec §3): one ResNet-50 on
@@ -29,34 +30,52 @@ cumulative sum ``F`` is piecewise linear with ``F(0) = 0``, ``F(n) = m``. Output
 inside the bin. ``F.grid_sample(align_corners=False)`` uses the same convention
 (``g = 2 x / n - 1``: -1 and +1 are the outer edges of the border pixels), so a uniform map
 reproduces ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)`` exactly
-(``padding_mode="border"`` matches its clamping at the edges). The official op maps output
-``i`` to ``F^{-1}(i * step)`` with ``align_corners=True`` units, half a pixel off.
+(``padding_mode="border"`` matches its clamping at the edges). The official op
+(``att_sampler-inl.h``) differs in its index math, which we do not copy: output ``i`` samples
+where its cumulative sum reaches ``i * step`` (the left edge of the output pixel), nodes sit at
+pixel centres (``align_corners=True`` units), the cumulative-sum buffer starts at 1 instead of
+``d_0`` (it is created filled with ones and element 0 is never written) and ``i = 0`` reads one
+element before the buffer. Together these put its samples 0.5 to about 2 output pixels from
+ours (measured against a port of the op in ``tests/models/test_tasn.py``); the densities, hence
+the zoom, are the same.
 
 **Readings taken where the paper is silent (official code followed unless said otherwise).**
 
 - N1's scale: ``X`` is multiplied by 7 before N1 (official; ``attention_scale``).
-- Distinct maps: the official code only counts maps with distinct sums (channels whose ``X``
-  rows are all zero give identical maps); the structure map averages the distinct maps and the
-  detail map draws uniformly among them (``distinct_maps=True``). At test the detail map is the
-  plain average of all maps (official).
+- Distinct maps (``distinct_maps=True``): channels whose ``X`` rows are all zero give
+  bit-identical maps. The detail map draws uniformly among the groups of maps with exactly
+  equal sums (official ``detail_att``: ``argsort`` of the sums, ``!=`` between neighbours).
+  The structure map averages one map per group. The official ``structure_att`` meant the same
+  but builds its 0/1 mask in sorted order and applies it in channel order, unsorted, as a sum:
+  when all c sums differ (the usual case) it is the sum of all maps, which samples exactly as
+  our average does (the sampler normalises the scale away); when some sums tie it drops the
+  channels whose index equals a tied sorted position, not the duplicates. We do not copy that.
+  At test the detail map is the plain average of all maps (official: their sum).
 - The structure map is upsampled to the image, then squared (official; "a larger value for
   important regions"); ``square_structure=False`` gives the paper's plain average. The detail
   map is not squared.
-- Maps are upsampled to the image size with bilinear ``align_corners=False`` before the
-  max-marginals (official: bilinear to 512, then marginals).
-- The attention net sees the image resized (bilinear, no antialias, as the official
-  ``BilinearResize2D``) to ``attention_size``.
-- Zoom bound: each of ``clip_iterations`` passes clips the density at
-  ``max_zoom * m / n`` (``max_zoom`` times the uniform density) and spreads the clipped mass
-  evenly over all ``n`` pixels. The official op clips its later passes at
-  ``min(max_x, max_y)`` instead, which leaves the density above the cap by the spread mass;
-  ours converges to the cap (at least 4x less excess per pass, since at most ``n / max_zoom``
-  pixels can sit at the cap). ``max_zoom`` is the magnification relative to the uniform resize.
+- Resizes use bilinear ``align_corners=False`` without antialiasing: the image to
+  ``attention_size`` for the attention net, and the maps to the image size before the
+  max-marginals. **Deviation**: the official ``BilinearResize2D`` is ``align_corners=True``
+  (source = dst * (in - 1) / (out - 1)). For a 28 x 28 map upsampled to 512 the two put the
+  sampling grid up to 8 px apart (1.2 px on average, random maps).
+- Zoom bound (``clip="coupled"``, official): each of ``clip_iterations`` passes clips both
+  marginal densities at ONE threshold, ``min(max_zoom, max_x, max_y)`` on the first pass
+  (``max_zoom`` times the uniform density) and ``min(max_x, max_y)`` on the later ones, and
+  spreads the clipped mass evenly. This keeps the zoom about equal on x and y (a 512 image
+  with a part 10x longer than wide: 2.41 / 2.41), and the peak may end above ``max_zoom`` by
+  the spread mass (4.25 for a round part). ``clip="per_axis"`` clips each axis at
+  ``max_zoom`` on every pass, converging to it (2.41 / 4.00 on that part).
+- Half-precision images are sampled in fp32 and returned in their dtype: a bf16 grid cannot
+  address a 256-pixel axis to within a pixel and gave NaN on CPU.
 - The attention net is a timm ResNet (post-activation, torchvision key names, so ImageNet
   ``resnet18`` files load into ``attention.body``); the official uses MXNet's pre-activation
   ResNet. Dilated convs: Kaiming-normal init, zero bias.
-- Losses are means over the batch (the official sums over the batch everywhere, the same
-  relative weights). In eval mode with targets only the returned logits' CE is computed.
+- Losses are means over the batch. The official symbols sum over the batch
+  (``SoftmaxOutput`` with ``normalization="null"``, ``make_loss``), but ``mx.mod.Module``
+  sets the optimizer's default ``rescale_grad = 1 / batch_size`` (96, all GPUs), so the
+  gradient it applies is that of the batch mean: the same loss, and lr 0.1 means the same
+  step. In eval mode with targets only the returned logits' CE is computed.
 - Training ``logits`` (for accuracy logging) are the test-time ones: shared ``fc`` on the
   structure stream (official ``master_net_aux``, 87.0 on CUB); ``test_head="master"`` uses
   ``fc_master``. ``embedding`` is the L2-normalised pooled structure feature.
@@ -79,7 +98,7 @@ log = logging.getLogger("finegrain")
 
 __all__ = ["AttentionNet", "TASN", "attention_grid", "attention_sample", "detail_map",
            "distinct_maps_mask", "inverse_cdf", "max_marginals", "structure_map",
-           "trilinear_attention", "zoom_bounded_density"]
+           "trilinear_attention", "zoom_bounded_densities", "zoom_bounded_density"]
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -175,23 +194,23 @@ def trilinear_attention(features: torch.Tensor, scale: float = 7.0) -> torch.Ten
     return (n2 @ x).reshape(B, c, h, w)  # M(X), (B, c, h, w)
 
 
-def distinct_maps_mask(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
-    """One ``True`` per group of maps with equal sums (official ``structure_att`` /
-    ``detail_att``): duplicates, e.g. the maps of all-zero feature channels, count once.
+def distinct_maps_mask(maps: torch.Tensor) -> torch.Tensor:
+    """One ``True`` per group of maps with exactly equal sums (official ``detail_att``:
+    ``np.argsort`` of the sums, a new group wherever a sorted sum ``!=`` its predecessor):
+    duplicates, e.g. the maps of all-zero feature channels, count once. Equality is exact (a
+    map differing by one ulp is its own group), so groups cannot chain.
 
     Args:
         maps: (B, c, h, w) attention maps.
-        rtol: sums closer than ``rtol * max |sum|`` count as equal.
 
     Returns:
-        (B, c) bool mask, at least one ``True`` per image.
+        (B, c) bool mask, at least one ``True`` per image (the first channel of each group in
+        a stable sort).
     """
-    B, c = maps.shape[:2]
     sums = maps.float().sum((2, 3))  # (B, c)
     sorted_sums, order = sums.sort(dim=1, stable=True)
-    tol = rtol * sums.abs().amax(1, keepdim=True)  # (B, 1)
     first = torch.ones_like(sorted_sums, dtype=torch.bool)  # first of each group, sorted order
-    first[:, 1:] = (sorted_sums[:, 1:] - sorted_sums[:, :-1]) > tol
+    first[:, 1:] = sorted_sums[:, 1:] != sorted_sums[:, :-1]
     return torch.zeros_like(first).scatter(1, order, first)  # back to channel order
 
 
@@ -239,37 +258,80 @@ def max_marginals(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return attention.amax(1), attention.amax(2)
 
 
-def zoom_bounded_density(profile: torch.Tensor, out_len: int, max_zoom: float = 4.0,
-                         iterations: int = 5) -> torch.Tensor:
-    """Normalise a non-negative profile into a sampling density with a bounded zoom (step 2).
+CLIP_RULES = ("coupled", "per_axis")
 
-    The profile is scaled to sum to ``out_len`` (output pixels per input pixel; uniform
-    density ``out_len / n``). Each of ``iterations`` passes clips it at
-    ``max_zoom * out_len / n`` and spreads the clipped mass evenly over all ``n`` pixels, so
-    every pixel keeps a minimum density and none is magnified much more than ``max_zoom``
-    times the uniform resize. A profile summing to 0 becomes uniform. Computed in fp32.
 
-    Args:
-        profile: (B, n) non-negative marginal.
-        out_len: output length m; the result sums to it.
-        max_zoom: zoom cap relative to the uniform density (official: 4); >= 1.
-        iterations: clipping passes (official: 5); 0 disables the cap.
-
-    Returns:
-        (B, n) density summing to ``out_len``.
-    """
+def _check_clip(max_zoom: float, clip: str) -> None:
     if max_zoom < 1:
         raise ValueError(f"max_zoom must be >= 1 (relative to the uniform density), got {max_zoom}")
-    B, n = profile.shape
+    if clip not in CLIP_RULES:
+        raise ValueError(f"clip must be one of {CLIP_RULES}, got {clip!r}")
+
+
+def _relative_density(profile: torch.Tensor) -> torch.Tensor:
+    """A non-negative (B, n) profile scaled to mean 1 (the uniform density is 1); a profile
+    summing to 0 becomes uniform. fp32."""
     p = profile.float().clamp_min(0)
+    n = p.shape[-1]
     total = p.sum(-1, keepdim=True)  # (B, 1)
-    d = torch.where(total > 0, p * (out_len / total.clamp_min(torch.finfo(p.dtype).tiny)),
-                    torch.full_like(p, out_len / n))
-    cap = max_zoom * out_len / n
-    for _ in range(iterations):  # a loop over passes; every image at once
-        d = d.clamp(max=cap)
-        d = d + (out_len - d.sum(-1, keepdim=True)) / n
-    return d
+    return torch.where(total > 0, p * (n / total.clamp_min(torch.finfo(p.dtype).tiny)),
+                       torch.ones_like(p))
+
+
+def zoom_bounded_densities(profiles: Sequence[torch.Tensor], out_lens: Sequence[int],
+                           max_zoom: float = 4.0, iterations: int = 5,
+                           clip: str = "coupled") -> list[torch.Tensor]:
+    """Normalise the marginals of one map into sampling densities with a bounded zoom (step 2).
+
+    Each profile (length ``n``) is scaled to sum to its output length ``m`` (output pixels per
+    input pixel; the uniform resize has density ``m / n``). Work in zoom units
+    ``z = d n / m`` (1 = uniform). Each of ``iterations`` passes clips every ``z`` at a
+    threshold ``t`` and spreads the clipped mass evenly, ``z += 1 - mean(z)``, so every pixel
+    keeps a minimum density:
+
+    - ``clip="coupled"`` (official ``AttSampler``): ONE threshold for all axes,
+      ``t = min(max_zoom, max z_x, max z_y)`` on the first pass and ``t = min(max z_x, max z_y)``
+      on the later ones, which pulls the peak zoom of the axes together (a narrow, elongated
+      part is not magnified more across than along it). The later passes do not re-apply
+      ``max_zoom``: the peak may end above it by the spread mass.
+    - ``clip="per_axis"``: ``t = max_zoom`` on every pass and each axis on its own; the peak
+      converges to ``max_zoom`` (each pass leaves at most a quarter of the excess at 4x).
+
+    The official op is square-only and compares densities in output pixels per input pixel;
+    for non-square sizes the axes are coupled in zoom units (relative to their own uniform
+    density), which is the same thing when ``n`` and ``m`` match across axes. fp32.
+
+    Args:
+        profiles: (B, n_a) non-negative marginals, one per axis (x then y by convention).
+        out_lens: output length m_a of each axis; result ``a`` sums to ``out_lens[a]``.
+        max_zoom: zoom cap relative to the uniform density (official ``dense``: 4); >= 1.
+        iterations: clipping passes (official: 5); 0 disables the cap.
+        clip: ``"coupled"`` (official) or ``"per_axis"``.
+
+    Returns:
+        list of (B, n_a) densities, in the order of ``profiles``.
+    """
+    _check_clip(max_zoom, clip)
+    zs = [_relative_density(p) for p in profiles]
+    for j in range(iterations):  # a loop over passes; every image and axis at once
+        if clip == "coupled":
+            t = torch.stack([z.amax(-1) for z in zs]).amin(0)[:, None]  # (B, 1): min_a max z_a
+            if j == 0:
+                t = t.clamp(max=max_zoom)
+            zs = [torch.minimum(z, t) for z in zs]
+        else:
+            zs = [z.clamp(max=max_zoom) for z in zs]
+        zs = [z + (1.0 - z.mean(-1, keepdim=True)) for z in zs]  # spread the clipped mass
+    return [z * (m / z.shape[-1]) for z, m in zip(zs, out_lens)]
+
+
+def zoom_bounded_density(profile: torch.Tensor, out_len: int, max_zoom: float = 4.0,
+                         iterations: int = 5) -> torch.Tensor:
+    """One axis on its own (``clip="per_axis"`` of :func:`zoom_bounded_densities`): each pass
+    clips at ``max_zoom * out_len / n`` and spreads the clipped mass evenly over the ``n``
+    pixels. (B, n) -> (B, n) density summing to ``out_len``. A profile summing to 0 becomes
+    uniform."""
+    return zoom_bounded_densities([profile], [out_len], max_zoom, iterations, "per_axis")[0]
 
 
 def inverse_cdf(density: torch.Tensor, out_len: int) -> torch.Tensor:
@@ -298,21 +360,24 @@ def inverse_cdf(density: torch.Tensor, out_len: int) -> torch.Tensor:
 
 def attention_grid(attention: torch.Tensor, image_size: int | Sequence[int],
                    out_size: int | Sequence[int], max_zoom: float = 4.0,
-                   iterations: int = 5) -> torch.Tensor:
-    """The separable sampling grid of an attention map (steps 1 to 3), no gradient.
+                   iterations: int = 5, clip: str = "coupled") -> torch.Tensor:
+    """The separable sampling grid of an attention map (steps 1 to 3), no gradient, fp32.
 
     Args:
         attention: (B, h, w) non-negative map, bilinearly upsampled to ``image_size`` first
             if its size differs.
         image_size: (H, W) of the image to sample (or an int).
         out_size: (h_out, w_out) of the sampled image (or an int).
-        max_zoom: zoom cap relative to the uniform resize.
+        max_zoom: zoom cap relative to the uniform resize (first pass when coupled).
         iterations: clipping passes.
+        clip: ``"coupled"`` (official: one threshold for x and y) or ``"per_axis"``; see
+            :func:`zoom_bounded_densities`.
 
     Returns:
-        (B, h_out, w_out, 2) grid for ``F.grid_sample(align_corners=False)``: ``[..., 0]``
-        is x (depends on the column only), ``[..., 1]`` is y (depends on the row only).
+        (B, h_out, w_out, 2) fp32 grid for ``F.grid_sample(align_corners=False)``:
+        ``[..., 0]`` is x (depends on the column only), ``[..., 1]`` is y (on the row only).
     """
+    _check_clip(max_zoom, clip)
     H, W = _pair(image_size)
     out_h, out_w = _pair(out_size)
     with torch.no_grad(), torch.autocast(attention.device.type, enabled=False):
@@ -322,39 +387,47 @@ def attention_grid(attention: torch.Tensor, image_size: int | Sequence[int],
             a = F.interpolate(a[:, None], size=(H, W), mode="bilinear",
                               align_corners=False)[:, 0]  # (B, H, W)
         columns, rows = max_marginals(a)  # (B, W), (B, H)
-        gx = inverse_cdf(zoom_bounded_density(columns, out_w, max_zoom, iterations), out_w)
-        gy = inverse_cdf(zoom_bounded_density(rows, out_h, max_zoom, iterations), out_h)
+        dx, dy = zoom_bounded_densities([columns, rows], [out_w, out_h], max_zoom,
+                                        iterations, clip)
+        gx, gy = inverse_cdf(dx, out_w), inverse_cdf(dy, out_h)  # (B, out_w), (B, out_h)
         return torch.stack([gx[:, None, :].expand(B, out_h, out_w),
                             gy[:, :, None].expand(B, out_h, out_w)], dim=-1)
 
 
 def attention_sample(images: torch.Tensor, attention: torch.Tensor,
                      out_size: int | Sequence[int], max_zoom: float = 4.0,
-                     iterations: int = 5) -> torch.Tensor:
+                     iterations: int = 5, clip: str = "coupled") -> torch.Tensor:
     """Attention-based non-uniform sampling (paper Sec. 3.2, spec §2).
 
-    Regions with high attention are magnified (at most ``max_zoom`` times the uniform resize)
-    while the whole image stays in view. Batched; no loop over images or pixels; the result is
-    differentiable w.r.t. ``images`` and carries no gradient into ``attention``. A uniform
-    map gives exactly ``F.interpolate(images, out_size, mode="bilinear",
+    Regions with high attention are magnified (about ``max_zoom`` times the uniform resize at
+    most) while the whole image stays in view. Batched; no loop over images or pixels; the
+    result is differentiable w.r.t. ``images`` and carries no gradient into ``attention``. A
+    uniform map gives exactly ``F.interpolate(images, out_size, mode="bilinear",
     align_corners=False)`` (see the module docstring for the coordinate convention).
+    Half-precision images are sampled in fp32 (a bf16 grid cannot address a 256-pixel axis
+    to within a pixel) and returned in their own dtype.
 
     Args:
-        images: (B, C, H, W) images.
+        images: (B, C, H, W) images (any float dtype).
         attention: (B, h, w) non-negative attention map (any resolution).
         out_size: int or (h_out, w_out) of the sampled images.
         max_zoom: zoom cap relative to the uniform resize (official: 4).
         iterations: clipping passes (official: 5).
+        clip: ``"coupled"`` (official, default) or ``"per_axis"``; see
+            :func:`zoom_bounded_densities`.
 
     Returns:
-        (B, C, h_out, w_out) sampled images.
+        (B, C, h_out, w_out) sampled images, dtype of ``images``.
     """
     if images.ndim != 4 or attention.ndim != 3 or images.shape[0] != attention.shape[0]:
         raise ValueError(f"expected images (B, C, H, W) and attention (B, h, w); got "
                          f"{tuple(images.shape)} and {tuple(attention.shape)}")
-    grid = attention_grid(attention, images.shape[-2:], out_size, max_zoom, iterations)
-    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear",
-                         padding_mode="border", align_corners=False)
+    grid = attention_grid(attention, images.shape[-2:], out_size, max_zoom, iterations, clip)
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    with torch.autocast(images.device.type, enabled=False):
+        out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+    return out.to(images.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +460,8 @@ class TASN(nn.Module):
         distinct_maps: use only maps with distinct sums (official True).
         max_zoom: sampler zoom cap relative to the uniform resize (official 4).
         clip_iterations: sampler clipping passes (official 5).
+        clip: sampler clipping rule, ``"coupled"`` (official: one threshold for x and y) or
+            ``"per_axis"`` (:func:`zoom_bounded_densities`).
         head_weight: weight of each of the four backbone CE heads (official 0.5).
         attention_weight: weight of the attention net's CE (official 1.0).
         distill_weight: weight lambda of the distillation loss (official 1.0).
@@ -404,7 +479,8 @@ class TASN(nn.Module):
                  attention_backbone: str = "resnet18", sample_size: int | tuple[int, int] = 224,
                  attention_size: int | tuple[int, int] = 224, attention_scale: float = 7.0,
                  square_structure: bool = True, distinct_maps: bool = True,
-                 max_zoom: float = 4.0, clip_iterations: int = 5, head_weight: float = 0.5,
+                 max_zoom: float = 4.0, clip_iterations: int = 5, clip: str = "coupled",
+                 head_weight: float = 0.5,
                  attention_weight: float = 1.0, distill_weight: float = 1.0,
                  distill_temperature: float = 10.0, detach_teacher: bool = False,
                  t2_scale: bool = False, test_head: str = "shared",
@@ -413,8 +489,7 @@ class TASN(nn.Module):
         super().__init__()
         if test_head not in ("shared", "master"):
             raise ValueError(f"test_head must be 'shared' or 'master', got {test_head!r}")
-        if max_zoom < 1:
-            raise ValueError(f"max_zoom must be >= 1, got {max_zoom}")
+        _check_clip(max_zoom, clip)
         self.num_classes = num_classes
         self.sample_size = _pair(sample_size)
         self.attention_size = _pair(attention_size)
@@ -423,6 +498,7 @@ class TASN(nn.Module):
         self.distinct_maps = distinct_maps
         self.max_zoom = max_zoom
         self.clip_iterations = clip_iterations
+        self.clip = clip
         self.head_weight = head_weight
         self.attention_weight = attention_weight
         self.distill_weight = distill_weight
@@ -466,7 +542,8 @@ class TASN(nn.Module):
         return maps, logits
 
     def _to_image(self, attention: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) -> (B, H, W), bilinear, as the official ``BilinearResize2D`` to 512."""
+        """(B, h, w) -> (B, H, W), bilinear ``align_corners=False`` (the official
+        ``BilinearResize2D`` to 512 is ``align_corners=True``: a documented deviation)."""
         return F.interpolate(attention[:, None].float(), size=images.shape[-2:],
                              mode="bilinear", align_corners=False)[:, 0]
 
@@ -484,7 +561,7 @@ class TASN(nn.Module):
 
     def _sample(self, images: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         return attention_sample(images, attention, self.sample_size, self.max_zoom,
-                                self.clip_iterations)
+                                self.clip_iterations, self.clip)
 
     # -- Sec. 3.3: part-net / master-net ------------------------------------------------------
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
