@@ -619,6 +619,34 @@ def test_model_passes_the_clip_rule_to_the_sampler():
                               tiny_tasn(clip="per_axis")._sample(images, att))
 
 
+def test_uniform_sampler_map_is_the_same_compute_without_zoom():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    model = tiny_tasn(sampler_map="uniform").eval()
+    att = _gaussian_map(64, 20.0, 40.0, 4.0, 4.0).expand(2, -1, -1)
+    resized = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model._sample(images, att), resized, rtol=1e-4, atol=1e-4)
+    paper = tiny_tasn().eval()
+    paper.load_state_dict(model.state_dict())
+    assert not torch.allclose(paper._sample(images, att), model._sample(images, att), atol=1e-3)
+    calls = []
+    model.attention.register_forward_hook(lambda *a: calls.append(1))
+    model.train()(images, targets=torch.tensor([0, 1]))
+    assert calls == [1]  # the attention net still runs (and trains): same compute
+    with pytest.raises(ValueError, match="sampler_map"):
+        tiny_tasn(sampler_map="none")
+
+
+def test_attention_pretrained_takes_a_finegrain_classifier_file(tmp_path):
+    from safetensors.torch import save_file
+    clf = create_model("resnet18", num_classes=7, backbone_kwargs=TINY)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(path))
+    model = tiny_tasn(attention_pretrained=str(path))
+    torch.testing.assert_close(model.attention.body.layer3[1].conv2.weight,
+                               clf.backbone.layer3[1].conv2.weight)
+
+
 def test_eval_uses_average_map_and_master_path_only():
     model = tiny_tasn().eval()
     store = _capture(model)

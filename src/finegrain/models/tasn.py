@@ -462,6 +462,9 @@ class TASN(nn.Module):
         clip_iterations: sampler clipping passes (official 5).
         clip: sampler clipping rule, ``"coupled"`` (official: one threshold for x and y) or
             ``"per_axis"`` (:func:`zoom_bounded_densities`).
+        sampler_map: ``"attention"`` (the paper) or ``"uniform"``: the control that feeds the
+            sampler a constant map (a plain resize, no zoom) while every other computation,
+            the attention net and its loss included, stays the same (same compute).
         head_weight: weight of each of the four backbone CE heads (official 0.5).
         attention_weight: weight of the attention net's CE (official 1.0).
         distill_weight: weight lambda of the distillation loss (official 1.0).
@@ -469,7 +472,8 @@ class TASN(nn.Module):
         detach_teacher: stop the distillation gradient into the part-net (official False).
         t2_scale: multiply the distillation loss by T^2 (official False).
         test_head: ``"shared"`` (official ``master_net_aux``) or ``"master"`` (``fc_master``).
-        attention_pretrained: local ImageNet weights file (timm / torchvision ``resnet18``)
+        attention_pretrained: local ImageNet weights file (timm / torchvision ``resnet18``, or
+            a finegrain file of a ResNet classifier: its ``backbone.`` prefix is dropped)
             loaded into ``attention.body`` here; missing / unexpected keys are logged.
         backbone_kwargs: extra timm arguments of the backbone (tiny demo configs).
         attention_backbone_kwargs: extra timm arguments of the attention net's ResNet.
@@ -480,6 +484,7 @@ class TASN(nn.Module):
                  attention_size: int | tuple[int, int] = 224, attention_scale: float = 7.0,
                  square_structure: bool = True, distinct_maps: bool = True,
                  max_zoom: float = 4.0, clip_iterations: int = 5, clip: str = "coupled",
+                 sampler_map: str = "attention",
                  head_weight: float = 0.5,
                  attention_weight: float = 1.0, distill_weight: float = 1.0,
                  distill_temperature: float = 10.0, detach_teacher: bool = False,
@@ -487,6 +492,9 @@ class TASN(nn.Module):
                  attention_pretrained: str | None = None, backbone_kwargs: dict | None = None,
                  attention_backbone_kwargs: dict | None = None):
         super().__init__()
+        if sampler_map not in ("attention", "uniform"):
+            raise ValueError(f"sampler_map must be 'attention' or 'uniform', got {sampler_map!r}")
+        self.sampler_map = sampler_map
         if test_head not in ("shared", "master"):
             raise ValueError(f"test_head must be 'shared' or 'master', got {test_head!r}")
         _check_clip(max_zoom, clip)
@@ -520,8 +528,10 @@ class TASN(nn.Module):
     def load_attention_pretrained(self, path: str) -> None:
         """Load an ImageNet ResNet file (timm / torchvision names) into ``attention.body``."""
         from .weights import load_into, load_state_dict_file
-        report = load_into(self.attention.body, load_state_dict_file(path), path,
-                           "attention.body")
+        sd = load_state_dict_file(path)
+        if sd and all(k.startswith("backbone.") or k.startswith("head.") for k in sd):
+            sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        report = load_into(self.attention.body, sd, path, "attention.body")
         log.info(str(report))
 
     # -- Sec. 3.1: attention maps --------------------------------------------------------------
@@ -560,6 +570,8 @@ class TASN(nn.Module):
         return self._to_image(a, images)
 
     def _sample(self, images: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        if self.sampler_map == "uniform":  # the control: same compute, no zoom
+            attention = torch.ones_like(attention)
         return attention_sample(images, attention, self.sample_size, self.max_zoom,
                                 self.clip_iterations, self.clip)
 
