@@ -182,7 +182,7 @@ def _cmd_data(a) -> int:
 
 def _cmd_demo(a) -> int:
     from .demo import run_demo
-    run_demo(seeds=a.seeds, out=a.out, only=a.only, jobs=a.jobs)
+    run_demo(seeds=a.seeds, out=a.out, only=a.only, jobs=a.jobs, ablations=a.ablations)
     return 0
 
 
@@ -221,6 +221,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     dm.add_argument("--seeds", type=int, default=1)
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--only", nargs="*", help="run only these entries (fgvc reid tasn dml dalg)")
+    dm.add_argument("--ablations", action="store_true",
+                    help="also the arms that test each mechanism (DCAL random selection, GLCA / "
+                         "PWCA only, TASN uniform map, cross-image lambda 0, DALG orthogonal "
+                         "fusion, equal-compute baselines)")
     dm.add_argument("--jobs", type=int, default=2, help="training runs in parallel (1 thread "
                                                          "each)")
     try:

@@ -92,3 +92,43 @@ def plot_curves(metrics_csv: str, out_png: str) -> str:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def plot_paired_differences(rows: list[dict], out_png: str) -> str | None:
+    """The demo's paired differences (method - baseline, points) with their 95% intervals,
+    one line per comparison and metric; green / red where the interval excludes 0 (method /
+    baseline better), grey otherwise. ``rows``: :func:`finegrain.demo.run_demo`'s rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = []
+    for r in rows:
+        for c in r["comparisons"]:
+            for m in r["metrics"]:
+                st = c["stats"].get(m)
+                if st is not None:
+                    items.append((f"{c['label']}  [{m}]", st))
+    if not items:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(items) + 1.2))
+    for i, (label, st) in enumerate(reversed(items)):
+        d = 100 * st["diff_mean"]
+        colour = {"method": "tab:green", "baseline": "tab:red"}.get(st["verdict"], "0.45")
+        if st["ci_low"] is not None:
+            lo, hi = 100 * st["ci_low"], 100 * st["ci_high"]
+            ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=colour, capsize=3)
+        else:
+            ax.plot(d, i, "o", color=colour, mfc="none")
+        for s in st.get("per_seed", []):
+            ax.plot(100 * (s["method"] - s["baseline"]), i, ".", color=colour, alpha=0.35)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(items)))
+    ax.set_yticklabels([lab for lab, _ in reversed(items)], fontsize=8)
+    n = max(st["n"] for _, st in items)
+    ax.set_xlabel(f"method - baseline (points); dots: seeds; bars: 95% t interval, {n} seed(s)")
+    ax.set_title("finegrain demo: paired differences", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -45,13 +45,17 @@ _PALETTE = np.array([[200, 60, 50], [60, 140, 200], [80, 170, 80], [210, 180, 60
                      [150, 90, 180], [230, 130, 40], [90, 90, 90], [170, 120, 90]], np.float32)
 
 
-def class_parts(num_classes: int, seed: int = 0) -> list[tuple[int, int, int]]:
-    """Distinct part combinations for ``num_classes`` classes (a fixed, seeded choice)."""
+def class_parts(num_classes: int, seed: int = 0, offset: int = 0) -> list[tuple[int, int, int]]:
+    """Distinct part combinations for ``num_classes`` classes: positions ``[offset, offset +
+    num_classes)`` of one seeded permutation of the 64 combinations. Sets with offset 0 nest
+    (10 classes are among 24); ``offset=k`` gives classes disjoint from every set of at most
+    ``k`` classes with the same seed (the demo's pretraining set)."""
     combos = [(h, w, t) for h in range(len(HEAD_MARKS)) for w in range(len(WING_BARS))
               for t in range(len(TAIL_TIPS))]
-    if num_classes > len(combos):
-        raise ValueError(f"at most {len(combos)} synthetic classes (asked {num_classes})")
-    order = np.random.default_rng(seed).permutation(len(combos))[:num_classes]
+    if offset < 0 or offset + num_classes > len(combos):
+        raise ValueError(f"at most {len(combos)} synthetic classes (asked {num_classes} from "
+                         f"position {offset})")
+    order = np.random.default_rng(seed).permutation(len(combos))[offset:offset + num_classes]
     return [combos[i] for i in sorted(order)]
 
 
@@ -153,6 +157,7 @@ class FGVCConfig:
     test_per_class: int = 20
     size: int = 96
     seed: int = 0
+    class_offset: int = 0  # > 0: classes disjoint from smaller sets (see class_parts)
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,8 @@ class ReIDConfig:
 
 
 def _folder(root: str | None, kind: str, cfg) -> str:
-    tag = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    d = {k: v for k, v in asdict(cfg).items() if not (k == "class_offset" and v == 0)}
+    tag = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]  # old tags kept
     return os.path.join(root or DEFAULT_CACHE, f"{kind}-{tag}")
 
 
@@ -189,7 +195,7 @@ def generate_cub(root: str | None = None, cfg: FGVCConfig = FGVCConfig(),
     if _done(folder):
         return folder
     os.makedirs(folder, exist_ok=True)
-    parts = class_parts(cfg.num_classes, cfg.seed)
+    parts = class_parts(cfg.num_classes, cfg.seed, cfg.class_offset)
     images, labels, split, boxes, classes = [], [], [], [], []
     img_id = 0
     for ci, p in enumerate(parts):

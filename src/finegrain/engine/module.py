@@ -100,7 +100,9 @@ class FinegrainModule(pl.LightningModule):
         kwargs = dict(model_kwargs or {})
         if num_classes:
             kwargs["num_classes"] = num_classes
-        self.model = create_model(model_name, pretrained=pretrained, **kwargs)
+        # the recipe decides the model's arguments, also when it starts from a finegrain file
+        self.model = create_model(model_name, pretrained=pretrained, inherit_kwargs=False,
+                                  **kwargs)
         # what a checkpoint needs to describe itself; stored beside (not in) the hparams,
         # which LightningCLI feeds back as arguments on resume
         # (weight-file paths are not part of the model: a checkpoint must rebuild anywhere)

@@ -1,8 +1,8 @@
 """``finegrain train``: LightningCLI ``fit`` with the run folder of DESIGN.md.
 
 ``runs/<date>-<recipe>/`` holds ``config.yaml`` (resolved), ``metrics.csv``, ``metrics.json``,
-``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and at each epoch end), ``best.ckpt``,
-``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN`` continues exactly
+``progress.json`` (step, ETA), ``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and
+at each epoch end), ``best.ckpt``, ``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN`` continues exactly
 from ``RUN/last.ckpt`` (optimizer, scheduler, scaler, RNG, sampler position) and warns naming
 every config key that changed; ``--init-weights FILE`` only loads weights.
 """
@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import time
 import warnings
 from typing import Any
 
@@ -51,6 +52,52 @@ class LastCheckpoint(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._save(trainer)
+
+
+class ProgressFile(Callback):
+    """``progress.json`` in the run folder, rewritten at most every ``interval`` seconds and at
+    each epoch end: step, total steps, epoch, elapsed seconds and ETA. Lets another process
+    (``finegrain demo``, a cluster dashboard) show how far a run is without parsing logs."""
+
+    def __init__(self, run_dir: str, interval: float = 2.0):
+        self.path = os.path.join(run_dir, "progress.json")
+        self.interval = interval
+        self._t0 = self._last = None
+        self._step0 = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0 = self._last = time.time()
+        self._step0 = trainer.global_step  # a resumed run: rate from the steps done here
+
+    def _total(self, trainer) -> int | None:
+        dm = getattr(trainer, "datamodule", None)
+        per_epoch = dm.steps_per_epoch() if hasattr(dm, "steps_per_epoch") else None
+        total = per_epoch * trainer.max_epochs if per_epoch and trainer.max_epochs and \
+            trainer.max_epochs > 0 else None
+        if trainer.max_steps and trainer.max_steps > 0:
+            total = min(total, trainer.max_steps) if total else trainer.max_steps
+        return total
+
+    def _write(self, trainer, force: bool = False) -> None:
+        now = time.time()
+        if not trainer.is_global_zero or self._t0 is None or \
+                (not force and now - self._last < self.interval):
+            return
+        self._last = now
+        step, total = trainer.global_step, self._total(trainer)
+        done, elapsed = step - self._step0, now - self._t0
+        eta = (total - step) * elapsed / done if total and done > 0 else None
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "total": total, "epoch": trainer.current_epoch,
+                       "elapsed_s": elapsed, "eta_s": eta}, f)
+        os.replace(tmp, self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._write(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._write(trainer, force=True)
 
 
 class RunFolder(Callback):
@@ -212,6 +259,7 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
                                       mode="max", save_top_k=1, enable_version_counter=False,
                                       auto_insert_metric_name=False, save_last=False),
                       LastCheckpoint(run_dir, known.every), RunFolder(run_dir),
+                      ProgressFile(run_dir),
                       *(callbacks or [])],
     }
     # we pass `finegrain train`'s own argv as args: LightningCLI's "args and sys.argv" warning

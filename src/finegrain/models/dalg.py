@@ -420,3 +420,10 @@ def dalg_vit_small_patch16_224(**kwargs) -> DALG:
 def dalg_deit_tiny_patch16_224(**kwargs) -> DALG:
     """DALG on DeiT-Ti/16 (tests and the demo, with ``backbone_kwargs`` for tinier ones)."""
     return _create_dalg("deit_tiny_patch16_224", **kwargs)
+
+
+@register_model
+def dalg_vit_tiny_r_s16_p8_224(**kwargs) -> DALG:
+    """DALG on the R+ViT-Ti hybrid (ResNet stem + ViT-Ti): the demo's small DALG, sharing the
+    pretrained backbone of the demo's DCAL."""
+    return _create_dalg("vit_tiny_r_s16_p8_224", **kwargs)

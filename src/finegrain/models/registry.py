@@ -38,7 +38,8 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
-def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool = True,
+                 **kwargs) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -46,6 +47,10 @@ def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Modul
         pretrained: weights to load: a local file (``.safetensors``, ``.pth``, ``.bin``, timm
             ``.npz``, a finegrain ``.ckpt``) or a Hub tag (``hf-hub:...``/``timm/...``, needs
             internet). Missing / unexpected keys are reported by name.
+        inherit_kwargs: a finegrain file of the *same* model name describes itself: its stored
+            arguments are the defaults under ``kwargs``. False: ``kwargs`` alone (a training
+            recipe that starts from such a file with ``--init-weights``: the recipe decides,
+            so a DCAL fine-tuned from its baseline twin's weights keeps ``glca=True``).
         **kwargs: model arguments (``num_classes``, ``img_size``, ...).
 
     Raises:
@@ -57,6 +62,8 @@ def create_model(name: str, pretrained: str | None = None, **kwargs) -> nn.Modul
     if pretrained is not None and not str(pretrained).endswith(".npz") and \
             not is_hub_tag(pretrained):
         sd, meta = read_weights(pretrained)  # read once: meta and weights
+    if not inherit_kwargs or (meta is not None and meta.get("model_name") != name):
+        meta = None  # another model's arguments never become this one's
     return _build(name, pretrained, sd, meta, kwargs)
 
 

@@ -134,6 +134,22 @@ def _backbone_filter(backbone: nn.Module, sd: dict) -> dict:
     return fn(sd, backbone) if fn is not None else sd
 
 
+def _resample_backbone_keys(backbone: nn.Module, sd: dict) -> dict:
+    """A whole-model (finegrain) file trained at another input size: run its ``backbone.*``
+    keys whose shapes differ (position embeddings) through the family's filter, which
+    resamples them (a 64x64 pretraining run loads into a 64x32 Re-ID model)."""
+    own = backbone.state_dict()
+    sub = {k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if all(k not in own or own[k].shape == v.shape for k, v in sub.items()):
+        return sd
+    fixed = _backbone_filter(backbone, dict(sub))
+    out = dict(sd)
+    for k, v in sub.items():
+        if k in own and own[k].shape != v.shape and k in fixed:
+            out["backbone." + k] = fixed[k]
+    return out
+
+
 def _split_classifier(backbone: nn.Module, sd: dict) -> dict:
     """Pop the backbone file's classifier (``head.*`` / ``fc.*``, timm's
     ``pretrained_cfg["classifier"]``) out of ``sd``: the backbone is built without one."""
@@ -197,6 +213,8 @@ def load_pretrained(model: nn.Module, pretrained: str,
         own = model.state_dict()
         whole = sum(k in own for k in sd) >= 0.5 * len(sd)
         if whole or backbone is None:
+            if backbone is not None:  # another input size: resample position embeddings
+                sd = _resample_backbone_keys(backbone, sd)
             report = load_into(model, sd, path, type(model).__name__)
         else:
             sd = _backbone_filter(backbone, sd)
