@@ -1,6 +1,15 @@
 """Cross-image attention DML: training cost against the baseline twin, and the optional
 conditional re-ranker, measured in one run.
 
+Headline: the training-step FLOPs of the cross-image model over its baseline twin at the
+recipes' batch 112 (``flops``), for the default width ``attn_dim = min(E, 256)`` and the
+former D = E; target <= 1.15x.
+
+0. ``flops``: the training-step FLOPs ratio (forward + backward, FlopCounterMode under the
+   MATH SDPA backend, on the meta device: no compute, so batch 112 and 256 at 224 px count in
+   seconds) for batch 32, 112 and 256: the branch costs B^2 queries, the backbone B images.
+   Each count of the branch is checked against the closed form :func:`branch_train_flops`
+   (equal FLOP for FLOP), and one meta count against a real CPU count at a small batch.
 1. ``speed``: one training step (forward + backward of the summed losses) of
    ``cross_image_resnet50`` and ``cross_image_vit_small_patch16_224`` at 224 px with and
    without the cross-image branch (``cross_attention: false`` twin), batch 32 = 16 classes x 2:
@@ -8,11 +17,9 @@ conditional re-ranker, measured in one run.
    forward. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` under the MATH
    SDPA backend on the meta device (no compute; the B x B loss arithmetic is left out, it is
    not a matmul). The target is a training-step ratio under 1.15x; the test-time forward is
-   identical by construction (ratio 1.00).
-2. ``flops``: the training-step FLOPs ratio for batch 32 and the recipes' batch 112 (the
-   branch costs B^2 queries, the backbone B images), for the default branch and for cheaper
-   settings (``mlp_ratio: 2``, ``attn_dim: 256``).
-3. ``rerank``: the cost of ``conditional_rerank`` per query at full size (ResNet-50 /
+   identical by construction (ratio 1.00). Wall clock is measured at batch 32 only (a
+   ResNet-50 step at 112 takes minutes on 2 CPU cores); the headline is the FLOP count.
+2. ``rerank``: the cost of ``conditional_rerank`` per query at full size (ResNet-50 /
    ViT-S at 224 px, top-k), next to the cost of embedding one image; and on generated DML
    data (the ``synthetic_dml`` renderer: classes differ only in small parts; train and test
    classes disjoint) a tiny ViT trained from scratch with and without the branch, each test
@@ -21,6 +28,7 @@ conditional re-ranker, measured in one run.
    stay near it: then the figures say nothing about the method).
 
     python benchmarks/dml.py                      # all parts, CPU
+    python benchmarks/dml.py --parts flops        # the headline only, seconds
     python benchmarks/dml.py --parts flops rerank --rerank-steps 300
 """
 
@@ -46,13 +54,15 @@ from finegrain.models.cross_image import conditional_rerank  # noqa: E402
 
 BACKBONES = {"resnet50": "cross_image_resnet50",
              "vit_small": "cross_image_vit_small_patch16_224"}
+# (tokens N, token width C, embedding E) at 224 px
+SHAPES = {"resnet50": (49, 2048, 512), "vit_small": (196, 384, 384)}
 
 
 def pk_labels(batch: int, per_class: int = 2) -> torch.Tensor:
     return torch.arange(batch) // per_class
 
 
-# -- 1 / 2: cost ---------------------------------------------------------------------------------
+# -- 0 / 1: cost ---------------------------------------------------------------------------------
 def meta_flops(name: str, batch: int, img: int, train: bool, **kwargs) -> int:
     """FLOPs of the training graph (forward + backward, no loss arithmetic) or of the eval
     forward, counted on the meta device."""
@@ -72,6 +82,23 @@ def meta_flops(name: str, batch: int, img: int, train: bool, **kwargs) -> int:
                 total = total + model.pair_similarity(c, z).sum()
             total.backward()
     return fc.get_total_flops()
+
+
+def branch_train_flops(B: int, N: int, C: int, D: int, E: int, depth: int = 2,
+                       mlp_ratio: float = 4.0) -> int:
+    """Closed-form FLOPs of the conditional branch in one training step (matmuls; backward
+    = 2 x forward, every operand needs a gradient): token projection B N C D, query projection
+    B E D; per layer the query projection (B D^2 on the shared first-layer queries, B^2 D^2
+    after), keys / values 2 B N D^2, attention 2 B^2 N D, output projection B^2 D^2, MLP
+    2 r B^2 D^2; output projection B^2 D E. Multiply-adds x 2 FLOPs x 3 (fwd + bwd).
+    Identical in ``stack`` and ``mutual``."""
+    macs = B * N * C * D + B * E * D
+    for level in range(depth):
+        rows = B if level == 0 else B * B
+        macs += (rows * D * D + 2 * B * N * D * D + 2 * B * B * N * D + B * B * D * D
+                 + 2 * mlp_ratio * B * B * D * D)
+    macs += B * B * D * E
+    return int(round(3 * 2 * macs))
 
 
 def branch_times(model, images, labels, args) -> list[float]:
@@ -152,26 +179,61 @@ def part_speed(args) -> dict:
 
 
 def part_flops(args) -> dict:
-    settings = {"default (D=E, mlp 4)": {}, "mlp_ratio 2": {"mlp_ratio": 2.0},
-                "attn_dim 256": {"attn_dim": 256}}
-    out = {}
-    print(f"\n== training-step FLOPs ratio (meta device, {args.img_size} px) ==")
-    print(f"{'backbone':<11}{'setting':<22}" + "".join(f"{'B=' + str(b):>9}" for b in
+    out = {"ratios": {}, "closed_form_checks": {}}
+    print(f"\n== training-step FLOPs, cross-image / baseline (meta device, {args.img_size} px) ==")
+    print(f"{'backbone':<11}{'setting':<30}" + "".join(f"{'B=' + str(b):>9}" for b in
                                                       args.flops_batches))
+    headline = {}
     for bb in args.backbones:
         name = BACKBONES[bb]
+        N, C, E = SHAPES[bb]
+        D0 = min(E, 256)
+        settings = {f"default (D = {D0})": {}, "default, mutual": {"hierarchy": "mutual"},
+                    f"D = E = {E} (former default)": {"attn_dim": E},
+                    f"D = E = {E}, mlp_ratio 2": {"attn_dim": E, "mlp_ratio": 2.0}}
+        base = {b: meta_flops(name, b, args.img_size, True, cross_attention=False)
+                for b in args.flops_batches}
         for label, kw in settings.items():
             vals = []
             for b in args.flops_batches:
-                base = meta_flops(name, b, args.img_size, True, cross_attention=False)
                 cross = meta_flops(name, b, args.img_size, True, **kw)
-                vals.append(cross / base)
-                out[f"{bb}/{label}/B{b}"] = cross / base
-            print(f"{bb:<11}{label:<22}" + "".join(f"{v:>8.3f}x" for v in vals))
+                closed = branch_train_flops(b, N, C, kw.get("attn_dim", D0), E,
+                                            mlp_ratio=kw.get("mlp_ratio", 4.0))
+                out["closed_form_checks"][f"{bb}/{label}/B{b}"] = (cross - base[b]) / closed
+                vals.append(cross / base[b])
+                out["ratios"][f"{bb}/{label}/B{b}"] = cross / base[b]
+            print(f"{bb:<11}{label:<30}" + "".join(f"{v:>8.3f}x" for v in vals))
+            if 112 in args.flops_batches:
+                headline.setdefault(bb, {})[label] = out["ratios"][f"{bb}/{label}/B112"]
+    checks = list(out["closed_form_checks"].values())
+    print(f"branch FLOPs counted / closed form (branch_train_flops): min {min(checks):.6f}, "
+          f"max {max(checks):.6f}")
+    # one meta-device count against a real count on the CPU (small batch: it computes)
+    b = args.flops_verify_batch
+    name = BACKBONES[args.backbones[0]]
+    torch.manual_seed(0)
+    real_model = create_model(name).train()
+    x = torch.randn(b, 3, args.img_size, args.img_size)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        feats = real_model.forward_features(x)
+        z = real_model.forward_head(feats)
+        (z.sum() + real_model.pair_similarity(real_model.conditional_embeddings(feats, z),
+                                              z).sum()).backward()
+    out["meta_equals_real"] = {"batch": b, "backbone": args.backbones[0],
+                               "real": fc.get_total_flops(),
+                               "meta": meta_flops(name, b, args.img_size, True)}
+    print(f"meta-device count == real CPU count ({args.backbones[0]}, batch {b}): "
+          f"{out['meta_equals_real']['meta'] == out['meta_equals_real']['real']}")
+    out["headline_B112"] = headline
+    if headline:
+        print("\nHEADLINE (recipes' batch 112, training-step FLOPs, target <= 1.15x): " + "; ".join(
+            f"{bb} {h[next(iter(h))]:.3f}x (former D = E: "
+            f"{[v for k, v in h.items() if 'former' in k][0]:.3f}x)"
+            for bb, h in headline.items()))
     return out
 
 
-# -- 3: re-ranking on generated DML data ---------------------------------------------------------
+# -- 2: re-ranking on generated DML data ---------------------------------------------------------
 def synthetic_dml(num_classes: int, per_class: int, size: int, seed: int = 0):
     """Images (n, 3, size, size) in [0, 1] and labels from the ``synthetic_dml`` renderer;
     the first half of the classes train, the second half test (class-disjoint)."""
@@ -300,7 +362,7 @@ def part_rerank(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=["speed", "flops", "rerank"],
+    p.add_argument("--parts", nargs="+", default=["flops", "speed", "rerank"],
                    choices=["speed", "flops", "rerank"])
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--batch", type=int, default=32)
@@ -308,7 +370,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--branch-iters", type=int, default=5)
-    p.add_argument("--flops-batches", type=int, nargs="+", default=[32, 112])
+    p.add_argument("--flops-batches", type=int, nargs="+", default=[32, 112, 256])
+    p.add_argument("--flops-verify-batch", type=int, default=2)
     p.add_argument("--cost-queries", type=int, default=8)
     p.add_argument("--cost-iters", type=int, default=3)
     p.add_argument("--rerank-classes", type=int, default=32)

@@ -2,7 +2,8 @@
 
 Each loss on S is checked against a slow loop over pairs / triplets (arbitrary, also
 asymmetric S, per dtype), and against pytorch-metric-learning's own loss on z when
-S = normalize(z) normalize(z)^T (values and gradients); empty cases have their own tests.
+S = normalize(z) normalize(z)^T (values and gradients), also with the exact distances passed
+as ``dist``; the gradient near S = 1 against float64; empty cases have their own tests.
 """
 
 import itertools
@@ -15,7 +16,8 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.distances import CosineSimilarity
 
 from finegrain.losses.dml import (DML_LOSSES, PAIR_LOSSES, SimilarityMatrix,
-                                  build_dml_loss, build_embedding_loss, build_similarity_loss)
+                                  build_dml_loss, build_embedding_loss, build_similarity_loss,
+                                  similarity_to_distance)
 
 LABELS = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
 
@@ -137,6 +139,83 @@ def test_loss_on_gram_matrix_equals_library_loss_on_embeddings(name, distance, m
     torch.testing.assert_close(g_ours, g_lib, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("miner", [None, "multi_similarity"])
+@pytest.mark.parametrize("name", ["contrastive", "triplet", "margin"])
+def test_exact_distances_passed_as_dist_equal_library_loss_on_embeddings(name, miner):
+    """dist = ||z_a - z_b|| (normalised) is what LpDistance computes: value + grad equal."""
+    z = torch.randn(len(LABELS), 16, dtype=torch.float64, requires_grad=True)
+    zn = F.normalize(z, dim=-1)
+    dist = (zn[:, None] - zn[None]).pow(2).sum(-1).clamp_min(1e-30).sqrt()
+    loss = build_similarity_loss(name, miner=miner)
+    assert loss.reads_distance
+    ours = loss(zn @ zn.T, LABELS, dist=dist)
+    (g_ours,) = torch.autograd.grad(ours, z)
+    lib = build_embedding_loss(name, miner=miner)(z, LABELS)
+    (g_lib,) = torch.autograd.grad(lib, z)
+    assert ours.item() > 0
+    torch.testing.assert_close(ours, lib, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_lib, rtol=1e-5, atol=1e-8)
+
+
+def test_cosine_losses_ignore_dist_and_shapes_are_checked():
+    S = _random_sim(len(LABELS), torch.float64)
+    ms = build_similarity_loss("multi_similarity")
+    assert not ms.reads_distance
+    assert ms(S, LABELS, dist=torch.rand_like(S)).item() == ms(S, LABELS).item()
+    with pytest.raises(ValueError, match="dist must have the shape"):
+        build_similarity_loss("contrastive")(S, LABELS, dist=torch.rand(3, 3))
+
+
+def _close_pair(d: float, dtype: torch.dtype, n: int = 4, dim: int = 32) -> torch.Tensor:
+    """n raw (un-normalised) vectors; rows 0 and 1 at chord distance d once normalised."""
+    g = torch.Generator().manual_seed(0)
+    v = F.normalize(torch.randn(n, dim, dtype=torch.float64, generator=g), dim=-1)
+    t = torch.randn(dim, dtype=torch.float64, generator=g)
+    t = F.normalize(t - (t @ v[0]) * v[0], dim=0)
+    th = 2 * math.asin(d / 2)
+    v[1] = math.cos(th) * v[0] + math.sin(th) * t
+    scale = 1 + torch.rand(n, 1, dtype=torch.float64, generator=g)
+    return (v * scale).to(dtype).requires_grad_(True)
+
+
+def _contrastive_grad(d: float, dtype: torch.dtype, exact: bool) -> torch.Tensor:
+    """Gradient of the contrastive loss (positive pair 0-1 at distance d) w.r.t. raw vectors."""
+    v = _close_pair(d, dtype)
+    u = F.normalize(v, dim=-1)
+    dist = (u[:, None] - u[None]).pow(2).sum(-1).clamp_min(1e-30).sqrt() if exact else None
+    build_similarity_loss("contrastive")(u @ u.T, torch.tensor([0, 0, 1, 1]),
+                                         dist=dist).backward()
+    return v.grad.double()
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def test_gradient_near_s_equal_1_against_float64():
+    """fp32, d = 8e-4 (1 - S = 3.2e-7): the exact distances give the float64 gradient (the
+    plain sqrt(2 - 2 S) was off by ~10 % here); from S alone the guard gives that pair no
+    gradient (finite) and above the guard's floor (d = 3e-3) the gradient is within 1 %."""
+    ref = _contrastive_grad(8e-4, torch.float64, exact=True)
+    assert _rel_err(_contrastive_grad(8e-4, torch.float32, exact=True), ref) < 1e-4
+    assert _rel_err(_contrastive_grad(8e-4, torch.float64, exact=False), ref) < 1e-6
+    unguarded = _close_pair(8e-4, torch.float32)
+    u = F.normalize(unguarded, dim=-1)
+    (2 - 2 * (u[0] @ u[1])).clamp_min(1e-12).sqrt().backward()  # the old form, one pair
+    v64 = _close_pair(8e-4, torch.float64)
+    u64 = F.normalize(v64, dim=-1)
+    (u64[0] - u64[1]).norm().backward()
+    assert _rel_err(unguarded.grad.double()[:2], v64.grad[:2]) > 0.05  # why dist exists
+
+    S = (u @ u.T).detach().requires_grad_(True)  # fp32, S[0, 1] within rounding of 1
+    build_similarity_loss("contrastive")(S, torch.tensor([0, 0, 1, 1])).backward()
+    assert torch.isfinite(S.grad).all() and S.grad[0, 1] == 0 and S.grad[2, 3] != 0
+    above = _contrastive_grad(3e-3, torch.float32, exact=False)
+    assert _rel_err(above, _contrastive_grad(3e-3, torch.float64, exact=True)) < 1e-2
+    floor = similarity_to_distance(torch.ones(1))
+    assert 1e-3 < floor.item() < 2e-3  # fp32 floor: d = sqrt(16 eps) = 1.4e-3
+
+
 def test_library_defaults_are_what_the_gram_test_compares_with():
     """build_dml_loss(name) is exactly the pml class with its defaults (no hidden changes)."""
     z = torch.randn(len(LABELS), 16)
@@ -191,7 +270,9 @@ def test_similarity_matrix_distance_returns_a_copy_and_refuses_two_inputs():
     S = torch.rand(3, 3)
     out = SimilarityMatrix()(S)
     assert torch.equal(out, S) and out.data_ptr() != S.data_ptr()
-    torch.testing.assert_close(SimilarityMatrix(as_distance=True)(S), (2 - 2 * S).sqrt())
+    torch.testing.assert_close(SimilarityMatrix(as_distance=True)(S),
+                               similarity_to_distance(S))
+    assert torch.equal(SimilarityMatrix(as_distance=True, precomputed=True)(S), S)
     with pytest.raises(ValueError, match="square"):
         SimilarityMatrix()(S, torch.rand(3, 3))
 

@@ -21,8 +21,16 @@ unchanged; nothing is re-derived here. Each loss keeps the geometry of its pml d
 
 - ``multi_similarity`` reads cosine similarities (pml default ``CosineSimilarity``): S as is;
 - ``contrastive``, ``triplet``, ``margin`` read Euclidean distances (pml default
-  ``LpDistance`` on normalised embeddings): S becomes ``d = sqrt(2 - 2 S)``, the distance of
-  unit vectors with cosine S.
+  ``LpDistance`` on normalised embeddings): the caller passes them (``loss(S, y, dist=D)``,
+  ``D`` computed from the vectors' difference, exact) or S becomes ``d = sqrt(2 - 2 S)``, the
+  distance of unit vectors with cosine S, guarded (:func:`similarity_to_distance`).
+
+Precision near S = 1: an fp32 S holds 1 - S to about 1e-7, so ``sqrt(2 - 2 S)`` at
+d = 8e-4 (1 - S = 3.2e-7) has a gradient off by 10-30 % against float64, and by ~100 % below
+d = 3e-4. The guard floors ``2 - 2 S`` at ``16 eps`` (fp32: d >= 1.4e-3, where the error is
+at most ~5 %): closer pairs get no gradient from S alone rather than a wrong one. The
+cross-image model passes ``dist`` (from the vectors' difference) for these losses, so its
+gradient is exact: 5e-5 relative error against float64 at d = 8e-4 (tested).
 
 So ``loss_S(z_n z_n^T) == loss_pml(z)`` with ``z_n = normalize(z)``, for every pair loss and its
 defaults (tested); ``distance="cosine"`` reads S as cosine for every loss (then equal to the
@@ -132,28 +140,48 @@ def build_miner(name: str | None, distance: BaseDistance | None = None,
     return pml_miners.MultiSimilarityMiner(**kwargs)
 
 
+DISTANCE_FLOOR_EPS = 16
+""":func:`similarity_to_distance` floors ``2 - 2 S`` at ``DISTANCE_FLOOR_EPS * eps(dtype)``."""
+
+
+def similarity_to_distance(sim: torch.Tensor) -> torch.Tensor:
+    """``d = sqrt(max(2 - 2 S, 16 eps))``: the Euclidean distance of unit vectors with cosine S.
+
+    The floor (fp32: d >= 1.4e-3; fp64: 6e-8) is where S still resolves d: below it the
+    gradient -1/d of a rounded S is wrong by 5-100 %, so those pairs get none (and the unused
+    diagonal S_ii = 1 a finite, zero one). For exact distances pass ``dist`` to
+    :class:`SimilarityMatrixLoss`, computed from the vectors' difference.
+    """
+    floor = DISTANCE_FLOOR_EPS * torch.finfo(sim.dtype).eps
+    return (2.0 - 2.0 * sim).clamp_min(floor).sqrt()
+
+
 class SimilarityMatrix(BaseDistance):
     """A pml distance whose input already is the (B, B) similarity matrix S.
 
     ``distance(S)`` returns S (``as_distance=False``; a similarity, ``is_inverted=True``) or
-    ``sqrt(max(2 - 2 S, 0))`` (``as_distance=True``; the Euclidean distance of unit vectors
-    whose cosine is S). It always returns a new tensor: pml miners write into the matrix.
+    :func:`similarity_to_distance` ``(S)`` (``as_distance=True``; the Euclidean distance of
+    unit vectors whose cosine is S). With ``precomputed=True`` the input already is in the
+    loss's geometry (S, or the distances D) and is returned as is. It always returns a new
+    tensor: pml miners write into the matrix.
 
     Args:
-        as_distance: read S as Euclidean distances of unit vectors instead of similarities.
+        as_distance: the loss reads Euclidean distances of unit vectors, not similarities.
+        precomputed: the input is already D (``as_distance``) or S: no conversion
+            (:class:`SimilarityMatrixLoss` converts, or takes the caller's exact D).
     """
 
-    def __init__(self, as_distance: bool = False, **kwargs):
+    def __init__(self, as_distance: bool = False, precomputed: bool = False, **kwargs):
         super().__init__(normalize_embeddings=False, is_inverted=not as_distance, **kwargs)
         self.as_distance = as_distance
+        self.precomputed = precomputed
 
     def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
         if query_emb is not ref_emb or query_emb.shape[0] != query_emb.shape[1]:
             raise ValueError("SimilarityMatrix reads one square (B, B) matrix S; pass S as "
                              "the embeddings and no ref_emb")
-        if self.as_distance:
-            # clamp away from 0 before the sqrt: finite gradients on the (unused) diagonal
-            return (2.0 - 2.0 * query_emb).clamp_min(1e-12).sqrt()
+        if self.as_distance and not self.precomputed:
+            return similarity_to_distance(query_emb)
         return query_emb.clone()
 
     def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor):
@@ -164,8 +192,11 @@ class SimilarityMatrix(BaseDistance):
 class SimilarityMatrixLoss(nn.Module):
     """A pml pair-based loss (+ optional miner) that reads a precomputed similarity matrix.
 
-    ``loss(S, labels)``: S (B, B) with ``S[a, b]`` the similarity of anchor a to b (need not be
-    symmetric: rows are anchors), labels (B,). Computed in fp32.
+    ``loss(S, labels, dist=None)``: S (B, B) with ``S[a, b]`` the similarity of anchor a to b
+    (need not be symmetric: rows are anchors), labels (B,). Losses that read Euclidean
+    distances use ``dist`` (B, B), the distances of the same pairs computed from the vectors
+    (``||u - v||``: exact near S = 1), when given, else :func:`similarity_to_distance` (S);
+    losses that read cosines ignore ``dist``. Computed in fp32.
 
     Args:
         loss: a pml loss from :data:`PAIR_LOSSES` built with ``distance=SimilarityMatrix(...)``.
@@ -180,16 +211,31 @@ class SimilarityMatrixLoss(nn.Module):
         self.loss = loss
         self.miner = miner
 
-    def forward(self, sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads_distance(self) -> bool:
+        """True when the loss reads Euclidean distances (then pass ``dist``)."""
+        return self.loss.distance.as_distance
+
+    def forward(self, sim: torch.Tensor, labels: torch.Tensor,
+                dist: torch.Tensor | None = None) -> torch.Tensor:
         if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
             raise ValueError(f"similarity matrix must be (batch_size, batch_size), got "
                              f"{tuple(sim.shape)}")
         if labels.ndim != 1 or labels.shape[0] != sim.shape[0]:
             raise ValueError(f"labels must be (batch_size,) = ({sim.shape[0]},), got "
                              f"{tuple(labels.shape)}")
-        sim = _fp32(sim)
-        indices = self.miner(sim, labels) if self.miner is not None else None
-        return self.loss(sim, labels, indices)
+        if dist is not None and dist.shape != sim.shape:
+            raise ValueError(f"dist must have the shape of the similarity matrix "
+                             f"{tuple(sim.shape)}, got {tuple(dist.shape)}")
+        reader = self.loss.distance
+        mat = _fp32(sim)
+        if reader.as_distance and reader.precomputed:  # the loss reads D: given, or from S
+            mat = _fp32(dist) if dist is not None else similarity_to_distance(mat)
+        elif dist is not None and reader.as_distance:
+            raise ValueError("this loss converts S itself (SimilarityMatrix(precomputed="
+                             "False)); build it with build_similarity_loss() to pass dist")
+        indices = self.miner(mat, labels) if self.miner is not None else None
+        return self.loss(mat, labels, indices)
 
 
 def build_similarity_loss(name: str = "multi_similarity", distance: str | None = None,
@@ -207,17 +253,18 @@ def build_similarity_loss(name: str = "multi_similarity", distance: str | None =
         **kwargs: the loss's hyper-parameters, as for :func:`build_dml_loss`.
 
     Returns:
-        ``loss(S, labels)`` -> scalar; equal to ``build_dml_loss(name, distance=distance,
-        **kwargs)(z, labels)`` when ``S = normalize(z) normalize(z)^T``.
+        ``loss(S, labels, dist=None)`` -> scalar; equal to ``build_dml_loss(name,
+        distance=distance, **kwargs)(z, labels)`` when ``S = normalize(z) normalize(z)^T``
+        (and ``dist`` their distances, if given).
     """
     if name not in PAIR_LOSSES:
         raise ValueError(f"cond_loss {name!r} is not pair-based; a loss on a similarity "
                          f"matrix is one of {', '.join(PAIR_LOSSES)} (proxy losses apply to "
                          f"embeddings only)")
     as_distance = _distance_name(name, distance) == "euclidean"
-    loss = _pml_class(name)(distance=SimilarityMatrix(as_distance=as_distance), **kwargs)
-    mine = build_miner(miner, distance=SimilarityMatrix(as_distance=as_distance),
-                       **(miner_kwargs or {}))
+    reader = SimilarityMatrix(as_distance=as_distance, precomputed=True)
+    loss = _pml_class(name)(distance=reader, **kwargs)
+    mine = build_miner(miner, distance=copy.deepcopy(reader), **(miner_kwargs or {}))
     return SimilarityMatrixLoss(loss, mine)
 
 

@@ -15,13 +15,19 @@ Spec item -> code:
   (B, C, h, w) -> (B, h*w, C); ViT tokens after the final norm, (B, P+N, C) with P prefix
   tokens; the cross-attention reads the N patch tokens);
 - z_i = L2norm(Linear(pool(F_i))): :meth:`CrossImageDML.forward_head`;
-- c_{i|j} = CrossAttn(query = projected z_j, keys/values = projected F_i), a stack of L pre-LN
-  cross-attention layers: :class:`ConditionalEmbedding` of :class:`CrossAttentionLayer`;
+- c_{i|j} = CrossAttn(query = projected z_j, keys/values = projected F_i), a hierarchy of L
+  pre-LN cross-attention layers: :class:`ConditionalEmbedding` of :class:`CrossAttentionLayer`;
+  ``hierarchy="stack"`` (q^l_{i|j} = Layer_l(q^{l-1}_{i|j}, T_i)) or ``"mutual"``
+  (q^l_{i|j} = Layer_l(q^{l-1}_{j|i}, T_i): the partner's previous level is the query);
 - every pair (i, j) of the batch at once: one attention call per layer, image i as the SDPA
   batch and the B queries z_j as its query sequence, so c is (B_i, B_j, E) with
-  ``c[i, j] = c_{i|j}``; cost B^2 queries over N tokens;
+  ``c[i, j] = c_{i|j}``; ``mutual`` transposes the (B_i, B_j) grid between layers; cost B^2
+  queries over N tokens (:meth:`ConditionalEmbedding.forward`); given pairs (re-ranking,
+  pictures): :meth:`ConditionalEmbedding.pairs`;
 - s_ij = cos(c_{i|j}, c_{j|i}) (symmetric), or ``asymmetric=True``: s_ij = cos(c_{i|j}, z_j):
-  :meth:`CrossImageDML.pair_similarity`;
+  :meth:`CrossImageDML.pair_similarity`; the distance-based ``cond_loss`` (contrastive,
+  triplet, margin) read d_ij = ||c_{i|j} - c_{j|i}|| from the vectors
+  (:meth:`CrossImageDML.pair_distance`), exact where sqrt(2 - 2 s_ij) in fp32 is not;
 - loss = ``loss``(z, y) + lambda * ``cond_loss``(S, y): :meth:`CrossImageDML.forward`, losses
   from :mod:`finegrain.losses.dml` (pytorch-metric-learning; ``cond_loss`` reads S through a
   precomputed-similarity distance);
@@ -31,14 +37,15 @@ Spec item -> code:
 Readings chosen where the paper is silent (all configurable):
 
 1. Query init: q_0 = W_q z_j, the *normalised* embedding z_j projected to the attention width
-   (default the embedding size E); gradients flow into z_j through the query too.
+   D; gradients flow into z_j through the query too.
 2. Keys / values: W_t F_i (one linear token projection C -> D shared by all layers), each layer
    LayerNorms them itself; no position embedding (ResNet tokens carry none; ViT tokens already
-   hold theirs). Every layer attends to all N tokens of image i ("hierarchy" = depth L).
+   hold theirs). Every layer attends to all N tokens of image i.
 3. Layer: ``q = q + Proj(MHA(LN(q), LN(kv)))``, ``q = q + MLP(LN(q))`` (GELU MLP, ratio 4);
    output ``c = L2norm(W_o LN(q))`` in the embedding space (E). The first layer's queries are
    the same B vectors for every image i, so its LN and query projection run on B vectors,
-   not B^2 (exact).
+   not B^2 (exact). ``query_residual=False`` drops the first layer's query residual (then
+   c_{i|j} does not carry W_q z_j itself). Width D = ``attn_dim``, default min(E, 256).
 4. Pooling: ``avg`` for CNNs; ``token`` (the CLS token after the final norm) for ViTs, as in
    DINO / Hyp-ViT DML; ``max`` and ``avgmax`` (avg + max) are options.
 5. The diagonal s_ii is computed but never used (pml losses skip i = i pairs).
@@ -47,6 +54,10 @@ Readings chosen where the paper is silent (all configurable):
    conditional term is a training signal.
 8. Frozen BatchNorm (``freeze_bn``, default on): backbone BN layers stay in eval mode and their
    affine parameters are frozen, as in the standard DML pipeline.
+9. Hierarchy (the abstract's "hierarchy of conditional embeddings that gradually incorporates
+   information about the tuple"): ``stack`` is the default: it is the spec's first reading,
+   what checkpoints made before the option computed, and costs the same as ``mutual``; no
+   result here favours either (no real data), so ``mutual`` stays an option to compare.
 
 Optional conditional re-ranking (not in the paper's test protocol, off by default):
 :func:`conditional_rerank` re-orders each query's top-k neighbours by the conditional
@@ -68,6 +79,14 @@ from ..losses.dml import PAIR_LOSSES, build_embedding_loss, build_similarity_los
 from .registry import register_model
 
 POOLS = ("avg", "max", "avgmax", "token")
+
+
+HIERARCHIES = ("stack", "mutual")
+
+DEFAULT_MAX_ATTN_DIM = 256
+"""``attn_dim=None`` resolves to ``min(embedding_dim, 256)``: the branch then costs 1.05x the
+baseline training-step FLOPs at the recipes' batch 112 for ResNet-50 and ViT-S/16 (1.10x at
+256); D = E = 512 cost 1.17x (ResNet-50, batch 112), 1.36x at 256 (``benchmarks/dml.py``)."""
 
 
 class CrossAttentionLayer(nn.Module):
@@ -98,8 +117,8 @@ class CrossAttentionLayer(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, q: torch.Tensor, tokens: torch.Tensor,
-                return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor, return_attn: bool = False,
+                residual: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Refine the queries with the tokens.
 
         Args:
@@ -108,6 +127,9 @@ class CrossAttentionLayer(nn.Module):
             tokens: (Bi, N, D) keys / values.
             return_attn: also return the attention probabilities (Bi, H, Q, N), computed
                 explicitly (pictures); otherwise one fused SDPA call.
+            residual: keep the query's residual, ``q + Proj(MHA(..))``; False returns
+                ``a = Proj(MHA(..))`` then ``a + MLP(LN(a))``: the query only chooses where to
+                look (``query_residual=False`` of the first layer).
         """
         Bq, Q, D = q.shape  # Bq = Bi, or 1 for shared queries
         Bi, N = tokens.shape[:2]
@@ -123,16 +145,27 @@ class CrossAttentionLayer(nn.Module):
             x = attn @ v
         else:
             x = F.scaled_dot_product_attention(qh, k, v)  # (Bi, H, Q, hd)
-        x = x.transpose(1, 2).reshape(Bi, Q, D)
-        q = q + self.proj(x)  # (Bi, Q, D), broadcast over images if Bq = 1
+        x = self.proj(x.transpose(1, 2).reshape(Bi, Q, D))
+        q = q + x if residual else x  # (Bi, Q, D), broadcast over images if Bq = 1
         q = q + self.mlp(self.norm_mlp(q))
         return (q, attn) if return_attn else q
 
 
 class ConditionalEmbedding(nn.Module):
-    """c_{i|j}: image i's tokens read by a query made from image j's embedding.
+    """c_{i|j}: image i's tokens read by a query made from image j: a hierarchy of L levels.
 
-    ``q_0 = W_q z_j``; ``q_l = Layer_l(q_{l-1}, W_t F_i)``; ``c_{i|j} = L2norm(W_o LN(q_L))``.
+    Level 0: ``q^0_{i|j} = W_q z_j`` (the partner's embedding). Level l = 1..L, with
+    ``T_i = W_t F_i`` the tokens of image i:
+
+    - ``stack``:  ``q^l_{i|j} = Layer_l(q^{l-1}_{i|j}, T_i)``: the partner enters the first
+      query only, every level re-reads image i with its own previous level;
+    - ``mutual``: ``q^l_{i|j} = Layer_l(q^{l-1}_{j|i}, T_i)`` for l >= 2: the query of
+      c_{i|j} at level l is the partner's previous-level c_{j|i}, so each level adds one more
+      reading of the tuple (level 2 of c_{i|j} depends on F_i, F_j and z_i).
+
+    Output ``c_{i|j} = L2norm(W_o LN(q^L_{i|j}))``. ``query_residual=False``: the first layer
+    drops the residual of its query W_q z_j (c_{i|j} is then built from image i's values
+    only; z_j chooses where to look but is not copied into c_{i|j}).
 
     Args:
         feat_dim: backbone token width C.
@@ -141,14 +174,21 @@ class ConditionalEmbedding(nn.Module):
         depth: number of cross-attention layers L.
         num_heads: heads per layer.
         mlp_ratio: MLP hidden size over D.
+        hierarchy: ``stack`` or ``mutual`` (above).
+        query_residual: keep the first layer's query residual (the partner's W_q z_j).
     """
 
     def __init__(self, feat_dim: int, embedding_dim: int, dim: int, depth: int = 2,
-                 num_heads: int = 8, mlp_ratio: float = 4.0):
+                 num_heads: int = 8, mlp_ratio: float = 4.0, hierarchy: str = "stack",
+                 query_residual: bool = True):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth}: the conditional branch needs at least one "
                              f"cross-attention layer (cross_attention=False turns it off)")
+        if hierarchy not in HIERARCHIES:
+            raise ValueError(f"hierarchy={hierarchy!r}: choose one of {', '.join(HIERARCHIES)}")
+        self.hierarchy = hierarchy
+        self.query_residual = query_residual
         self.token_proj = nn.Linear(feat_dim, dim)
         self.query_proj = nn.Linear(embedding_dim, dim)
         self.layers = nn.ModuleList(CrossAttentionLayer(dim, num_heads, mlp_ratio)
@@ -156,31 +196,85 @@ class ConditionalEmbedding(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, embedding_dim)
 
+    def _residual(self, level: int) -> bool:
+        """Layer ``level`` (0-based) keeps its query residual (only layer 0 may drop it)."""
+        return level > 0 or self.query_residual
+
+    def output(self, q: torch.Tensor) -> torch.Tensor:
+        """c = L2norm(W_o LN(q^L)), fp32."""
+        return F.normalize(self.out_proj(self.norm(q)).float(), dim=-1)
+
     def forward(self, tokens: torch.Tensor, queries: torch.Tensor,
                 return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, list]:
-        """Conditional embeddings of each image given each query.
+        """Every pair of one batch at once: ``out[i, j] = c_{i|j}``.
 
         Args:
-            tokens: (Bi, N, C) patch tokens of the images i.
-            queries: (Q, E) embeddings z_j shared by every image i, or (Bi, Q, E) per image.
-            return_attn: also return each layer's attention probabilities (Bi, H, Q, N).
+            tokens: (B_i, N, C) patch tokens of the images i.
+            queries: (B_j, E) embeddings z_j shared by every image i; with ``mutual`` they
+                must be the embeddings of the same B images (B_j = B_i): the level-l query of
+                c_{i|j} is c_{j|i}, the transpose of the (B_i, B_j) grid.
+            return_attn: also return each layer's attention probabilities (B_i, H, B_j, N).
 
         Returns:
-            (Bi, Q, E) fp32, L2-normalised: ``out[i, j] = c_{i|j}``.
+            (B_i, B_j, E) fp32, L2-normalised.
         """
-        kv = self.token_proj(tokens)  # (Bi, N, D)
-        q = self.query_proj(queries)  # (Q, D) or (Bi, Q, D)
-        if q.ndim == 2:
-            q = q.unsqueeze(0)  # (1, Q, D): the same B_j queries for every image i
+        if queries.ndim != 2:
+            raise ValueError(f"queries must be (B_j, E) embeddings shared by every image, got "
+                             f"{tuple(queries.shape)}; per-image partners go through pairs()")
+        if self.hierarchy == "mutual" and queries.shape[0] != tokens.shape[0]:
+            raise ValueError(f"hierarchy='mutual' pairs the images with each other: pass the "
+                             f"embeddings of the same {tokens.shape[0]} images as queries, "
+                             f"got {queries.shape[0]} (use pairs() for other pairings)")
+        kv = self.token_proj(tokens)  # (B_i, N, D)
+        q = self.query_proj(queries).unsqueeze(0)  # (1, B_j, D): q^0_{i|j} = W_q z_j for all i
         attns = []
-        for layer in self.layers:
+        for level, layer in enumerate(self.layers):
+            if level > 0 and self.hierarchy == "mutual":
+                q = q.transpose(0, 1)  # [i, j] <- q^{l-1}_{j|i}, the partner's previous level
+            q = layer(q, kv, return_attn=return_attn, residual=self._residual(level))
             if return_attn:
-                q, a = layer(q, kv, return_attn=True)
+                q, a = q
                 attns.append(a)
-            else:
-                q = layer(q, kv)
-        c = F.normalize(self.out_proj(self.norm(q)).float(), dim=-1)  # (Bi, Q, E)
+        c = self.output(q)  # (B_i, B_j, E)
         return (c, attns) if return_attn else c
+
+    def pairs(self, tokens_a: torch.Tensor, tokens_b: torch.Tensor, z_a: torch.Tensor,
+              z_b: torch.Tensor, return_attn: bool = False) -> tuple:
+        """Both conditional embeddings of given pairs: each image a with its k partners b.
+
+        Args:
+            tokens_a: (A, N, C) patch tokens of the images a.
+            tokens_b: (A, k, N', C) patch tokens of each a's k partners.
+            z_a: (A, E) embeddings of the images a.
+            z_b: (A, k, E) embeddings of the partners.
+            return_attn: also return the attention probabilities of each layer.
+
+        Returns:
+            ``(c_ab, c_ba)``, both (A, k, E) fp32: ``c_ab[a, m] = c_{a|b_m}``,
+            ``c_ba[a, m] = c_{b_m|a}``; with ``return_attn``
+            ``(c_ab, c_ba, attn_ab, attn_ba)``, lists over layers of (A, H, k, N) (over a's
+            tokens) and (A, k, H, N') (over b's tokens).
+        """
+        A, k = tokens_b.shape[:2]
+        kv_a = self.token_proj(tokens_a)  # (A, N, D)
+        kv_b = self.token_proj(tokens_b.flatten(0, 1))  # (A*k, N', D)
+        qa = self.query_proj(z_b)  # (A, k, D): q^0_{a|b} = W_q z_b
+        qb = self.query_proj(z_a)  # (A, D):    q^0_{b|a} = W_q z_a
+        qb = qb[:, None].expand(A, k, qb.shape[-1]).reshape(A * k, 1, -1)  # (A*k, 1, D)
+        attn_ab, attn_ba = [], []
+        for level, layer in enumerate(self.layers):
+            if level > 0 and self.hierarchy == "mutual":  # swap: each reads the other's level
+                qa, qb = qb.reshape(A, k, -1), qa.reshape(A * k, 1, -1)
+            res = self._residual(level)
+            if return_attn:
+                (qa, a_ab), (qb, a_ba) = (layer(qa, kv_a, True, res),
+                                          layer(qb, kv_b, True, res))
+                attn_ab.append(a_ab)  # (A, H, k, N)
+                attn_ba.append(a_ba.reshape(A, k, a_ba.shape[1], a_ba.shape[-1]))
+            else:
+                qa, qb = layer(qa, kv_a, residual=res), layer(qb, kv_b, residual=res)
+        c_ab, c_ba = self.output(qa), self.output(qb).reshape(A, k, -1)
+        return (c_ab, c_ba, attn_ab, attn_ba) if return_attn else (c_ab, c_ba)
 
 
 class CrossImageDML(nn.Module):
@@ -196,8 +290,16 @@ class CrossImageDML(nn.Module):
         cross_attention: build and train the conditional branch; False is the baseline.
         depth: number of cross-attention layers L.
         num_heads: heads per cross-attention layer.
-        attn_dim: cross-attention width D (default: ``embedding_dim``).
+        attn_dim: cross-attention width D (default ``min(embedding_dim, 256)``: at most
+            1.05x the baseline's training-step FLOPs at batch 112 for ResNet-50 / ViT-S; a
+            checkpoint trained before this default, with D = E, needs ``attn_dim: E``).
         mlp_ratio: cross-attention MLP hidden size over D.
+        hierarchy: ``stack`` (default: the partner enters the first query; every level
+            re-reads image i) or ``mutual`` (the level-l query of c_{i|j} is the partner's
+            level l-1 c_{j|i}); see :class:`ConditionalEmbedding`.
+        query_residual: the first layer keeps its query's residual, so c_{i|j} carries the
+            partner's W_q z_j (default, the standard pre-LN block); False: c_{i|j} is made of
+            image i's values only.
         asymmetric: s_ij = cos(c_{i|j}, z_j) instead of cos(c_{i|j}, c_{j|i}).
         pool: ``avg``, ``max``, ``avgmax`` (avg + max) or ``token`` (ViT CLS token); default
             ``token`` for ViTs, ``avg`` otherwise.
@@ -219,7 +321,8 @@ class CrossImageDML(nn.Module):
 
     def __init__(self, backbone: str = "resnet50", embedding_dim: int = 512,
                  cross_attention: bool = True, depth: int = 2, num_heads: int = 8,
-                 attn_dim: int | None = None, mlp_ratio: float = 4.0, asymmetric: bool = False,
+                 attn_dim: int | None = None, mlp_ratio: float = 4.0,
+                 hierarchy: str = "stack", query_residual: bool = True, asymmetric: bool = False,
                  pool: str | None = None, loss: str = "multi_similarity",
                  loss_kwargs: dict | None = None, cond_loss: str = "multi_similarity",
                  cond_loss_kwargs: dict | None = None, cond_weight: float = 1.0,
@@ -240,6 +343,8 @@ class CrossImageDML(nn.Module):
             raise ValueError(f"pool={pool!r}: choose one of avg, max, avgmax"
                              f"{', token' if self.is_vit else ''}")
         self.pool = pool
+        if hierarchy not in HIERARCHIES:
+            raise ValueError(f"hierarchy={hierarchy!r}: choose one of {', '.join(HIERARCHIES)}")
         feat_dim = self.backbone.num_features  # C
         self.embedding_dim = embedding_dim
         self.head = nn.Linear(feat_dim, embedding_dim)
@@ -257,8 +362,9 @@ class CrossImageDML(nn.Module):
         self.cross = None
         self.cond_loss = None
         if cross_attention:
-            self.cross = ConditionalEmbedding(feat_dim, embedding_dim, attn_dim or embedding_dim,
-                                              depth, num_heads, mlp_ratio)
+            dim = attn_dim or min(embedding_dim, DEFAULT_MAX_ATTN_DIM)
+            self.cross = ConditionalEmbedding(feat_dim, embedding_dim, dim, depth, num_heads,
+                                              mlp_ratio, hierarchy, query_residual)
             self.cond_loss = build_similarity_loss(cond_loss, miner=miner,
                                                    miner_kwargs=miner_kwargs,
                                                    **(cond_loss_kwargs or {}))
@@ -314,13 +420,26 @@ class CrossImageDML(nn.Module):
         ``c[i, j] = c_{i|j}`` (one attention call per layer, query length B_j)."""
         return self.cross(self.patch_tokens(feats), z)
 
+    def _partner(self, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """What c_{i|j} is compared with: c_{j|i} (symmetric) or z_j (``asymmetric``)."""
+        if self.asymmetric:
+            return _fp32(z).unsqueeze(0).expand_as(c)  # [i, j] = z_j
+        return c.transpose(0, 1)  # [i, j] = c_{j|i}
+
     def pair_similarity(self, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """S (B, B) from c (B_i, B_j, E): ``s_ij = <c_{i|j}, c_{j|i}>`` (symmetric) or
-        ``<c_{i|j}, z_j>`` (``asymmetric``); all unit vectors, so cosines. fp32."""
-        c = c.float()
-        if self.asymmetric:
-            return (c * z.float().unsqueeze(0)).sum(-1)  # (B_i, B_j)
-        return (c * c.transpose(0, 1)).sum(-1)  # (B_i, B_j), exactly symmetric
+        ``<c_{i|j}, z_j>`` (``asymmetric``); all unit vectors, so cosines. fp32 (fp64 kept)."""
+        c = _fp32(c)
+        return (c * self._partner(c, z)).sum(-1)  # (B_i, B_j); exactly symmetric by default
+
+    def pair_distance(self, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """D (B, B): ``d_ij = ||c_{i|j} - c_{j|i}||`` (or ``- z_j``), the Euclidean distance
+        the distance-based losses read, from the vectors' difference: exact near s_ij = 1,
+        where ``sqrt(2 - 2 s_ij)`` from an fp32 S loses its digits. fp32 (fp64 kept); the zero
+        diagonal gets a zero gradient."""
+        c = _fp32(c)
+        sq = (c - self._partner(c, z)).pow(2).sum(-1)  # (B_i, B_j)
+        return sq.clamp_min(1e-30).sqrt()
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         feats = self.forward_features(images)  # (B, P+N, C)
@@ -328,16 +447,18 @@ class CrossImageDML(nn.Module):
         out = {"embedding": z}
         if targets is None:
             return out
-        sim = None
+        sim = dist = None
         if self.training and self.cross is not None:
             c = self.conditional_embeddings(feats, z)  # (B_i, B_j, E), attention under autocast
             sim = self.pair_similarity(c, z)  # (B, B) fp32
+            if self.cond_loss.reads_distance:  # contrastive / triplet / margin: exact d_ij
+                dist = self.pair_distance(c, z)
         with _no_autocast(images.device.type):
             dml = self.loss(z, targets)
             losses = {"dml": dml}
             logs = {"dml": dml.detach()}
             if sim is not None:
-                cond = self.cond_loss(sim, targets)
+                cond = self.cond_loss(sim, targets, dist=dist)
                 losses["cond"] = self.cond_weight * cond
                 logs["cond"] = cond.detach()
                 logs.update(_similarity_logs(sim.detach(), targets))
@@ -365,18 +486,19 @@ class CrossImageDML(nn.Module):
         if self.cross is None:
             return maps
         z = self.forward_head(feats)  # (B, E)
-        if pair is None:
-            _, attns = self.cross(patches, z.unsqueeze(1), return_attn=True)
+        if pair is None:  # c_{b|b}: image b read by its own embedding
+            _, _, attns, _ = self.cross.pairs(patches, patches[:, None], z, z[:, None],
+                                              return_attn=True)
             maps["self_attention"] = _unit(attns[-1].float().mean(1)[:, 0]).reshape(B, h, w)
             return maps
         feats_p, (hp, wp) = self._tokens(pair)
         z_p = self.forward_head(feats_p)  # (B, E)
-        _, attns = self.cross(patches, z_p.unsqueeze(1), return_attn=True)  # c_{b|pair b}
-        for layer, a in enumerate(attns):  # (B, H, 1, N)
+        _, _, attns, attns_r = self.cross.pairs(patches, self.patch_tokens(feats_p)[:, None],
+                                                z, z_p[:, None], return_attn=True)
+        for layer, a in enumerate(attns):  # (B, H, 1, N): c_{b|pair b} over image b
             maps[f"cross_attention_layer{layer}"] = _unit(a.float().mean(1)[:, 0]).reshape(B, h, w)
         maps["cross_attention"] = maps[f"cross_attention_layer{len(attns) - 1}"]
-        _, attns_r = self.cross(self.patch_tokens(feats_p), z.unsqueeze(1), return_attn=True)
-        reverse = _unit(attns_r[-1].float().mean(1)[:, 0])  # (B, N')
+        reverse = _unit(attns_r[-1].float().mean(2)[:, 0])  # (B, 1, H, N') -> (B, N')
         maps["cross_attention_reverse"] = reverse.reshape(B, hp, wp)
         return maps
 
@@ -397,14 +519,15 @@ class CrossImageDML(nn.Module):
                              "(cross_attention=True)")
         Q, k = n_feats.shape[:2]
         zq = self.forward_head(q_feats)  # (Q, E)
-        n_flat = n_feats.flatten(0, 1)  # (Q*k, P+N, C)
-        zn = self.forward_head(n_flat).reshape(Q, k, -1)  # (Q, k, E)
-        c_qn = self.cross(self.patch_tokens(q_feats), zn)  # (Q, k, E): c_{q|n}
-        if self.asymmetric:
-            return (c_qn * zn).sum(-1)
-        zq_rep = zq.repeat_interleave(k, dim=0).unsqueeze(1)  # (Q*k, 1, E)
-        c_nq = self.cross(self.patch_tokens(n_flat), zq_rep).reshape(Q, k, -1)  # c_{n|q}
-        return (c_qn * c_nq).sum(-1)
+        zn = self.forward_head(n_feats.flatten(0, 1)).reshape(Q, k, -1)  # (Q, k, E)
+        c_qn, c_nq = self.cross.pairs(self.patch_tokens(q_feats),
+                                      n_feats[:, :, self.num_prefix_tokens:], zq, zn)
+        return (c_qn * (zn if self.asymmetric else c_nq)).sum(-1)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) to fp32; fp32 / fp64 kept (float64 references in tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _no_autocast(device_type: str):
@@ -433,31 +556,45 @@ def _similarity_logs(sim: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
 
 
 @torch.no_grad()
-def conditional_rerank(model: CrossImageDML, q_tokens: torch.Tensor, db_tokens: torch.Tensor,
-                       topk_ids: torch.Tensor, mix: float = 1.0
+def conditional_rerank(model: CrossImageDML, q_tokens: torch.Tensor, db_tokens,
+                       topk_ids: torch.Tensor, mix: float = 1.0, chunk_size: int = 32
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-order each query's top-k neighbours by their conditional similarity.
+
+    Queries are processed ``chunk_size`` at a time: at most ``chunk_size * k`` database token
+    maps are gathered at once (ResNet-50, 49 x 2048 fp32 tokens, top-10: 32 queries = 128 MB;
+    all 1,000 queries at once would be 3.9 GiB). Results do not depend on ``chunk_size``.
 
     Args:
         model: a trained :class:`CrossImageDML` with its cross-attention branch.
         q_tokens: (Q, P+N, C) query tokens from ``model.forward_features``.
-        db_tokens: (M, P+N, C) database tokens (a memory-mapped tensor is fine: only the
-            top-k rows are read).
+        db_tokens: (M, P+N, C) database tokens: a tensor or anything indexable by an integer
+            array (a ``numpy.memmap`` reads only the gathered rows).
         topk_ids: (Q, k) database indices of each query's neighbours by z.
         mix: score = ``mix * s_cond + (1 - mix) * cos(z_q, z_n)``.
+        chunk_size: queries per chunk.
 
     Returns:
         ``(scores, ids)``, both (Q, k), sorted by decreasing score.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: use a positive number of queries per chunk")
     Q, k = topk_ids.shape
-    n_feats = db_tokens[topk_ids.reshape(-1).cpu()].to(q_tokens.device)
-    n_feats = n_feats.reshape(Q, k, *db_tokens.shape[1:])  # (Q, k, P+N, C)
-    scores = model.conditional_similarity(q_tokens, n_feats)  # (Q, k)
-    if mix != 1.0:
-        zq = model.forward_head(q_tokens)  # (Q, E)
-        zn = model.forward_head(n_feats.flatten(0, 1)).reshape(Q, k, -1)  # (Q, k, E)
-        scores = mix * scores + (1.0 - mix) * (zn * zq.unsqueeze(1)).sum(-1)
-    order = scores.argsort(dim=1, descending=True)
+    parts = []
+    for s in range(0, Q, chunk_size):
+        q = q_tokens[s:s + chunk_size]  # (Qc, P+N, C)
+        ids = topk_ids[s:s + chunk_size].reshape(-1).cpu()  # (Qc*k,)
+        rows = db_tokens[ids] if torch.is_tensor(db_tokens) else \
+            torch.as_tensor(db_tokens[ids.numpy()])
+        n_feats = rows.to(q.device).reshape(len(q), k, *rows.shape[1:])  # (Qc, k, P+N, C)
+        scores = model.conditional_similarity(q, n_feats)  # (Qc, k)
+        if mix != 1.0:
+            zq = model.forward_head(q)  # (Qc, E)
+            zn = model.forward_head(n_feats.flatten(0, 1)).reshape(len(q), k, -1)
+            scores = mix * scores + (1.0 - mix) * (zn * zq.unsqueeze(1)).sum(-1)
+        parts.append(scores)
+    scores = torch.cat(parts)  # (Q, k)
+    order = scores.argsort(dim=1, descending=True, stable=True)
     return scores.gather(1, order), topk_ids.to(order.device).gather(1, order)
 
 
