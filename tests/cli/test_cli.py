@@ -8,10 +8,10 @@ import pytest
 
 from finegrain.cli import main, predict
 from finegrain.data.synthetic import FGVCConfig, generate_cub
+from finegrain.models.tiny import tiny_kwargs
 
 CFG = dict(num_classes=4, train_per_class=4, test_per_class=2, size=32, seed=0)
-TINY = {"img_size": 32, "backbone_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2,
-                                            "num_heads": 2}}
+TINY = tiny_kwargs("vit_tiny_patch16_224")
 
 
 @pytest.fixture(scope="module")

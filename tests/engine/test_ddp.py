@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from finegrain.engine import FinegrainDataModule, FinegrainModule
+from finegrain.models.tiny import tiny_kwargs
 
-TINY = {"img_size": 32, "backbone_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2,
-                                            "num_heads": 2}}
+TINY = tiny_kwargs("vit_tiny_patch16_224")
 
 
 def _validate(task_ds, cfg, devices, tmp_path, model_kwargs):

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from finegrain.engine import train
 from finegrain.models import create_model, load_model
+from finegrain.models.tiny import tiny_kwargs
 
 
 def _argv(tmp_path, run_dir, epochs=3, extra=()):
@@ -20,10 +21,9 @@ def _argv(tmp_path, run_dir, epochs=3, extra=()):
             "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
             "--trainer.enable_model_summary", "false",
             "--model.model_name", "vit_tiny_patch16_224",
-            "--model.model_kwargs", json.dumps({"img_size": 32, "drop_path_rate": 0.1,
-                                                "backbone_kwargs": {"patch_size": 8,
-                                                                    "embed_dim": 32, "depth": 2,
-                                                                    "num_heads": 2}}),
+            # drop path on: a resumed run must replay its random draws too
+            "--model.model_kwargs", json.dumps({**tiny_kwargs("vit_tiny_patch16_224"),
+                                                "drop_path_rate": 0.1}),
             "--model.lr", "0.003", "--model.warmup_epochs", "1",
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": cfg}),

@@ -20,6 +20,7 @@ from timm.layers import resample_abs_pos_embed
 import finegrain
 from finegrain.models import classifier as classifier_mod
 from finegrain.models import registry as registry_mod
+from finegrain.models.tiny import tiny_input_size, tiny_kwargs
 from finegrain.models.weights import load_pretrained, load_state_dict_file
 
 VIT = "vit_tiny_patch16_224"
@@ -254,15 +255,8 @@ def _baselines() -> list[str]:
 
 
 def _tiny_kwargs(name: str) -> tuple[dict, int]:
-    """Smallest arguments of each baseline family, and the input size."""
-    if "r50" in name:  # hybrid: the ResNet stem stays, the transformer shrinks
-        return dict(img_size=32, backbone_kwargs=dict(embed_dim=32, depth=1, num_heads=2)), 32
-    if "vit" in name or "deit" in name:
-        return dict(img_size=32, backbone_kwargs=dict(patch_size=8, embed_dim=32, depth=1,
-                                                      num_heads=2)), 32
-    if "resnet" in name:
-        return {}, 32
-    raise AssertionError(f"new baseline {name}: add its tiny kwargs to _tiny_kwargs")
+    """Each baseline's tiny arguments and input size, from the shared table."""
+    return tiny_kwargs(name), tiny_input_size(name)[0]
 
 
 def test_baselines_are_registered():

@@ -10,15 +10,15 @@ import torch
 
 from finegrain import create_model
 from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmarks
+from finegrain.models.tiny import tiny_kwargs
 from finegrain.retrieval.commands import register
 from finegrain.retrieval.descriptors import DescriptorMismatch, checkpoint_hash, load_descriptors
 
 SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=1, easy_per_landmark=2,
                         hard_per_landmark=1, junk_per_landmark=1, num_distractors=3,
                         train_per_landmark=2, extra_train=0)
-KWARGS = dict(num_classes=4, img_size=64, global_dim=32, local_dim=32, embedding_dim=16,
-              window_size=4, fusion_heads=4,
-              backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=8))
+# the shared tiny DALG at 64 px, the scale of the generated landmark images
+KWARGS = {**tiny_kwargs("dalg_deit_tiny_patch16_224"), "num_classes": 4, "img_size": 64}
 
 
 def main(argv: list[str]) -> int:

@@ -342,7 +342,8 @@ class SyntheticLandmarks(_Revisited):
             generated tree.
         split: ``train`` (labelled landmark views), ``query`` (cropped to bbx) or
             ``gallery``.
-        config: a :class:`LandmarksConfig` (default parameters when ``None``).
+        config: a :class:`LandmarksConfig` or a dict of its fields (a YAML recipe's
+            ``dataset_kwargs``); default parameters when ``None``.
         crop_queries: as for ``roxford5k``.
         **kwargs: ``transform``, ``on_error``.
 
@@ -354,10 +355,13 @@ class SyntheticLandmarks(_Revisited):
     gnd_name = GND_NAME
 
     def __init__(self, root: str | None = None, split: str = "gallery",
-                 config: LandmarksConfig | None = None, crop_queries: bool = True, **kwargs):
+                 config: LandmarksConfig | dict | None = None, crop_queries: bool = True,
+                 **kwargs):
         if split not in self.splits:
             raise DatasetError(f"SyntheticLandmarks: unknown split {split!r}; choose one of "
                                f"{self.splits}")
+        if isinstance(config, dict):
+            config = LandmarksConfig(**config)
         folder = generate_landmarks(root, config or LandmarksConfig())
         super().__init__(folder, split, crop_queries=crop_queries, **kwargs)
 

@@ -65,6 +65,9 @@ class FinegrainDataModule(pl.LightningDataModule):
         color_jitter: colour jitter strength for training (0 = off).
         rotation: training random rotation in degrees (0 = off).
         resize_mode: ``square`` or ``shorter`` (keep the aspect ratio) for ``resize_size``.
+        augment: False trains on the evaluation transform (no random crop, flip, erasing,
+            jitter or rotation; retrieval: a plain resize to ``img_size``): every epoch sees
+            the same pixels (overfitting checks, debugging).
         on_error: ``raise`` on a corrupt / missing image (names it) or ``skip`` and count it.
         seed: seed of the sample order and the augmentations.
         dataset_kwargs: extra reader arguments (e.g. ``config`` of a ``synthetic_*`` set,
@@ -79,7 +82,7 @@ class FinegrainDataModule(pl.LightningDataModule):
                  mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD,
                  random_erasing: float | None = None, color_jitter: float = 0.0,
-                 rotation: float = 0.0, resize_mode: str = "square",
+                 rotation: float = 0.0, resize_mode: str = "square", augment: bool = True,
                  on_error: str = "raise", seed: int = 0,
                  dataset_kwargs: dict[str, Any] | None = None):
         super().__init__()
@@ -93,9 +96,17 @@ class FinegrainDataModule(pl.LightningDataModule):
     # ---- datasets ---------------------------------------------------------------------
     def _build(self, split: str, train: bool):
         hp = self.hparams
-        tf = build_transform(self.task, train, hp.img_size, hp.resize_size, tuple(hp.mean),
-                             tuple(hp.std), hp.random_erasing, hp.color_jitter,
-                             hp.rotation if train else 0.0, hp.resize_mode)
+        if train and not hp.augment:
+            # the evaluation transform at a fixed size (retrieval evaluates at the longest
+            # side, of varying shape: a plain resize, as `finegrain predict` does)
+            task = "reid" if self.task == "retrieval" else self.task
+            tf = build_transform(task, False, hp.img_size, hp.resize_size, tuple(hp.mean),
+                                 tuple(hp.std), resize_mode=hp.resize_mode)
+        else:
+            tf = build_transform(self.task, train, hp.img_size, hp.resize_size,
+                                 tuple(hp.mean), tuple(hp.std), hp.random_erasing,
+                                 hp.color_jitter, hp.rotation if train else 0.0,
+                                 hp.resize_mode)
         return build_dataset(hp.dataset, hp.root, split, transform=tf, on_error=hp.on_error,
                              **(hp.dataset_kwargs or {}))
 
