@@ -50,21 +50,10 @@ CASES = [(n, {}) for n in list_models()] + VARIANTS
 # None in the registry today; an entry needs a reason, and a stale entry fails the test.
 NO_GRAD_IN_TRAINING: dict[str, tuple[str, ...]] = {}
 
-# Known defects, each an xfail(strict=True): the test turns red as soon as it is fixed, so the
-# marker is removed then.
-_FROZEN_ZERO_GAMMA = (
-    "cross_image.py: freeze_bn freezes timm's zero-initialised last BN of every residual block "
-    "(zero_init_last), so without pretrained weights every residual branch stays dead")
-
-
 def _learn_cases() -> list:
-    out = []
-    for name, kw in CASES:
-        dead = family(name) == "cross_image" and "resnet" in name and \
-            kw.get("freeze_bn", True)
-        marks = [pytest.mark.xfail(reason=_FROZEN_ZERO_GAMMA, strict=True)] if dead else []
-        out.append(pytest.param((name, kw), marks=marks, id=_ids((name, kw))))
-    return out
+    # (cross-image ResNets with freeze_bn once froze timm's zero-initialised last BN of every
+    # block, leaving the residual branches dead from scratch: fixed, and caught here)
+    return [pytest.param((name, kw), id=_ids((name, kw))) for name, kw in CASES]
 
 
 _TASN_TRAIN_ONLY = (

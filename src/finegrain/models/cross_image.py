@@ -334,6 +334,11 @@ class CrossImageDML(nn.Module):
         kw = dict(backbone_kwargs or {})
         if img_size is not None and ("vit" in backbone or "deit" in backbone):
             kw["img_size"] = img_size
+        if freeze_bn and "resnet" in backbone:
+            # timm zero-initialises each block's last BN weight; frozen at zero, every residual
+            # branch of a model trained from scratch would stay dead (pretrained weights
+            # replace it, so loading a file is unaffected)
+            kw.setdefault("zero_init_last", False)
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0,
                                           drop_path_rate=drop_path_rate, **kw)
         self.num_prefix_tokens = getattr(self.backbone, "num_prefix_tokens", 0)
