@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/finegrain demo
 
 demo-seeds: $(STAMP)
-	$(VENV)/bin/finegrain demo --seeds 3
+	$(VENV)/bin/finegrain demo --seeds 5 --ablations
 
 test: $(STAMP)
 	$(PY) -m pytest

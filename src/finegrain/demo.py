@@ -5,8 +5,8 @@ the demo does the same at toy scale, on CPU:
 
 1. **Pretraining**, once per backbone family (the hybrid R+ViT-Ti of DCAL / DALG, the small
    ResNet-18 of TASN / DML and the CNN baseline): an ordinary ``finegrain train`` run that
-   classifies 32 generated classes whose part combinations are *disjoint* from every
-   fine-tuning set (``class_offset=32``: positions 32-63 of the generator's permutation; the
+   classifies 16 generated classes whose part combinations are *disjoint* from every
+   fine-tuning set (``class_offset=32``: positions 32-47 of the generator's permutation; the
    fine-tuning sets use positions 0-31). It is cached in ``OUT/pretrain-<family>/`` and
    reused when its recipe is unchanged.
 2. **Fine-tuning**: every arm of every entry starts from those same weights
@@ -49,9 +49,9 @@ from .models.tiny import DEMO_RESNET, DEMO_SIZE, DEMO_VIT
 
 # ---- data (fixed 2026-11-30, before any comparison was run; see docs/demo.md) -------------
 # Fine-tuning sets draw their classes / identities from positions 0..31 of the generator's
-# permutation of the 64 part combinations; pretraining uses positions 32..63.
+# permutation of the 64 part combinations; pretraining uses positions 32..47.
 _FINETUNE_POOL = 32
-_PRETRAIN_CFG = {"num_classes": 32, "class_offset": _FINETUNE_POOL, "train_per_class": 40,
+_PRETRAIN_CFG = {"num_classes": 16, "class_offset": _FINETUNE_POOL, "train_per_class": 80,
                  "test_per_class": 10, "size": DEMO_SIZE, "seed": 0}
 _FGVC_CFG = {"num_classes": 10, "train_per_class": 80, "test_per_class": 20, "size": DEMO_SIZE,
              "seed": 0}
@@ -98,7 +98,7 @@ def _recipe(model_name: str, model_kwargs: dict, data: dict, epochs: int, lr: fl
 
 
 def pretrain_recipes() -> dict[str, dict]:
-    """The pretraining run of each backbone family (32 classes disjoint from fine-tuning)."""
+    """The pretraining run of each backbone family (16 classes disjoint from fine-tuning)."""
     return {
         "vit": _recipe(_DCAL, {**_VIT_KW, "task": "fgvc", "glca": False, "pwca": False},
                        _PRETRAIN_DATA, PRETRAIN_EPOCHS, lr=1e-3),
@@ -150,7 +150,7 @@ def demo_entries() -> list[DemoEntry]:
     dalg = {"img_size": DEMO_SIZE, "global_dim": 96, "local_dim": 96, "embedding_dim": 64,
             "window_size": 4, "fusion_heads": 3, "drop_path_rate": 0.0,
             "backbone_kwargs": DEMO_VIT}
-    E = 10  # fine-tuning epochs on synthetic_fgvc (25 steps each)
+    E = 8  # fine-tuning epochs on synthetic_fgvc (25 steps each)
     return [
         DemoEntry("fgvc", ("top1",), {
             "method": _recipe(_DCAL, {**fgvc, **on}, _FGVC_DATA, E, family="vit"),
@@ -170,8 +170,8 @@ def demo_entries() -> list[DemoEntry]:
              Comparison("method", "baseline_long", f"DCAL vs ViT x{DCAL_COST} steps", True)],
             ablation_arms=("random", "glca_only", "pwca_only", "baseline_long")),
         DemoEntry("reid", ("mAP", "R1"), {
-            "method": _recipe(_DCAL, {**reid, **on}, _REID_DATA, 30, family="vit"),
-            "baseline": _recipe(_DCAL, {**reid, **off}, _REID_DATA, 30, family="vit")},
+            "method": _recipe(_DCAL, {**reid, **on}, _REID_DATA, 24, family="vit"),
+            "baseline": _recipe(_DCAL, {**reid, **off}, _REID_DATA, 24, family="vit")},
             [Comparison("method", "baseline", "DCAL vs ViT (Re-ID)")],
             explain_pair=True, eval_split="query"),
         DemoEntry("tasn", ("top1",), {
@@ -187,22 +187,22 @@ def demo_entries() -> list[DemoEntry]:
              Comparison("method", "baseline_long", f"TASN vs ResNet-18 x{TASN_COST} steps", True)],
             ablation_arms=("uniform", "baseline_long")),
         DemoEntry("dml", ("R@1", "MAP@R"), {
-            "method": _recipe("cross_image_resnet18", dml, _DML_DATA, 30, family="resnet"),
+            "method": _recipe("cross_image_resnet18", dml, _DML_DATA, 24, family="resnet"),
             "baseline": _recipe("cross_image_resnet18", {**dml, "cross_attention": False},
-                                _DML_DATA, 30, family="resnet"),
+                                _DML_DATA, 24, family="resnet"),
             "lambda0": _recipe("cross_image_resnet18", {**dml, "cond_weight": 0.0}, _DML_DATA,
-                               30, family="resnet")},
+                               24, family="resnet")},
             [Comparison("method", "baseline", "Cross-image attn vs DML baseline"),
              Comparison("method", "lambda0", "Cross-image: lambda 1 vs 0", True)],
             ablation_arms=("lambda0",)),
         DemoEntry("dalg", ("medium/mAP", "hard/mAP"), {
-            "method": _recipe("dalg_vit_tiny_r_s16_p8_224", dalg, _LANDMARK_DATA, 12,
+            "method": _recipe("dalg_vit_tiny_r_s16_p8_224", dalg, _LANDMARK_DATA, 10,
                               family="vit"),
             "baseline": _recipe("dalg_vit_tiny_r_s16_p8_224",
                                 {**dalg, "local": "none", "fusion": "none"}, _LANDMARK_DATA,
-                                12, family="vit"),
+                                10, family="vit"),
             "orthogonal": _recipe("dalg_vit_tiny_r_s16_p8_224", {**dalg, "fusion": "orthogonal"},
-                                  _LANDMARK_DATA, 12, family="vit")},
+                                  _LANDMARK_DATA, 10, family="vit")},
             [Comparison("method", "baseline", "DALG vs ViT global (retrieval)"),
              Comparison("orthogonal", "baseline", "DALG orthogonal fusion vs global", True),
              Comparison("method", "orthogonal", "DALG: cross-attn vs orthogonal fusion", True)],
@@ -455,7 +455,21 @@ def run_demo(seeds: int = 1, out: str = "runs/demo", only: list[str] | None = No
                 row["picture_error"] = str(ex)
         rows.append(row)
     total = time.time() - t0
+    pretraining = {}
+    for f in families:
+        d = os.path.join(out, f"pretrain-{f}")
+        try:
+            with open(os.path.join(d, "metrics.json")) as fh:
+                best = json.load(fh)["best"]
+            pretraining[f] = {"run_dir": d, "top1": best["top1"], "epoch": best["epoch"]}
+        except (OSError, KeyError, TypeError, ValueError):
+            pretraining[f] = {"run_dir": d}
     table = format_table(rows, seeds)
+    pre_line = ", ".join(f"{f} {100 * p['top1']:.1f}%" for f, p in pretraining.items()
+                         if "top1" in p)
+    if pre_line:
+        table += (f"\npretraining (top-1 on its {_PRETRAIN_CFG['num_classes']} disjoint "
+                  f"classes): {pre_line}")
     summary = None
     try:
         from .visualize import plot_paired_differences
@@ -464,7 +478,7 @@ def run_demo(seeds: int = 1, out: str = "runs/demo", only: list[str] | None = No
         print(f"could not draw summary.png: {ex}")
     with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump({"seeds": seeds, "ablations": ablations, "total_time_s": total,
-                   "pretraining": {f: os.path.join(out, f"pretrain-{f}") for f in families},
+                   "pretraining": pretraining,
                    "rows": rows}, f, indent=1, default=float)
     print("\n" + table)
     print(f"\ntotal {total:.0f} s on {jobs} parallel job(s); run folders, demo.json, "
