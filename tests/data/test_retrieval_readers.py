@@ -5,6 +5,7 @@ import os
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torchvision.io import encode_jpeg
@@ -150,3 +151,87 @@ def test_gldv2_errors(gld_root):
     os.remove(gld_root / "train_clean.csv")
     with pytest.raises(DatasetError, match="train_clean.csv"):
         GLDv2(str(gld_root), "train")
+
+
+# ---- query crop scale on the real ground truth (cirtorch / DELG convention) --------------
+def _cirtorch_size(crop_h, crop_w, full, imsize):
+    """cirtorch ImagesFromList: ``imresize(crop, imsize * max(crop.size) / imfullsize)`` with
+    PIL's (<7) ``thumbnail``: int truncation, never enlarges. Returns (h, w)."""
+    target = imsize * max(crop_w, crop_h) / full
+    x, y = crop_w, crop_h
+    if x > target:
+        y, x = int(max(y * target / x, 1)), int(target)
+    if y > target:
+        x, y = int(max(x * target / y, 1)), int(target)
+    return y, x
+
+
+def _delg_size(crop_h, crop_w, full, max_image_size):
+    """DELG extract_features.py + utils.ResizeImage: ``resize_factor = max(crop) / max(full)``,
+    ``max_size = round(max_image_size * resize_factor)``, shrink only, rounded sides."""
+    largest = max(crop_h, crop_w)
+    m = int(round(max_image_size * largest / full))
+    if largest <= m:
+        return crop_h, crop_w
+    s = m / largest
+    return int(round(crop_h * s)), int(round(crop_w * s))
+
+
+def _crop_hw(bbx):
+    x1, y1, x2, y2 = (int(round(v)) for v in bbx)  # PIL's crop rounding
+    return y2 - y1, x2 - x1
+
+
+@pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
+@pytest.mark.parametrize("size", [1024, 512])
+def test_query_crop_scale_follows_cirtorch_and_delg_on_real_gnd(shared_data, name, size):
+    """Every real query crop is scaled by its full image's factor: its size is within 1 px of
+    cirtorch's and DELG's (rounding vs truncation), never its own longest side = size. The
+    Oxford / Paris originals have a longest side of 1024 (bbx coordinates reach 1024)."""
+    from finegrain.data.transforms import longest_side_size
+    with open(shared_data / "revisitop" / f"gnd_{name}.pkl", "rb") as f:
+        gnd = pickle.load(f)["gnd"]
+    full = 1024
+    before, after = [], []
+    for g in gnd:
+        h, w = _crop_hw(g["bbx"])
+        got = longest_side_size(h, w, size, full)
+        for ref in (_cirtorch_size(h, w, full, size), _delg_size(h, w, full, size)):
+            assert abs(got[0] - ref[0]) <= 1 and abs(got[1] - ref[1]) <= 1, (g["bbx"], got, ref)
+        db_factor = size / full  # the factor of every database image of that size
+        before.append((size / max(h, w)) / db_factor)  # old: crop's own side -> size
+        after.append((max(got) / max(h, w)) / db_factor)
+    assert np.median(before) > 1.5 and max(before) > 4  # what issue 15 measured
+    np.testing.assert_allclose(after, 1.0, atol=1.0 / 100)  # same scale as the database
+
+
+def test_query_crop_scale_on_generated_originals(roxford_root):
+    """Queries of the real gnd, images generated at the original 1024 x 768 / 768 x 1024 size:
+    the retrieval transform gives the cirtorch / DELG crop size, the database its own."""
+    from finegrain.data.transforms import longest_side_size
+    from finegrain.retrieval.extract import extract, retrieval_transform
+
+    query = ROxford5k(str(roxford_root), "query",
+                      transform=retrieval_transform(512, (0.5,) * 3, (0.5,) * 3))
+    picked = [0, 7, 33]
+    for i in picked:
+        x1, y1, x2, y2 = query.gnd[i]["bbx"]
+        H, W = (768, 1024) if x2 > 768 else (1024, 768)
+        assert y2 <= H and x2 <= W
+        img = torch.randint(0, 255, (3, H, W), dtype=torch.uint8)
+        write_bytes(query.samples[i].path, encode_jpeg(img).numpy().tobytes())
+    query.samples = [query.samples[i] for i in picked]
+    shapes = []
+
+    class Shapes(torch.nn.Module):
+        def forward(self, x):
+            shapes.extend([tuple(x.shape[-2:])] * len(x))
+            return {"embedding": x.flatten(1)[:, :4] + 1.0}
+
+    extract(Shapes(), query, batch_size=1, progress=False)
+    for i, got in zip(picked, shapes):
+        h, w = _crop_hw(query.gnd[i]["bbx"])
+        assert got == longest_side_size(h, w, 512, 1024)
+        ref = _cirtorch_size(h, w, 1024, 512)
+        assert abs(got[0] - ref[0]) <= 1 and abs(got[1] - ref[1]) <= 1
+        assert max(got) < 512  # the old convention gave the crop a longest side of 512

@@ -122,3 +122,34 @@ def test_retrieval_eval_command(setup, capsys):
                      "--queries", str(out / "query"), "--gallery", str(tmp / "db"),
                      "--out", str(tmp / "ev2"), "--picture", "none"]) == 0
     assert cli.main(["index", "search", str(tmp / "nowhere"), str(tmp / "q")]) == 2
+
+
+def test_index_search_and_retrieval_eval_rank_alike_with_aqe_and_rerank(setup):
+    """Issue 15: 'retrieval eval' re-ranks the expanded query as 'index search' does (one
+    code path), and takes --aqe-n / --rerank-k."""
+    from finegrain.data import build_dataset
+    from finegrain.evaluation.revisited import evaluate
+    from finegrain.retrieval.pipeline import rank_database
+    tmp, root, ck, _, _ = setup
+    for split, name in (("query", "q3"), ("gallery", "db3")):
+        assert main(["embed", ck, "--dataset", "synthetic_landmarks", "--root", root,
+                     "--split", split, "--out", str(tmp / name), "--image-size", "64"]) == 0
+    q, db = load_descriptors(tmp / "q3"), load_descriptors(tmp / "db3")
+    ix, out = str(tmp / "g3.index"), str(tmp / "res3.json")
+    assert main(["index", "build", str(tmp / "db3"), "--out", ix]) == 0
+    flags = ["--aqe", "--aqe-n", "3", "--rerank", "--rerank-k", "10"]
+    assert main(["index", "search", ix, str(tmp / "q3"), "-k", "10", *flags, "--out", out]) == 0
+    searched = [r["names"] for r in json.loads(open(out).read())["queries"]]
+    ranks = rank_database(np.asarray(q.vectors), np.asarray(db.vectors), aqe=True, aqe_n=3,
+                          rerank=True, rerank_k=10)
+    assert searched == [[db.names[j] for j in ranks[:10, i]] for i in range(len(q))]
+    plain = rank_database(np.asarray(q.vectors), np.asarray(db.vectors), rerank=True,
+                          rerank_k=10)
+    assert not np.array_equal(ranks, plain)  # the expansion reaches the re-ranking
+    assert main(["retrieval", "eval", "--dataset", "synthetic_landmarks", "--root", root,
+                 "--queries", str(tmp / "q3"), "--gallery", str(tmp / "db3"), *flags,
+                 "--out", str(tmp / "ev3"), "--picture", "none"]) == 0
+    report = json.loads((tmp / "ev3" / "retrieval.json").read_text())
+    gnd = build_dataset("synthetic_landmarks", root, "query").gnd
+    assert report["metrics"] == evaluate(ranks, gnd)
+    assert report["aqe"]["n"] == 3 and report["rerank"]["k"] == 10

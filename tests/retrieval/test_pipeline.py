@@ -22,6 +22,8 @@ SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=2, easy_per_landma
 TINY = {**tiny_kwargs("dalg_deit_tiny_patch16_224"), "num_classes": 4, "img_size": 64}
 PRE = {"resize": "longest_side", "image_size": 64, "scales": [1.0], "mean": [0.5] * 3,
        "std": [0.5] * 3}
+# queries cropped to bbx, crops scaled by their full image's factor (what 'embed' records)
+PRE_Q = {**PRE, "crop_query_bbx": True, "crop_scale": "full_image"}
 KEYS = {"mAP", "mP@1", "mP@5", "mP@10"}
 
 
@@ -43,9 +45,9 @@ def _oracle(root, tmp_path, dim=16):
             owner[j] = lm_of_q[i]
     db = np.stack([eye[owner.get(j, j) + dim] for j in range(n_db)])
     qv = np.stack([eye[lm_of_q[i] + dim] for i in range(nq)])
-    meta = dict(model_name="oracle", checkpoint_hash="gt", preprocessing=PRE)
-    save_descriptors(tmp_path / "q", qv, q.qimlist, **meta)
-    save_descriptors(tmp_path / "g", db, q.imlist, **meta)
+    meta = dict(model_name="oracle", checkpoint_hash="gt", dataset="synthetic_landmarks")
+    save_descriptors(tmp_path / "q", qv, q.qimlist, split="query", preprocessing=PRE_Q, **meta)
+    save_descriptors(tmp_path / "g", db, q.imlist, split="gallery", preprocessing=PRE, **meta)
     return str(tmp_path / "q"), str(tmp_path / "g"), q
 
 
@@ -134,3 +136,68 @@ def test_oracle_ranking_through_the_metric(root):
     assert all(m[s]["mAP"] == pytest.approx(1.0) for s in m)
     worst = evaluate(np.array(cols).T[::-1].copy(), q.gnd)
     assert worst["medium"]["mAP"] < 0.5
+
+
+@pytest.fixture
+def roxford_files(tmp_path, shared_data):
+    """Real roxford5k ground truth (no images needed) and random descriptor files of it."""
+    import shutil
+    root = tmp_path / "roxford5k"
+    os.makedirs(root / "jpg")
+    shutil.copy(shared_data / "revisitop" / "gnd_roxford5k.pkl", root)
+    q = build_dataset("roxford5k", str(root), "query")
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((11, 32)).astype(np.float32)
+    db = centres[np.arange(len(q.imlist)) % 11] + rng.standard_normal(
+        (len(q.imlist), 32)).astype(np.float32)
+    qv = centres[np.arange(70) % 11] + 0.5 * rng.standard_normal((70, 32)).astype(np.float32)
+    meta = dict(model_name="m", checkpoint_hash="h", dataset="roxford5k")
+    save_descriptors(tmp_path / "q", qv / np.linalg.norm(qv, axis=1, keepdims=True),
+                     q.qimlist, split="query", preprocessing=PRE_Q, **meta)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    save_descriptors(tmp_path / "g", db, q.imlist, split="gallery", preprocessing=PRE, **meta)
+    return str(root), tmp_path, db, q
+
+
+def test_descriptor_files_are_matched_by_name_on_real_gnd(roxford_files):
+    """A valid gallery file in another order gives the same metrics (issue 15: it used to
+    drop Medium mAP silently); names missing from the ground truth are refused."""
+    root, tmp, db, q = roxford_files
+    kw = dict(query_descriptors=str(tmp / "q"), picture="none")
+    ref = retrieval_eval(None, "roxford5k", root, gallery_descriptors=str(tmp / "g"), **kw)
+    perm = np.random.default_rng(1).permutation(len(db))
+    save_descriptors(tmp / "shuffled", db[perm], [q.imlist[i] for i in perm],
+                     model_name="m", checkpoint_hash="h", preprocessing=PRE,
+                     dataset="roxford5k", split="gallery")
+    got = retrieval_eval(None, "roxford5k", root, gallery_descriptors=str(tmp / "shuffled"),
+                         **kw)
+    assert got == ref and 0 < ref["medium"]["mAP"] < 1
+    names = list(q.imlist)
+    names[17] = "not_an_oxford_image"
+    save_descriptors(tmp / "renamed", db, names, model_name="m", checkpoint_hash="h",
+                     preprocessing=PRE, dataset="roxford5k", split="gallery")
+    with pytest.raises(ValueError, match=f"{q.imlist[17]}.*has no descriptor.*finegrain embed"):
+        retrieval_eval(None, "roxford5k", root, gallery_descriptors=str(tmp / "renamed"), **kw)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("dataset", "rparis6k", "dataset 'rparis6k', not 'roxford5k'"),
+    ("split", "gallery", "split 'gallery', not 'query'"),
+    ("crop_query_bbx", False, "not cropped to their bbx"),
+    ("crop_scale", None, "not scaled by their full image's factor")])
+def test_query_file_of_another_dataset_or_convention_is_refused(roxford_files, field, value,
+                                                                message):
+    root, tmp, _, q = roxford_files
+    from finegrain.retrieval.descriptors import load_descriptors
+    d = load_descriptors(tmp / "q")
+    meta = {k: v for k, v in d.meta.items() if k not in ("format", "version", "count", "dim",
+                                                         "dtype", "names", "labels")}
+    if field in ("dataset", "split"):
+        meta[field] = value
+    else:
+        meta["preprocessing"] = {**meta["preprocessing"], field: value}
+    save_descriptors(tmp / "bad", np.asarray(d.vectors), d.names, **meta)
+    with pytest.raises(ValueError, match=message) as e:
+        retrieval_eval(None, "roxford5k", root, query_descriptors=str(tmp / "bad"),
+                       gallery_descriptors=str(tmp / "g"), picture="none")
+    assert "bad.json" in str(e.value) and "--dataset roxford5k" in str(e.value)

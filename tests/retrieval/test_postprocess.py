@@ -53,10 +53,34 @@ def test_rerank_shortlist_sorts_each_shortlist_by_reranked_distance():
     for i in range(3):
         assert sorted(new_ids[i]) == sorted(ids[i])  # same shortlist, new order
         assert np.all(np.diff(dist[i]) >= 0)
-    cand = np.unique(ids)
-    full = k_reciprocal_rerank(q, db[cand], k1=4, k2=2)
-    col = np.searchsorted(cand, new_ids)
-    np.testing.assert_allclose(dist, np.take_along_axis(full, col, 1), atol=1e-6)
+    for i in range(3):  # each query on the graph of itself and its own shortlist
+        own = k_reciprocal_rerank(q[i:i + 1], db[ids[i]], k1=4, k2=2)[0]
+        col = [list(ids[i]).index(j) for j in new_ids[i]]
+        np.testing.assert_allclose(dist[i], own[col], atol=1e-6)
+
+
+def test_rerank_is_per_query_batch_and_independent_of_the_batch_size():
+    """Issue 15: results independent of the batch (sizes 1, 3, all), memory bounded by it
+    (one get_vectors call per batch, at most batch x K vectors), -1 padding last."""
+    q, db = _unit(7, 8, 0), _unit(80, 8, 1)
+    _, ids = knn(q, db, 12)
+    ids[2, -3:] = -1  # an approximate index may return fewer results
+    runs = {}
+    for bs in (1, 3, 7):
+        calls = []
+
+        def get(i):
+            calls.append(len(i))
+            return db[i]
+
+        runs[bs] = rerank_shortlist(q, ids, get, k1=4, k2=2, batch_size=bs)
+        assert len(calls) == -(-7 // bs) and max(calls) <= bs * 12
+    for bs in (3, 7):
+        np.testing.assert_array_equal(runs[bs][0], runs[1][0])
+        np.testing.assert_array_equal(runs[bs][1], runs[1][1])
+    assert list(runs[1][0][2, -3:]) == [-1] * 3 and np.isinf(runs[1][1][2, -3:]).all()
+    alone, _ = rerank_shortlist(q[4:5], ids[4:5], lambda i: db[i], k1=4, k2=2)
+    np.testing.assert_array_equal(alone[0], runs[7][0][4])  # other queries change nothing
 
 
 def test_bad_neighbour_shape():

@@ -21,18 +21,55 @@ def _size(s: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
+def longest_side_size(h: int, w: int, size: int, full_size: int | None = None
+                      ) -> tuple[int, int]:
+    """Output ``(h, w)`` of the retrieval eval resize: the image is scaled by
+    ``size / full_size``, ``full_size`` being the longest side of the *full* image (default:
+    ``max(h, w)``, i.e. the longest side becomes ``size``).
+
+    A query cropped to its ``bbx`` passes its full image's longest side, so the crop is scaled
+    by the same factor as the database images (cirtorch ``ImagesFromList``:
+    ``imresize(crop, imsize * max(crop.size) / imfullsize)``; DELG ``extract_features.py``:
+    ``resize_factor = max(crop) / max(full)``), not enlarged until its own longest side is
+    ``size``.
+    """
+    s = size / (max(h, w) if full_size is None else full_size)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
 class LongestSide(torch.nn.Module):
-    """Resize so the longest side is ``size``, keeping the aspect ratio (retrieval eval)."""
+    """Resize so the longest side is ``size``, keeping the aspect ratio (retrieval eval); with
+    ``full_size`` (a query crop) by the full image's factor (:func:`longest_side_size`)."""
 
     def __init__(self, size: int):
         super().__init__()
         self.size = size
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
         h, w = img.shape[-2:]
-        s = self.size / max(h, w)
-        return v2.functional.resize(img, [max(1, round(h * s)), max(1, round(w * s))],
+        return v2.functional.resize(img, list(longest_side_size(h, w, self.size, full_size)),
                                     antialias=True)
+
+
+class RetrievalEval(torch.nn.Module):
+    """Retrieval eval transform: :class:`LongestSide` then float + normalisation.
+
+    ``transform(img, full_size=M)`` scales a query crop by its full image's factor ``size / M``
+    (cirtorch / DELG convention, :func:`longest_side_size`); ``transform(img)`` scales a whole
+    image so its longest side is ``size``.
+    """
+
+    takes_full_size = True
+
+    def __init__(self, size: int, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD):
+        super().__init__()
+        self.resize = LongestSide(size)
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(list(mean), list(std))])
+
+    def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
+        return self.normalize(self.resize(img, full_size))
 
 
 def build_transform(task: str, train: bool, img_size: int | tuple[int, int],

@@ -59,27 +59,25 @@ def cmd_index_search(a: argparse.Namespace) -> int:
     import numpy as np
 
     from .descriptors import load_descriptors
-    from .index import Index
-    from .postprocess import alpha_query_expansion, rerank_shortlist
+    from .index import Index, SearchResult
+    from .postprocess import postprocessed_search
 
     index = Index.load(a.index)
     qd = load_descriptors(a.queries)
     index.check(qd.meta, f"query descriptors {qd.path}")
     q = np.asarray(qd.vectors, dtype=np.float32)
-    params = dict(nprobe=a.nprobe, ef_search=a.ef_search)
-    if a.aqe:
-        first = index.search(q, a.aqe_n, **params)
-        if (first.ids < 0).any():
-            raise ValueError(f"fewer than --aqe-n {a.aqe_n} results for some query")
-        nb = index.reconstruct(first.ids.reshape(-1)).reshape(len(q), a.aqe_n, -1)
-        q = alpha_query_expansion(q, nb, a.aqe_n, a.aqe_alpha)
-    K = max(a.k, a.rerank_k) if a.rerank else a.k
-    res = index.search(q, K, **params)
-    if a.rerank:
-        ids, dist = rerank_shortlist(q, res.ids, index.reconstruct)
-        ids, dist = ids[:, :a.k], dist[:, :a.k]
-        names = [[index.names[r] if r >= 0 else None for r in row] for row in index.row(ids)]
-        res.ids, res.scores, res.names = ids, -dist.astype(np.float32), names
+
+    def search(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        r = index.search(x, k, nprobe=a.nprobe, ef_search=a.ef_search)
+        return r.scores, r.ids
+
+    # the code path of 'retrieval eval' (re-ranking uses the expanded query); every returned
+    # result is re-ranked: the shortlist is max(k, --rerank-k)
+    scores, ids = postprocessed_search(q, search, index.reconstruct, a.k, aqe=a.aqe,
+                                       aqe_n=a.aqe_n, aqe_alpha=a.aqe_alpha, rerank=a.rerank,
+                                       rerank_k=max(a.k, a.rerank_k))
+    names = [[index.names[r] if r >= 0 else None for r in row] for row in index.row(ids)]
+    res = SearchResult(scores, ids, names)
     query_names = qd.names
     for i in range(min(len(query_names), a.show)):
         top = ", ".join(f"{n} ({s:.3f})" for n, s in zip(res.names[i][:5], res.scores[i][:5]))
@@ -128,7 +126,8 @@ def cmd_retrieval_eval(a: argparse.Namespace) -> int:
         out = os.path.join(base, f"retrieval_{a.dataset}")
     metrics = retrieval_eval(a.checkpoint, a.dataset, a.root, distractors=a.distractors,
                              scales=a.scales, image_size=a.image_size, out=out, aqe=a.aqe,
-                             rerank=a.rerank, picture=a.picture,
+                             aqe_n=a.aqe_n, aqe_alpha=a.aqe_alpha, rerank=a.rerank,
+                             rerank_k=a.rerank_k, picture=a.picture,
                              query_descriptors=a.queries, gallery_descriptors=a.gallery,
                              batch_size=a.batch_size, device=a.device,
                              num_workers=a.num_workers, amp=a.amp)
@@ -144,11 +143,14 @@ def cmd_retrieval_eval(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 def _extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="resize factors, descriptors averaged then re-normalised "
-                        "(default 1 = single scale; DOLG: 0.7071 1 1.4142)")
+                   help="resize factors of the image at the eval size S, descriptors "
+                        "averaged then re-normalised (default 1 = single scale; DOLG: "
+                        "0.7071 1 1.4142)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="longest image side S, aspect ratio kept (default: the checkpoint's "
-                        "training size, 512 for the GLDv2 recipes)")
+                   help="longest image side S, aspect ratio kept; query crops scaled by "
+                        "their full image's factor (default: 1024 on roxford5k / rparis6k / "
+                        "revisitop1m as cirtorch and DELG, 512 the cheaper option; else the "
+                        "checkpoint's training size)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward among images of identical size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -189,7 +191,8 @@ def register(subparsers) -> None:
     s.add_argument("--aqe-n", type=int, default=10, help="neighbours of the expansion")
     s.add_argument("--aqe-alpha", type=float, default=3.0, help="similarity exponent")
     s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    s.add_argument("--rerank-k", type=int, default=100, help="shortlist re-ranked")
+    s.add_argument("--rerank-k", type=int, default=100,
+                   help="shortlist re-ranked (at least -k: every result is re-ranked)")
     s.add_argument("--nprobe", type=int, default=None)
     s.add_argument("--ef-search", type=int, default=None)
     s.add_argument("--out", default=None, help="write the results as JSON")
@@ -218,7 +221,12 @@ def register(subparsers) -> None:
                     help="folder for retrieval.json, descriptors, top10.png "
                          "(default: beside the checkpoint, retrieval_<dataset>)")
     ev.add_argument("--aqe", action="store_true", help="alpha query expansion")
-    ev.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    ev.add_argument("--aqe-n", type=int, default=10, help="neighbours of the expansion")
+    ev.add_argument("--aqe-alpha", type=float, default=3.0, help="similarity exponent")
+    ev.add_argument("--rerank", action="store_true",
+                    help="k-reciprocal re-ranking (of the expanded query after --aqe)")
+    ev.add_argument("--rerank-k", type=int, default=100,
+                    help="each query's shortlist re-ranked (the rest keeps its order)")
     ev.add_argument("--picture", default="worst", choices=("best", "worst", "first", "none"),
                     help="queries drawn with their top-10")
     ev.add_argument("--queries", default=None, help="query descriptor NAME (no extraction)")

@@ -12,7 +12,8 @@
        "checkpoint": "runs/.../best.ckpt",         # informative only
        "checkpoint_hash": "3f2a...",               # sha256 of the checkpoint file, 16 hex
        "preprocessing": {"resize": "longest_side", "image_size": 512, "scales": [1.0],
-                         "mean": [...], "std": [...], "crop_query_bbx": true},
+                         "mean": [...], "std": [...], "crop_query_bbx": true,
+                         "crop_scale": "full_image"},   # queries: cirtorch / DELG scale
        "dataset": "roxford5k", "split": "gallery"}
 
 Two descriptor sets can be searched against each other only when they come from the same model

@@ -1,8 +1,16 @@
 """Descriptor extraction for any model whose output has an ``"embedding"``.
 
 Retrieval preprocessing (DESIGN.md): the aspect ratio is kept, the longest side resized to
-``image_size`` (S), queries cropped to their ``bbx`` by the reader, ImageNet-style
-normalisation with the checkpoint's mean / std.
+``image_size`` (S), ImageNet-style normalisation with the checkpoint's mean / std. Queries
+are cropped to their ``bbx`` by the reader and the crop is scaled by its **full image's**
+factor ``S / max(full H, W)`` (cirtorch ``ImagesFromList``: ``imsize * max(crop) /
+imfullsize``; DELG ``resize_factor = max(crop) / max(full)``), so a query is at the scale of
+the database images (:func:`finegrain.data.transforms.longest_side_size`).
+
+**Unreadable images.** With ``on_error="skip"`` on the dataset, an image that cannot be
+decoded is left out: its row *and* its name are dropped together (``stats["skipped"]`` lists
+the dataset indices; :func:`embed_dataset` drops the names / labels), so no descriptor lands
+under another image's name.
 
 **Batching without padding.** Images of a retrieval set have many sizes, and padding would
 change a ViT's descriptor (extra tokens attend). So images are grouped by their exact resized
@@ -24,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,25 +41,70 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
-           "resolve_image_size", "sample_names", "retrieval_transform", "DEFAULT_IMAGE_SIZE"]
+           "resolve_image_size", "sample_names", "retrieval_transform", "DEFAULT_IMAGE_SIZE",
+           "PROTOCOL_IMAGE_SIZE"]
 
 DEFAULT_IMAGE_SIZE = 512
+#: Longest side of the Revisited protocol's images (cirtorch ``--image-size`` 1024, DELG
+#: ``max_image_size`` 1024: the originals' size); 512 is the common cheaper option.
+PROTOCOL_IMAGE_SIZE = {"roxford5k": 1024, "rparis6k": 1024, "revisitop1m": 1024}
 MULTI_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)  # DOLG / DELG 5-scale setting
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def retrieval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == image_size``, normalised."""
-    from ..data.transforms import build_transform
-    return build_transform("retrieval", False, image_size, mean=tuple(mean), std=tuple(std))
+    """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == image_size``, normalised;
+    ``transform(crop, full_size=M)`` scales a query crop by ``image_size / M`` instead
+    (:class:`finegrain.data.transforms.RetrievalEval`)."""
+    from ..data.transforms import RetrievalEval
+    return RetrievalEval(int(image_size), tuple(mean), tuple(std))
 
 
-def resolve_image_size(image_size: int | None, meta: dict | None = None) -> int:
-    """The longest side S: ``image_size`` when given, else the checkpoint's training size
-    (``meta["img_size"]``, the larger side of a pair; the GLDv2 recipes train at 512), else
-    :data:`DEFAULT_IMAGE_SIZE` (512)."""
+class _ExtractionItems(torch.utils.data.Dataset):
+    """``{"index", "image"}`` items of a finegrain dataset for :func:`extract`: a crop (a
+    sample with a ``bbox``) is passed with its full image's longest side to the transform;
+    with ``on_error="skip"`` an unreadable image gives ``image`` None (dropped later, never
+    replaced by its neighbour as ``ImageDataset.__getitem__`` does for training)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..data import DatasetError
+        ds = self.dataset
+        sample = ds.samples[i]
+        try:
+            if sample.bbox is None:
+                img, full = ds.load_image(i), None
+            else:
+                img, full = ds.load_image_and_full_size(i)
+        except DatasetError as e:
+            if getattr(ds, "on_error", "raise") != "skip":
+                raise
+            return {"index": i, "image": None, "error": str(e)}
+        tf = ds.transform
+        if full is not None:
+            if not getattr(tf, "takes_full_size", False):
+                raise ValueError(f"{sample.path} is cropped to a bbox but the dataset's "
+                                 f"transform cannot scale a crop by its full image "
+                                 f"(cirtorch / DELG); build it with retrieval_transform(...)")
+            return {"index": i, "image": tf(img, full_size=full)}
+        return {"index": i, "image": tf(img) if tf is not None else img}
+
+
+def resolve_image_size(image_size: int | None, meta: dict | None = None,
+                       dataset: str | None = None) -> int:
+    """The longest side S: ``image_size`` when given, else the protocol's size for
+    ``dataset`` (:data:`PROTOCOL_IMAGE_SIZE`: 1024 for Revisited Oxford / Paris and R1M), else
+    the checkpoint's training size (``meta["img_size"]``, the larger side of a pair; the GLDv2
+    recipes train at 512), else :data:`DEFAULT_IMAGE_SIZE` (512)."""
     if image_size is not None:
         return int(image_size)
+    if dataset in PROTOCOL_IMAGE_SIZE:
+        return PROTOCOL_IMAGE_SIZE[dataset]
     size = (meta or {}).get("img_size")
     if size is None:
         return DEFAULT_IMAGE_SIZE
@@ -134,10 +188,12 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
         max_pending: most images waiting in unfinished size buckets (default ``8 * batch_size``).
         progress: show a tqdm bar (its rate is images/s).
         desc: bar label.
-        stats: if given, filled with ``images``, ``seconds``, ``images_per_s``, ``batches``.
+        stats: if given, filled with ``images``, ``seconds``, ``images_per_s``, ``batches``
+            and ``skipped`` (dataset indices of unreadable images, ``on_error="skip"``).
 
     Returns:
-        (N, D) float32 array, rows L2-normalised.
+        (N, D) float32 array, rows L2-normalised, in dataset order; the rows of skipped
+        images are left out (N = ``len(dataset) - len(stats["skipped"])``).
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -147,8 +203,8 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
     model.eval()
     device = torch.device(device)
     max_pending = max_pending or 8 * batch_size
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(_ExtractionItems(dataset), batch_size=None, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
     out: np.ndarray | None = None
     buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
     pending = 0
@@ -168,9 +224,15 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
         n_batches += 1
         bar.update(len(idx))
 
+    skipped: list[int] = []
     t0 = time.perf_counter()
     for item in loader:
         img = item["image"]
+        if img is None:  # unreadable, on_error="skip": its row is dropped below
+            warnings.warn(f"skipped: {item['error']}", stacklevel=2)
+            skipped.append(int(item["index"]))
+            bar.update(1)
+            continue
         if not torch.is_tensor(img) or img.ndim != 3 or not img.is_floating_point():
             raise ValueError("extract needs a dataset whose transform returns normalised float "
                              "(3, H, W) tensors; build it with retrieval_transform(...)")
@@ -187,18 +249,24 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
     seconds = time.perf_counter() - t0
     if stats is not None:
         stats.update(images=len(dataset), seconds=seconds, batches=n_batches,
-                     images_per_s=len(dataset) / max(seconds, 1e-9))
-    assert out is not None  # datasets are never empty (the readers refuse it)
+                     images_per_s=len(dataset) / max(seconds, 1e-9), skipped=skipped)
+    if out is None:
+        raise ValueError(f"no readable image among the {len(dataset)} of {desc}; check the "
+                         f"dataset root")
+    if skipped:
+        out = np.delete(out, skipped, axis=0)
     return out
 
 
 def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
                   image_size: int | None = None, scales: Sequence[float] = (1.0,),
-                  meta: dict | None = None, **kwargs: Any
+                  meta: dict | None = None, on_error: str = "raise", **kwargs: Any
                   ) -> tuple[np.ndarray, list[str], list[int], dict, Any]:
     """Build ``dataset_name``/``split`` with the retrieval transform and extract it.
 
-    ``image_size`` None: :func:`resolve_image_size` (the checkpoint's training size).
+    ``image_size`` None: :func:`resolve_image_size` (1024 on Revisited, else the checkpoint's
+    training size).
+    ``on_error="skip"``: unreadable images are left out, row and name together.
 
     Returns:
         ``(vectors (N, D), names, labels, preprocessing, dataset)``; ``preprocessing`` is the
@@ -206,12 +274,20 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
     """
     from ..data import build_dataset
     mean, std = model_mean_std(model, meta)
-    image_size = resolve_image_size(image_size, meta)
-    ds = build_dataset(dataset_name, root, split,
+    image_size = resolve_image_size(image_size, meta, dataset_name)
+    ds = build_dataset(dataset_name, root, split, on_error=on_error,
                        transform=retrieval_transform(image_size, mean, std))
-    vectors = extract(model, ds, scales=scales, desc=f"{dataset_name}/{split}", **kwargs)
+    stats = kwargs.pop("stats", None)
+    stats = {} if stats is None else stats
+    vectors = extract(model, ds, scales=scales, desc=f"{dataset_name}/{split}", stats=stats,
+                      **kwargs)
+    skip = set(stats["skipped"])
+    names = [n for i, n in enumerate(sample_names(ds)) if i not in skip]
+    labels = [int(v) for i, v in enumerate(ds.labels) if i not in skip]
+    cropped = bool(split == "query" and getattr(ds, "crop_queries", False))
     preprocessing = {"resize": "longest_side", "image_size": int(image_size),
                      "scales": [float(s) for s in scales], "mean": list(mean), "std": list(std),
-                     "crop_query_bbx": bool(split == "query" and
-                                            getattr(ds, "crop_queries", False))}
-    return vectors, sample_names(ds), [int(v) for v in ds.labels], preprocessing, ds
+                     "crop_query_bbx": cropped}
+    if cropped:  # the crop is scaled by its full image's factor (cirtorch / DELG)
+        preprocessing["crop_scale"] = "full_image"
+    return vectors, names, labels, preprocessing, ds

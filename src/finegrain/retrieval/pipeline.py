@@ -3,13 +3,17 @@
 ``retrieval_eval(ckpt, "roxford5k", root)``:
 
 1. load the model (``finegrain.models.load_model``) and hash the checkpoint;
-2. extract query descriptors (cropped to ``bbx``) and database descriptors with the retrieval
-   preprocessing (longest side ``image_size``, ``scales``; :mod:`.extract`);
+2. extract query descriptors (cropped to ``bbx``, the crop scaled by its full image's factor,
+   cirtorch / DELG) and database descriptors with the retrieval preprocessing (longest side
+   ``image_size``, 1024 on Revisited by default; ``scales``; :mod:`.extract`), or read
+   descriptor files matched to the ground truth by image name
+   (:func:`align_to_ground_truth`);
 3. optionally append distractor descriptors (``finegrain embed ... revisitop1m``; checked to
    come from the same checkpoint and preprocessing) after the database, so ``gnd`` indices
    stay valid;
 4. rank the whole database exactly (:func:`finegrain.retrieval.search.knn`), optionally with
-   alpha-QE and / or k-reciprocal re-ranking of the top ``rerank_k`` (:mod:`.postprocess`);
+   alpha-QE and / or k-reciprocal re-ranking of the top ``rerank_k`` of the expanded query
+   (:func:`.postprocess.postprocessed_search`, the code path of ``index search``);
 5. score Easy / Medium / Hard mAP and mP@1, 5, 10 (:func:`finegrain.evaluation.revisited.evaluate`);
 6. with ``out``: write ``retrieval.json`` (not ``metrics.json``: ``out`` may be a run folder),
    the descriptors (``query`` / ``gallery`` ``.npy`` +
@@ -30,7 +34,7 @@ import torch.nn as nn
 
 from .descriptors import (Descriptors, check_compatible, load_descriptors, save_descriptors)
 
-__all__ = ["retrieval_eval", "rank_database", "format_table", "plot_top_k"]
+__all__ = ["retrieval_eval", "rank_database", "align_to_ground_truth", "format_table", "plot_top_k"]
 
 SETTINGS = ("easy", "medium", "hard")
 
@@ -46,10 +50,57 @@ def _setting_lists(g: dict, setting: str) -> tuple[np.ndarray, np.ndarray]:
     return hard, np.concatenate([junk, easy])
 
 
+def align_to_ground_truth(d: Descriptors, names: Sequence[str], dataset: str,
+                          split: str) -> np.ndarray:
+    """Rows of a descriptor file in the ground truth's order (``qimlist`` / ``imlist``).
+
+    Rows are matched by **image name**, never by count: a file in another order is reordered.
+    Refused (``ValueError`` naming the file, the first mismatch and the fix): another dataset
+    or split in the JSON metadata; query descriptors not cropped to ``bbx`` or with crops not
+    scaled by their full image's factor (cirtorch / DELG; files from before that convention);
+    an image of the ground truth without a descriptor, or a descriptor of another image.
+    """
+    meta = d.meta
+    fix = (f"extract them with 'finegrain embed CKPT --dataset {dataset} --root ROOT "
+           f"--split {split} --out NAME'")
+    for key, want in (("dataset", dataset), ("split", split)):
+        if meta.get(key) != want:
+            raise ValueError(f"{d.path}.json has {key} {meta.get(key)!r}, not {want!r}: these "
+                             f"are not {dataset} {split} descriptors; {fix}")
+    if split == "query":
+        pre = meta.get("preprocessing", {})
+        if not pre.get("crop_query_bbx"):
+            raise ValueError(f"{d.path}.json: the queries were not cropped to their bbx "
+                             f"(preprocessing.crop_query_bbx), which the Revisited protocol "
+                             f"requires; {fix}")
+        if pre.get("crop_scale") != "full_image":
+            raise ValueError(f"{d.path}.json: the query crops were not scaled by their full "
+                             f"image's factor (preprocessing.crop_scale "
+                             f"{pre.get('crop_scale')!r}, cirtorch / DELG convention: "
+                             f"'full_image'); {fix}")
+    row = {n: r for r, n in enumerate(d.names)}
+    missing = next((n for n in names if n not in row), None)
+    if missing is not None:
+        raise ValueError(f"{d.path}: {dataset} {split} image {missing!r} has no descriptor "
+                         f"({len(d)} descriptors for {len(names)} images); {fix}")
+    if len(d) != len(names):
+        wanted = set(names)
+        extra = next(n for n in d.names if n not in wanted)
+        raise ValueError(f"{d.path}: descriptor of {extra!r}, which is not a {dataset} "
+                         f"{split} image ({len(d)} descriptors for {len(names)} images); {fix}")
+    order = np.fromiter((row[n] for n in names), dtype=np.int64, count=len(names))
+    if np.array_equal(order, np.arange(len(names))):
+        return np.asarray(d.vectors)
+    return np.asarray(d.vectors[order])  # a copy in ground-truth order
+
+
 def rank_database(queries: np.ndarray, database: np.ndarray, aqe: bool = False, aqe_n: int = 10,
                   aqe_alpha: float = 3.0, rerank: bool = False, rerank_k: int = 100,
                   k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
     """Complete ranking of the database for every query, in the revisitop layout.
+
+    The search, alpha-QE and re-ranking are :func:`.postprocess.postprocessed_search`, the
+    code path of ``finegrain index search`` (re-ranking uses the expanded query).
 
     Args:
         queries: (nq, D) L2-normalised descriptors.
@@ -61,24 +112,15 @@ def rank_database(queries: np.ndarray, database: np.ndarray, aqe: bool = False, 
     Returns:
         (n, nq) int64: column i lists database indices for query i, best first.
     """
-    from .postprocess import aqe_search, rerank_shortlist
+    from .postprocess import postprocessed_search
     from .search import knn
 
     db = np.ascontiguousarray(database, dtype=np.float32)
     n = db.shape[0]
-
-    def exact(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return knn(q, db, k, metric="ip")
-
-    if aqe:
-        _, ids = aqe_search(queries, lambda i: db[i], exact, n, aqe_n, aqe_alpha)
-    else:
-        _, ids = exact(queries, n)  # (nq, n)
-    if rerank:
-        K = min(rerank_k, n)
-        q = queries
-        head, _ = rerank_shortlist(q, ids[:, :K], lambda i: db[i], k1, k2, lambda_value)
-        ids = np.concatenate([head, ids[:, K:]], axis=1)
+    _, ids = postprocessed_search(queries, lambda q, k: knn(q, db, k, metric="ip"),
+                                  lambda i: db[i], n, aqe=aqe, aqe_n=aqe_n,
+                                  aqe_alpha=aqe_alpha, rerank=rerank, rerank_k=rerank_k,
+                                  k1=k1, k2=k2, lambda_value=lambda_value)
     return np.ascontiguousarray(ids.T)
 
 
@@ -177,8 +219,9 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         root: dataset root (for ``synthetic_landmarks``: its cache folder, ``None`` default).
         distractors: ``NAME`` of R1M distractor descriptors (same checkpoint, preprocessing).
         scales: extraction scales (``(1.0,)``: DALG's single scale).
-        image_size: longest side S (None: the checkpoint's training size ``meta["img_size"]``,
-            512 for the GLDv2 recipes; 512 when unknown).
+        image_size: longest side S (None: 1024 on Revisited Oxford / Paris, the protocol's
+            size; else the checkpoint's training size ``meta["img_size"]``; 512 when
+            unknown). Query crops are scaled by their full image's factor (cirtorch / DELG).
         out: folder for ``retrieval.json``, descriptors and ``top10.png`` (None: nothing written).
         aqe, aqe_n, aqe_alpha: alpha query expansion.
         rerank, rerank_k: k-reciprocal re-ranking of the top ``rerank_k``.
@@ -207,11 +250,8 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     if query_descriptors is not None:
         qd, gd = load_descriptors(query_descriptors), load_descriptors(gallery_descriptors)
         check_compatible(gd.meta, qd.meta, f"gallery {gd.path}", f"queries {qd.path}")
-        for d, ds, what in ((qd, qds, "query"), (gd, gds, "gallery")):
-            if len(d) != len(ds):
-                raise ValueError(f"{d.path} holds {len(d)} descriptors but {dataset} has "
-                                 f"{len(ds)} {what} images; embed the {what} split again")
-        qv, gv = np.asarray(qd.vectors), np.asarray(gd.vectors)
+        qv = align_to_ground_truth(qd, qds.qimlist, dataset, "query")
+        gv = align_to_ground_truth(gd, gds.imlist, dataset, "gallery")
         sig = gd.meta
     else:
         if ckpt is None:

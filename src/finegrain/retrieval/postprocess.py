@@ -9,10 +9,16 @@
   than a negative one, which an odd alpha would give).
 - **k-reciprocal re-ranking** (Zhong et al., CVPR 2017, arXiv:1701.08398) through
   :func:`finegrain.evaluation.reid.re_rank` (never re-implemented). A landmark database can
-  hold 1M images, so re-ranking runs on a **shortlist**: the union of every query's first
-  search results; re-ranked candidates come first, the rest of the ranking keeps its order.
-  Distances given to ``re_rank`` are Euclidean between L2-normalised descriptors,
-  ``sqrt(2 - 2 cos)``.
+  hold 1M images, so re-ranking runs on a **shortlist**: each query's first ``rerank_k``
+  results, re-ranked on a graph of that query and its own shortlist alone, queries taken
+  ``batch_size`` at a time (memory: ``batch_size * K`` vectors and a ``(K+1)^2`` graph, not
+  the ``C x C`` graph of the union of all shortlists); a query's result does not depend on the
+  other queries or the batch size. Re-ranked candidates come first, the rest of the ranking
+  keeps its order. Distances given to ``re_rank`` are Euclidean between L2-normalised
+  descriptors, ``sqrt(2 - 2 cos)``.
+- :func:`postprocessed_search` is the one search + alpha-QE + re-ranking path of both
+  ``finegrain index search`` and ``retrieval eval``: the re-ranking uses the **expanded**
+  query when alpha-QE is on.
 
 Descriptors are L2-normalised float32 rows; the database may be a memory-mapped array.
 """
@@ -23,7 +29,11 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["alpha_query_expansion", "aqe_search", "k_reciprocal_rerank", "rerank_shortlist"]
+__all__ = ["alpha_query_expansion", "aqe_search", "expand_queries", "k_reciprocal_rerank",
+           "rerank_shortlist", "postprocessed_search"]
+
+Search = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
+GetVectors = Callable[[np.ndarray], np.ndarray]
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -55,8 +65,18 @@ def alpha_query_expansion(queries: np.ndarray, neighbours: np.ndarray, n: int = 
     return _normalize(q + np.einsum("qn,qnd->qd", w, nb)).astype(np.float32)
 
 
-def aqe_search(queries: np.ndarray, get_vectors: Callable[[np.ndarray], np.ndarray],
-               search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], k: int,
+def expand_queries(queries: np.ndarray, get_vectors: GetVectors, search: Search, n: int = 10,
+                   alpha: float = 3.0) -> np.ndarray:
+    """alpha-QE queries: search the top ``n``, expand each query with them (``(nq, D)``)."""
+    _, ids = search(queries, max(n, 1))
+    if (ids[:, :n] < 0).any() or ids.shape[1] < n:
+        raise ValueError(f"the first search returned fewer than n={n} neighbours for some "
+                         f"query; lower --aqe-n or search a larger database")
+    nb = get_vectors(ids[:, :n].reshape(-1)).reshape(ids.shape[0], n, -1)  # (nq, n, D)
+    return alpha_query_expansion(queries, nb, n, alpha)
+
+
+def aqe_search(queries: np.ndarray, get_vectors: GetVectors, search: Search, k: int,
                n: int = 10, alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     """Search, expand with alpha-QE, search again.
 
@@ -69,12 +89,7 @@ def aqe_search(queries: np.ndarray, get_vectors: Callable[[np.ndarray], np.ndarr
         n: neighbours of the expansion.
         alpha: similarity exponent.
     """
-    _, ids = search(queries, max(n, 1))
-    if (ids[:, :n] < 0).any():
-        raise ValueError(f"the first search returned fewer than n={n} neighbours for some "
-                         f"query; lower --aqe-n or search a larger database")
-    nb = get_vectors(ids[:, :n].reshape(-1)).reshape(ids.shape[0], n, -1)  # (nq, n, D)
-    return search(alpha_query_expansion(queries, nb, n, alpha), k)
+    return search(expand_queries(queries, get_vectors, search, n, alpha), k)
 
 
 def _euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -98,27 +113,85 @@ def k_reciprocal_rerank(queries: np.ndarray, candidates: np.ndarray, k1: int = 2
                    lambda_value=lambda_value)
 
 
-def rerank_shortlist(queries: np.ndarray, ids: np.ndarray,
-                     get_vectors: Callable[[np.ndarray], np.ndarray], k1: int = 20, k2: int = 6,
-                     lambda_value: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Re-rank each query's shortlist by k-reciprocal distances.
+def rerank_shortlist(queries: np.ndarray, ids: np.ndarray, get_vectors: GetVectors,
+                     k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank each query's shortlist by k-reciprocal distances on its own shortlist.
+
+    Every query is re-ranked on the graph of itself and its K candidates only, so its result
+    does not depend on the other queries nor on ``batch_size``; queries are taken
+    ``batch_size`` at a time, so memory is bounded by ``batch_size * K`` vectors (one
+    ``get_vectors`` call per batch) plus a ``(K + 1)^2`` graph.
 
     Args:
         queries: (nq, D) queries.
         ids: (nq, K) first-search database ids, best first (``-1`` padding allowed).
         get_vectors: ids (m,) -> (m, D) database descriptors.
         k1, k2, lambda_value: re-ranking parameters.
+        batch_size: queries whose candidate vectors are fetched together.
 
     Returns:
-        ``(ids (nq, K), distances (nq, K))``: for every query its own K shortlist ids sorted by
-        re-ranked distance (the neighbourhood graph is built on the union of all shortlists).
+        ``(ids (nq, K), distances (nq, K))``: every query's own K shortlist ids sorted by
+        re-ranked distance (``-1`` padding last, distance inf).
     """
-    ids = np.asarray(ids)
-    cand = np.unique(ids[ids >= 0])  # (C,) sorted union
-    dist = k_reciprocal_rerank(queries, get_vectors(cand), k1, k2, lambda_value)  # (nq, C)
-    col = np.searchsorted(cand, np.where(ids >= 0, ids, cand[0]))  # (nq, K) column of each id
-    d = np.take_along_axis(dist, col, axis=1)
-    d = np.where(ids >= 0, d, np.inf)
-    order = np.argsort(d, axis=1, kind="stable")
-    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(d, order, axis=1)
+    q = np.asarray(queries, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out_ids = np.empty_like(ids)
+    out_d = np.empty(ids.shape, dtype=np.float32)
+    for a in range(0, len(ids), batch_size):
+        block = ids[a:a + batch_size]
+        vectors = np.asarray(get_vectors(block[block >= 0]), dtype=np.float32)  # row-major
+        start = 0
+        for r, row in enumerate(block):
+            ok = row >= 0
+            m = int(ok.sum())
+            d = np.full(len(row), np.inf, dtype=np.float32)
+            if m:
+                d[ok] = k_reciprocal_rerank(q[a + r:a + r + 1], vectors[start:start + m], k1,
+                                            k2, lambda_value)[0]
+            start += m
+            order = np.argsort(d, kind="stable")
+            out_ids[a + r], out_d[a + r] = row[order], d[order]
+    return out_ids, out_d
 
+
+def postprocessed_search(queries: np.ndarray, search: Search, get_vectors: GetVectors, k: int,
+                         aqe: bool = False, aqe_n: int = 10, aqe_alpha: float = 3.0,
+                         rerank: bool = False, rerank_k: int = 100, k1: int = 20, k2: int = 6,
+                         lambda_value: float = 0.3, batch_size: int = 64
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Search with optional alpha-QE and k-reciprocal re-ranking: the one code path of
+    ``finegrain index search`` and ``retrieval eval``.
+
+    1. alpha-QE (``aqe``): the queries are replaced by their expansion (:func:`expand_queries`);
+    2. the (expanded) queries are searched for ``max(k, rerank_k)`` results (``k`` without
+       re-ranking);
+    3. re-ranking (``rerank``): each query's first ``rerank_k`` results are re-ordered by
+       :func:`rerank_shortlist` with the **expanded** query; later results keep their order.
+
+    Args:
+        queries: (nq, D) L2-normalised queries.
+        search: ``(queries, k) -> (scores, ids)``, ids ``-1`` for "no result".
+        get_vectors: database ids (m,) -> (m, D) descriptors.
+        k: results returned per query.
+        aqe, aqe_n, aqe_alpha: alpha-QE and its neighbours / exponent.
+        rerank, rerank_k, k1, k2, lambda_value: re-ranking and its shortlist / parameters.
+        batch_size: queries re-ranked together (results do not depend on it).
+
+    Returns:
+        ``(scores (nq, k), ids (nq, k))``: scores are the search's, except in the re-ranked
+        shortlist where they are minus the re-ranked distance.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    if aqe:
+        q = expand_queries(q, get_vectors, search, aqe_n, aqe_alpha)
+    scores, ids = search(q, max(k, rerank_k) if rerank else k)
+    if rerank:
+        K = min(rerank_k, ids.shape[1])
+        head, dist = rerank_shortlist(q, ids[:, :K], get_vectors, k1, k2, lambda_value,
+                                      batch_size)
+        ids = np.concatenate([head, ids[:, K:]], axis=1)
+        scores = np.concatenate([-dist, scores[:, K:]], axis=1).astype(np.float32)
+    return scores[:, :k], ids[:, :k]

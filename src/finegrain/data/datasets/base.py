@@ -107,18 +107,25 @@ class ImageDataset(Dataset):
 
     def load_image(self, index: int) -> torch.Tensor:
         """Decoded uint8 image of ``index``, cropped to its bbox when it has one."""
+        return self.load_image_and_full_size(index)[0]
+
+    def load_image_and_full_size(self, index: int) -> tuple[torch.Tensor, int]:
+        """``(image cropped to its bbox as load_image, longest side of the full image)``:
+        retrieval scales a query crop by its full image's factor (cirtorch / DELG)."""
         s = self.samples[index]
         img = read_image(s.path)
+        full = int(max(img.shape[-2:]))
         if s.bbox is not None:
-            x1, y1, x2, y2 = (int(round(v)) for v in s.bbox)
+            x1, y1, x2, y2 = (int(round(v)) for v in s.bbox)  # PIL's crop rounding
             img = img[:, max(y1, 0):max(y2, y1 + 1), max(x1, 0):max(x2, x1 + 1)]
-        return img
+        return img, full
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
             try:
-                img = self.load_image(i)
+                img, full = self.load_image_and_full_size(i) if self._full_size_transform(i) \
+                    else (self.load_image(i), None)
                 break
             except DatasetError as e:
                 if self.on_error != "skip":
@@ -127,10 +134,18 @@ class ImageDataset(Dataset):
                 warnings.warn(f"skipped: {e}", stacklevel=2)
         else:
             raise DatasetError(f"no readable image in {self.root} split {self.split}")
-        if self.transform is not None:
+        if full is not None:  # a crop, scaled by its full image's factor (retrieval eval)
+            img = self.transform(img, full_size=full)
+        elif self.transform is not None:
             img = self.transform(img)
         s = self.samples[i]
         return {"image": img, "label": s.label, "camid": s.camid, "index": index}
+
+    def _full_size_transform(self, index: int) -> bool:
+        """Whether sample ``index`` is a crop and the transform scales crops by their full
+        image (``takes_full_size``: the retrieval eval transform)."""
+        return self.samples[index].bbox is not None and \
+            getattr(self.transform, "takes_full_size", False)
 
     def stats(self) -> dict:
         """Counts shown by ``finegrain data check``: images, classes (ids), cameras."""
