@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import sys
+import traceback
 
-from .data.datasets.base import DatasetError
+from .errors import EXIT_USER_ERROR, FinegrainError, InputError, nonfinite_outputs, one_paragraph
 
 log = logging.getLogger("finegrain")
 
@@ -40,9 +41,17 @@ def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
     import torch
     from .models.registry import load_model
     model, meta = load_model(checkpoint)
+    task = meta.get("task", "classification")
+    if task != "classification":
+        raise InputError(f"{checkpoint} is a {task} model: its classes are the training "
+                         f"identities, not answers about new images; compare images by their "
+                         f"embeddings instead (`finegrain embed`, then `finegrain index search`)")
     names = meta.get("class_names") or [str(i) for i in range(10 ** 6)]
     with torch.no_grad():
         probs = model(_load_images(images, meta))["logits"].float().softmax(-1)
+    bad = int((~torch.isfinite(probs).all(1)).sum())
+    if bad:
+        raise nonfinite_outputs(checkpoint, bad, len(images), "probabilities")
     k = min(topk, probs.shape[1])
     p, i = probs.topk(k, dim=1)
     return [{"image": img, "top": [{"class": names[int(c)], "index": int(c), "prob": float(q)}
@@ -75,6 +84,9 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     sd, meta = read_weights(checkpoint)  # one read: weights (``model.`` stripped) and meta
     if meta is None:
         load_checkpoint_meta(checkpoint)  # raises, naming what is missing
+    if meta.get("task") == "retrieval":
+        raise InputError(f"{checkpoint} is a retrieval model: evaluate it with `finegrain "
+                         f"retrieval eval {checkpoint} --dataset NAME --root DIR`")
     module = FinegrainModule(meta["model_name"], {**meta["model_kwargs"],
                                                   **(model_overrides or {})})
     module.model.load_state_dict(sd)
@@ -87,13 +99,15 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     data.update(overrides or {})
     dm = FinegrainDataModule(**data)
     if dm.val_set is None:
-        raise ValueError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"
+        raise InputError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"
                          f"time evaluation; use `finegrain retrieval eval`")
     module.set_data_meta({"num_query": dm._num_query})
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, devices=devices,
                          accelerator=accelerator, use_distributed_sampler=False,
                          enable_model_summary=False, enable_progress_bar=progress)
     trainer.validate(module, datamodule=dm, verbose=False)
+    if module.nonfinite_outputs:
+        raise nonfinite_outputs(checkpoint, module.nonfinite_outputs, len(dm.val_set))
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
 
 
@@ -104,10 +118,12 @@ def _overrides(extra: list[str]) -> tuple[dict, dict]:
     for a in it:
         kind = a[2:].partition(".")[0] if a.startswith("--") else ""
         if kind not in out:
-            raise SystemExit(f"unknown option {a}; eval takes --data.<name> VALUE and "
+            raise InputError(f"unknown option {a}; eval takes --data.<name> VALUE and "
                              f"--model.<name> VALUE overrides")
         key, _, val = a[len(kind) + 3:].partition("=")
-        val = val or next(it)
+        val = val or next(it, None)
+        if val is None:
+            raise InputError(f"{a} needs a value: {a} VALUE")
         try:
             val = json.loads(val)
         except json.JSONDecodeError:
@@ -143,19 +159,19 @@ def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None
     from .visualize import save_explain
     model, meta = loaded if loaded is not None else load_model(checkpoint)
     if not hasattr(model, "explain"):
-        raise ValueError(f"{meta['model_name']} has no attention to explain (plain baseline); "
+        raise InputError(f"{meta['model_name']} has no attention to explain (plain baseline); "
                          f"use a DCAL, TASN, DALG or cross-image checkpoint")
     kw, px = {}, None
     if pair:
         if len(pair) != 2:
-            raise SystemExit("--pair takes two images: A B")
+            raise InputError("--pair takes two images: A B")
         x = _load_images([pair[0]], meta)
         px = _load_images([pair[1]], meta)
         kw["pair"] = px
     elif images:
         x = _load_images(images, meta)
     else:
-        raise ValueError("explain: give one or more images, or --pair A B")
+        raise InputError("explain: give one or more images, or --pair A B")
     with torch.no_grad():
         maps = model.explain(x, **kw)
     return save_explain(x, maps, out, meta["mean"], meta["std"],
@@ -171,11 +187,8 @@ def _cmd_explain(a) -> int:
 # ---- data check -------------------------------------------------------------------------
 def _cmd_data(a) -> int:
     from .data.check import check_dataset, format_check
-    try:
-        res = check_dataset(a.name, a.root, verify_images=a.verify_images)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = check_dataset(a.name, a.root, verify_images=a.verify_images,
+                        progress=not a.json and sys.stderr.isatty())
     print(json.dumps(res, indent=1) if a.json else format_check(res))
     return 0
 
@@ -189,6 +202,9 @@ def _cmd_demo(a) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     p = argparse.ArgumentParser(prog="finegrain", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="store_true", help="print the version")
+    p.add_argument("--debug", action="store_true",
+                   help="before the command: show the traceback of an error (also "
+                        "FINEGRAIN_DEBUG=1); errors exit with code 2")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="train from a YAML recipe (LightningCLI fit; see "
                                  "`finegrain train --help`)", add_help=False)
@@ -238,9 +254,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``finegrain``; returns the exit code: 0, or 2 for a problem the user can fix
+    (:class:`finegrain.errors.FinegrainError`: one paragraph on stderr naming the file and the
+    fix; ``--debug`` before the command or ``FINEGRAIN_DEBUG=1`` adds the traceback). Any other
+    exception is a bug and propagates with its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
+    debug = os.environ.get("FINEGRAIN_DEBUG", "") not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
+    try:
+        return _run(argv)
+    except FinegrainError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {one_paragraph(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] == "train":
         from .engine.run import train
         train(argv[1:])
@@ -256,15 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if extra and a.command != "eval":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        if a.command == "eval":
-            return _cmd_eval(a, extra)
-        handler = {"predict": _cmd_predict, "explain": _cmd_explain, "data": _cmd_data,
-                   "demo": _cmd_demo}.get(a.command)
-        return handler(a) if handler else a.func(a)
-    except (DatasetError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.command == "eval":
+        return _cmd_eval(a, extra)
+    handler = {"predict": _cmd_predict, "explain": _cmd_explain, "data": _cmd_data,
+               "demo": _cmd_demo}.get(a.command)
+    return handler(a) if handler else a.func(a)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def test_check_no_valid_match(tmp_path):
 
 def test_check_reid_csv_train_only(tmp_path):
     (tmp_path / "people.csv").write_text("path,label\na.jpg,5\nb.jpg,6\n")
+    for name in ("a.jpg", "b.jpg"):
+        write_bytes(str(tmp_path / name))
     res = check_dataset("reid_csv", str(tmp_path), csv_file="people.csv")
     assert res == {"train": {"images": 2, "ids": 2}}
 
@@ -114,6 +116,9 @@ def test_check_revisited(tmp_path, shared_data):
     root = tmp_path / "roxford5k"
     os.makedirs(root / "jpg")
     shutil.copy(shared_data / "revisitop" / "gnd_roxford5k.pkl", root)
+    for split in ("query", "gallery"):  # every listed image exists (data check stats them)
+        for s in registry.build_dataset("roxford5k", str(root), split).samples:
+            write_bytes(s.path)
     res = check_dataset("roxford5k", str(root))
     assert res == {"query": {"images": 70, "cropped": True}, "gallery": {"images": 4993}}
     with pytest.warns(UserWarning):

@@ -41,3 +41,39 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_ckpt(tmp_path):
     ck = torch.load(os.path.join(run, "last.ckpt"), map_location="cpu", weights_only=True)
     assert ck["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+class PoisonImages(Callback):
+    """Turns the images of the batch at ``step`` into NaN; checks that the skipped step left
+    every parameter and buffer of the model as it was."""
+
+    def __init__(self, step):
+        self.step, self.before, self.changed = step, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.before = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+            batch["image"].fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.before is not None and self.changed is None:
+            now = pl_module.model.state_dict()
+            self.changed = [k for k, v in self.before.items() if not torch.equal(v, now[k])]
+
+
+def test_skip_leaves_parameters_and_batchnorm_buffers_unchanged(tmp_path):
+    from finegrain.models.tiny import tiny_kwargs
+    import json
+    run = tmp_path / "run"
+    poison = PoisonImages(1)
+    cli = train(_argv(tmp_path, run, epochs=1, extra=[
+        "--model.model_name", "resnet18", "--model.model_kwargs",
+        json.dumps(tiny_kwargs("resnet18")), "--model.nonfinite", "skip"]), callbacks=[poison])
+    assert any(k.endswith("running_mean") for k in poison.before), "needs a BatchNorm model"
+    assert poison.changed == [], f"a skipped step changed {poison.changed[:5]}"
+    assert cli.model.skipped_steps == 1
+    ck = torch.load(os.path.join(run, "last.ckpt"), map_location="cpu", weights_only=True)
+    bad = [k for k, v in ck["state_dict"].items() if v.is_floating_point() and
+           not torch.isfinite(v).all()]
+    assert not bad, f"non-finite tensors in last.ckpt: {bad[:5]}"
+    assert 0 <= cli.model.last_metrics["top1"] <= 1

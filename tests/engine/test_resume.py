@@ -97,3 +97,45 @@ def test_load_model_reads_the_checkpoint_once(tmp_path, monkeypatch):
     model, meta = load_model(str(run / "last.ckpt"))
     assert len(calls) == 1, calls
     assert meta["model_name"] == "vit_tiny_patch16_224" and not model.training
+
+
+class KillBefore(Callback):
+    """Simulates a kill between two batches: raises before the batch of ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+def _rows(run_dir):
+    import csv
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_keeps_every_metrics_row_without_duplicates(tmp_path):
+    # checkpoints every 2 steps, killed at step 5: last.ckpt is at step 4, so the rows of
+    # steps 0-3 must survive the resume and step 4's row (replayed) must not appear twice
+    every = ["--trainer.log_every_n_steps", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(_argv(tmp_path, full, extra=every))
+    argv = _argv(tmp_path, cut, extra=every)
+    argv[3] = "2"  # --checkpoint-every 2
+    with pytest.raises(RuntimeError, match="killed"):
+        train(argv, callbacks=[KillBefore(5)])
+    before = _rows(cut)
+    assert [r["step"] for r in before if r["train/loss"]] == ["0", "1", "2", "3", "4"]
+    train(["--resume", str(cut), *argv[2:]])
+    after, want = _rows(cut), _rows(full)
+    assert [(r["epoch"], r["step"]) for r in after] == [(r["epoch"], r["step"]) for r in want]
+    assert after == want  # bitwise-exact resume: the same values too
+    hist = json.load(open(cut / "metrics.json"))["history"]
+    assert hist == json.load(open(full / "metrics.json"))["history"]
+    assert [r["epoch"] for r in hist] == [0, 1, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(cut / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == list(range(9))

@@ -12,6 +12,7 @@ something is wrong:
   single camera (the same-camera rule would remove every match); no query has a valid match;
 - MSMT17: list files of one version next to the images of the other (the reader's check);
 - Revisited Oxford / Paris: queries not cropped to their ``bbx``;
+- every listed image exists and is not empty (a stat per file, with a progress bar);
 - ``verify_images=True``: the first image that cannot be decoded.
 
 :func:`format_check` prints the result as a small table.
@@ -20,6 +21,7 @@ something is wrong:
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Iterable
 
 from .datasets.base import DatasetError, ImageDataset
@@ -109,6 +111,22 @@ def _check_revisited(name: str, query: ImageDataset) -> None:
                                f"{list(g['bbx'])}; the Revisited protocol requires the crop")
 
 
+def _stat_images(name: str, ds: ImageDataset, bar) -> None:
+    """Every listed image exists and is not empty (no decoding: one ``stat`` per file)."""
+    for i, s in enumerate(ds.samples):
+        where = f"{name} split {ds.split!r}, image {i + 1} of {len(ds)}"
+        try:
+            size = os.stat(s.path).st_size
+        except OSError:
+            raise DatasetError(f"{where}: {s.path} not found; restore the missing file "
+                               f"(re-extract the dataset), or check that the root is the "
+                               f"folder of the published layout") from None
+        if size == 0:
+            raise DatasetError(f"{where}: {s.path} is empty (0 bytes); re-extract it (training "
+                               f"can also skip such files with --data.on_error skip)")
+        bar.update()
+
+
 def _verify_images(name: str, ds: ImageDataset) -> int:
     for i in range(len(ds)):
         try:
@@ -135,14 +153,16 @@ def default_splits(name: str, root: str | None, **kwargs) -> tuple[str, ...]:
 
 
 def check_dataset(name: str, root: str | None, splits: Iterable[str] | None = None,
-                  verify_images: bool = False, **kwargs) -> dict:
+                  verify_images: bool = False, progress: bool = False, **kwargs) -> dict:
     """Read and check a dataset.
 
     Args:
         name: registry name (``cub200``, ``market1501`` ...).
         root: dataset root.
         splits: splits to read (default: all the dataset has).
-        verify_images: also decode every image (slow) and fail on the first corrupt one.
+        verify_images: also decode every image (slow) and fail on the first corrupt one
+            (without it, every image is only checked to exist and be non-empty).
+        progress: show a progress bar (stderr) while the images are checked.
         **kwargs: reader options (``train_only=True`` for MSMT17 ...).
 
     Returns:
@@ -182,6 +202,11 @@ def check_dataset(name: str, root: str | None, splits: Iterable[str] | None = No
             _check_revisited(name, q)
         elif "gallery" in datasets:
             _check_query_gallery(name, q, datasets["gallery"], result)
+    from tqdm.auto import tqdm
+    with tqdm(total=sum(len(ds) for ds in datasets.values()), unit="img", desc="data check",
+              disable=not progress, leave=False) as bar:
+        for ds in datasets.values():
+            _stat_images(name, ds, bar)
     if verify_images:
         for split, ds in datasets.items():
             result[split]["verified"] = _verify_images(name, ds)

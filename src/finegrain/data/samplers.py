@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..errors import InputError
+
 
 class _Resumable(Sampler):
     """Shared epoch / skip / shard logic; subclasses implement :meth:`global_batches`."""
@@ -78,7 +80,7 @@ class RandomBatchSampler(_Resumable):
                  world_size: int = 1):
         super().__init__(seed, rank, world_size)
         if num_samples < batch_size:
-            raise ValueError(f"batch_size {batch_size} > {num_samples} training images; "
+            raise InputError(f"batch_size {batch_size} > {num_samples} training images; "
                              f"lower data.batch_size")
         self.num_samples, self.batch_size = num_samples, batch_size
 
@@ -100,14 +102,14 @@ class PKBatchSampler(_Resumable):
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         super().__init__(seed, rank, world_size)
         if batch_size % num_instances:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of num_instances "
+            raise InputError(f"batch_size {batch_size} is not a multiple of num_instances "
                              f"{num_instances}")
         self.k, self.p = num_instances, batch_size // num_instances
         self.by_label: dict[int, list[int]] = defaultdict(list)
         for i, y in enumerate(labels):
             self.by_label[int(y)].append(i)
         if len(self.by_label) < self.p:
-            raise ValueError(f"{len(self.by_label)} identities < P = {self.p} per batch; "
+            raise InputError(f"{len(self.by_label)} identities < P = {self.p} per batch; "
                              f"lower batch_size or num_instances")
 
     def global_batches(self, rng: np.random.Generator) -> list[list[int]]:

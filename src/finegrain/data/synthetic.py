@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .datasets.base import ImageDataset
 from .registry import build_dataset, register_dataset
 
@@ -53,7 +54,7 @@ def class_parts(num_classes: int, seed: int = 0, offset: int = 0) -> list[tuple[
     combos = [(h, w, t) for h in range(len(HEAD_MARKS)) for w in range(len(WING_BARS))
               for t in range(len(TAIL_TIPS))]
     if offset < 0 or offset + num_classes > len(combos):
-        raise ValueError(f"at most {len(combos)} synthetic classes (asked {num_classes} from "
+        raise InputError(f"at most {len(combos)} synthetic classes (asked {num_classes} from "
                          f"position {offset})")
     order = np.random.default_rng(seed).permutation(len(combos))[offset:offset + num_classes]
     return [combos[i] for i in sorted(order)]

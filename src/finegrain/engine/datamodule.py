@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from ..data.registry import build_dataset, get_dataset_class
 from ..data.samplers import PKBatchSampler, RandomBatchSampler, SeededDataset, ShardSampler
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from ..errors import InputError
 
 
 class ResumableLoader(DataLoader):
@@ -159,7 +160,7 @@ class FinegrainDataModule(pl.LightningDataModule):
         elif hp.sampler == "random":
             bs = RandomBatchSampler(len(self.train_set), hp.batch_size, hp.seed, rank, world)
         else:
-            raise ValueError(f"data.sampler {hp.sampler!r}: choose random or pk")
+            raise InputError(f"data.sampler {hp.sampler!r}: choose random or pk")
         return bs
 
     def steps_per_epoch(self) -> int:

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import InputError, NonFiniteError
 from ..models.registry import create_model
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(NonFiniteError):
     """A loss became NaN / inf; the message names the term and the step."""
 
 
@@ -46,7 +47,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
         o = overrides.get(prefix, {})
         unknown = set(o) - {"group", "lr", "lr_mult", "weight_decay"}
         if unknown:
-            raise ValueError(f"optim_overrides[{prefix!r}]: unknown keys {sorted(unknown)}")
+            raise InputError(f"optim_overrides[{prefix!r}]: unknown keys {sorted(unknown)}")
         head = o.get("group", "backbone" if n.startswith("backbone.") else "head") == "head"
         group_lr = o.get("lr", lr * o.get("lr_mult", head_lr_mult if head else 1.0))
         no_wd = p.ndim <= 1 or n in skip
@@ -67,6 +68,8 @@ class FinegrainModule(pl.LightningModule):
         num_classes: number of training classes (linked from ``data.num_classes``).
         pretrained: weights file to start from (timm / DeiT / torchvision / finegrain); every
             missing or unexpected key is reported.
+        pretrained_strict: stop when fewer than half of the model's backbone tensors load
+            from ``pretrained`` (another architecture's file); False goes on anyway.
         optimizer: ``adamw`` or ``sgd``.
         lr: peak learning rate (after warm-up).
         weight_decay: decay of the weight matrices (1-d params and the model's
@@ -84,11 +87,13 @@ class FinegrainModule(pl.LightningModule):
         head_lr_mult: learning-rate factor of every parameter outside ``model.backbone``
             (new heads, attention modules, proxies; DML practice trains them faster).
         nonfinite: ``raise`` stops with the step and term that went NaN / inf (the last
-            checkpoint stays intact); ``skip`` skips that step and counts it.
+            checkpoint stays intact); ``skip`` skips that step and counts it, leaving every
+            parameter and buffer (BatchNorm statistics) as it was.
     """
 
     def __init__(self, model_name: str, model_kwargs: dict[str, Any] | None = None,
-                 num_classes: int = 0, pretrained: str | None = None, optimizer: str = "adamw",
+                 num_classes: int = 0, pretrained: str | None = None,
+                 pretrained_strict: bool = True, optimizer: str = "adamw",
                  lr: float = 5e-4, weight_decay: float = 0.05, momentum: float = 0.9,
                  nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
                  scheduler: str = "cosine", warmup_epochs: float = 0.0, min_lr: float = 0.0,
@@ -102,7 +107,7 @@ class FinegrainModule(pl.LightningModule):
             kwargs["num_classes"] = num_classes
         # the recipe decides the model's arguments, also when it starts from a finegrain file
         self.model = create_model(model_name, pretrained=pretrained, inherit_kwargs=False,
-                                  **kwargs)
+                                  pretrained_strict=pretrained_strict, **kwargs)
         # what a checkpoint needs to describe itself; stored beside (not in) the hparams,
         # which LightningCLI feeds back as arguments on resume
         # (weight-file paths are not part of the model: a checkpoint must rebuild anywhere)
@@ -111,6 +116,7 @@ class FinegrainModule(pl.LightningModule):
         self._val_outputs: list[dict] = []
         self._rng_to_restore: torch.Tensor | None = None
         self.skipped_steps = 0
+        self.nonfinite_outputs = 0  # evaluated images with NaN / inf logits or embedding
 
     # ---- self-description -------------------------------------------------------------
     def set_data_meta(self, meta: dict) -> None:
@@ -134,6 +140,9 @@ class FinegrainModule(pl.LightningModule):
             self._rng_to_restore = None
 
     def training_step(self, batch: dict, batch_idx: int):
+        skip = self.hparams.nonfinite == "skip"
+        # a skipped step must not keep what its forward changed (BatchNorm statistics)
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()} if skip else {}
         out = self.model(batch["image"], targets=batch["label"])
         losses = out["losses"]
         loss = sum(v.float() for v in losses.values())
@@ -143,7 +152,10 @@ class FinegrainModule(pl.LightningModule):
                    f"{', '.join(bad)}; lower model.lr, set model.max_grad_norm, or use "
                    f"trainer.precision=bf16-mixed instead of 16-mixed. last.ckpt holds the last "
                    f"good state (resume with --resume)")
-            if self.hparams.nonfinite == "skip":
+            if skip:
+                with torch.no_grad():
+                    for n, b in self.model.named_buffers():
+                        b.copy_(buffers[n])
                 self.skipped_steps += 1
                 self.log("train/skipped_steps", float(self.skipped_steps))
                 return None
@@ -169,7 +181,7 @@ class FinegrainModule(pl.LightningModule):
         elif hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
-            raise ValueError(f"model.optimizer {hp.optimizer!r}: choose adamw or sgd")
+            raise InputError(f"model.optimizer {hp.optimizer!r}: choose adamw or sgd")
         t = self.trainer
         dm = getattr(t, "datamodule", None)
         # not t.estimated_stepping_batches: it builds the train loader before a resume
@@ -246,6 +258,13 @@ class FinegrainModule(pl.LightningModule):
         self._val_outputs = []
         if not res or self.trainer.sanity_checking:
             return
+        bad = np.zeros(len(res["index"]), dtype=bool)
+        for k in ("logits", "embedding"):
+            if k in res:
+                bad |= ~np.isfinite(res[k].reshape(len(bad), -1)).all(1)
+        self.nonfinite_outputs = int(bad.sum())
+        if self.nonfinite_outputs and self.trainer.state.fn == "validate":
+            return  # `finegrain eval` reports them, naming the checkpoint
         metrics = compute_metrics(self.task, res, self.meta)
         self.last_metrics = metrics
         for k, v in metrics.items():
@@ -288,4 +307,5 @@ def compute_metrics(task: str, res: dict[str, np.ndarray], meta: dict) -> dict:
             e, y = res["embedding"], res["label"]
             return evaluate(e[nq:], y[nq:], ks=ks, query=e[:nq], query_labels=y[:nq])
         return evaluate(res["embedding"], res["label"], ks=ks)
-    raise ValueError(f"no training-time evaluation for task {task!r}")
+    raise InputError(f"no training-time evaluation for task {task!r}; retrieval models are "
+                     f"evaluated by `finegrain retrieval eval`")

@@ -4,12 +4,15 @@
 ``progress.json`` (step, ETA), ``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and
 at each epoch end), ``best.ckpt``, ``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN`` continues exactly
 from ``RUN/last.ckpt`` (optimizer, scheduler, scaler, RNG, sampler position) and warns naming
-every config key that changed; ``--init-weights FILE`` only loads weights.
+every config key that changed; ``metrics.csv``, ``metrics.json`` and the TensorBoard events keep
+every row logged before the interruption, each step once. ``--init-weights FILE`` only loads
+weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import json
 import logging
@@ -24,7 +27,10 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from ..errors import InputError, MissingFileError
 from .datamodule import FinegrainDataModule
 from .module import FinegrainModule
 
@@ -52,6 +58,63 @@ class LastCheckpoint(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._save(trainer)
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, which starts ``metrics.csv`` afresh, except that a resumed run
+    first writes back the rows it logged before ``keep_before`` (the resumed step): the
+    replayed steps come again from the resumed run, so no row is lost or duplicated."""
+
+    def __init__(self, log_dir: str, keep_before: int | None):
+        self.keep_before = keep_before
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = self.metrics_file_path
+        if self.keep_before is None or not os.path.isfile(path):
+            return super()._check_log_dir_exists()
+        with open(path, newline="") as f:
+            rows = [{k: v for k, v in r.items() if v not in ("", None)}
+                    for r in csv.DictReader(f)]
+        rows = [r for r in rows if int(float(r.get("step", 0))) < self.keep_before]
+        self.metrics_keys = sorted(set().union(*rows)) if rows else []
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+
+class RunCSVLogger(CSVLogger):
+    """``metrics.csv`` of the run folder, written at every logged row (a killed run loses
+    none); ``keep_before``: resuming at that step, keep the earlier rows."""
+
+    def __init__(self, run_dir: str, keep_before: int | None = None):
+        super().__init__(run_dir, name="", version="", flush_logs_every_n_steps=1)
+        self.keep_before = keep_before
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self.keep_before)
+        return self._experiment
+
+
+def resume_step(path: str) -> int:
+    """The global step of the checkpoint ``path`` (memory-mapped: nothing is copied);
+    :class:`~finegrain.errors.InputError` naming the file when it is truncated or corrupt."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ck["global_step"])
+    except Exception as e:  # PytorchStreamReader (truncated zip), UnpicklingError, KeyError
+        reason = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
+        raise InputError(f"--resume: {path} is truncated or corrupt ({reason}), so the run "
+                         f"cannot continue from it: restore the file from a copy, or start a "
+                         f"new run from the run's best weights with --init-weights "
+                         f"{os.path.join(os.path.dirname(path), 'best.ckpt')}") from None
 
 
 class ProgressFile(Callback):
@@ -239,12 +302,14 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
         run_dir = known.resume
         last = os.path.join(run_dir, "last.ckpt")
         if not os.path.isfile(last):
-            raise FileNotFoundError(f"--resume {run_dir}: {last} not found; pass the run "
-                                    f"folder of an earlier `finegrain train`")
+            raise MissingFileError(f"--resume {run_dir}: {last} not found; pass the run "
+                                   f"folder of an earlier `finegrain train`")
+        keep_before = resume_step(last)
         # first: LightningCLI applies the checkpoint's hyper-parameters where --ckpt_path
         # stands, so what the user passes after it (a new lr ...) must come later to win
         rest = ["--ckpt_path", last] + rest
     else:
+        keep_before = None
         run_dir = known.run_dir or run_dir_for(known.config[-1] if known.config else None,
                                                known.runs_root)
     if known.init_weights:
@@ -253,8 +318,11 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
     defaults = {
         "default_root_dir": run_dir,
         "use_distributed_sampler": False,  # our samplers shard by rank themselves
-        "logger": [CSVLogger(run_dir, name="", version=""),
-                   TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        "logger": [RunCSVLogger(run_dir, keep_before),
+                   # resumed: TensorBoard hides the events of the steps replayed from here
+                   TensorBoardLogger(run_dir, name="tensorboard", version="",
+                                     **({} if keep_before is None else
+                                        {"purge_step": keep_before}))],
         "callbacks": [ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score",
                                       mode="max", save_top_k=1, enable_version_counter=False,
                                       auto_insert_metric_name=False, save_last=False),

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..losses.triplet import batch_hard_triplet
 from .registry import register_model
 
@@ -79,7 +80,8 @@ class Classifier(nn.Module):
         (head mean), as a (B, h, w) map in [0, 1]."""
         blocks = getattr(self.backbone, "blocks", None)
         if blocks is None:
-            raise ValueError(f"{type(self.backbone).__name__} has no attention to show")
+            raise InputError(f"{type(self.backbone).__name__} has no attention to show; explain "
+                             f"a ViT, DCAL, TASN, DALG or cross-image checkpoint")
         grabbed = {}
         hook = blocks[-1].norm1.register_forward_hook(lambda m, i, o: grabbed.update(x=o))
         try:

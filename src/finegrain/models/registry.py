@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ..errors import FinegrainError, InputError, UnknownNameError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -39,7 +41,7 @@ def is_model(name: str) -> bool:
 
 
 def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool = True,
-                 **kwargs) -> nn.Module:
+                 pretrained_strict: bool = True, **kwargs) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -51,10 +53,15 @@ def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool 
             arguments are the defaults under ``kwargs``. False: ``kwargs`` alone (a training
             recipe that starts from such a file with ``--init-weights``: the recipe decides,
             so a DCAL fine-tuned from its baseline twin's weights keeps ``glca=True``).
+        pretrained_strict: raise when fewer than half of the backbone tensors load from
+            ``pretrained`` (another architecture's file); False only reports the keys.
         **kwargs: model arguments (``num_classes``, ``img_size``, ...).
 
     Raises:
-        KeyError: unknown ``name``; the message lists the closest registered names.
+        UnknownNameError: unknown ``name`` (a ``KeyError``); the message lists the closest
+            registered names.
+        InputError: ``pretrained`` does not fit (``pretrained_strict``) or arguments the
+            model does not take.
     """
     _check_name(name)
     from .weights import is_hub_tag, read_weights
@@ -64,7 +71,7 @@ def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool 
         sd, meta = read_weights(pretrained)  # read once: meta and weights
     if not inherit_kwargs or (meta is not None and meta.get("model_name") != name):
         meta = None  # another model's arguments never become this one's
-    return _build(name, pretrained, sd, meta, kwargs)
+    return _build(name, pretrained, sd, meta, kwargs, pretrained_strict)
 
 
 def _check_name(name: str) -> None:
@@ -72,22 +79,31 @@ def _check_name(name: str) -> None:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.4)
         hint = ", ".join(close) if close else ", ".join(sorted(_MODELS)[:10]) + ", ..."
-        raise KeyError(f"unknown model {name!r}; closest registered names: {hint} "
-                       f"(finegrain.list_models() lists all)")
+        raise UnknownNameError(f"unknown model {name!r}; closest registered names: {hint} "
+                               f"(finegrain.list_models() lists all)")
 
 
 def _build(name: str, pretrained: str | None, sd: dict | None, meta: dict | None,
-           kwargs: dict) -> nn.Module:
+           kwargs: dict, strict: bool = True) -> nn.Module:
     """Instantiate ``name`` (a finegrain file's stored arguments are the defaults: it
     describes itself) and load ``pretrained`` (its state dict ``sd`` when already read)."""
     if meta is not None:
         kwargs = {**meta.get("model_kwargs", {}), **kwargs}
-    model = _MODELS[name](**kwargs)
+    try:
+        model = _MODELS[name](**kwargs)
+    except FinegrainError:
+        raise
+    except (TypeError, ValueError) as e:  # an argument the model does not take, a bad value
+        if isinstance(e, TypeError) and "argument" not in str(e):
+            raise
+        raise InputError(f"{name}: {e}; fix that key of the model's arguments "
+                         f"(model.model_kwargs; the recipes under recipes/ show valid ones)"
+                         ) from e
     model.finegrain_name = name
     model.finegrain_kwargs = dict(kwargs)
     if pretrained is not None:
         from .weights import load_pretrained
-        load_pretrained(model, pretrained, state_dict=sd)
+        load_pretrained(model, pretrained, state_dict=sd, strict=strict)
     return model
 
 

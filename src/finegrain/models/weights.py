@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from ..errors import InputError, MissingFileError
 
 log = logging.getLogger("finegrain")
 
@@ -49,13 +52,20 @@ class LoadReport:
 
 def _torch_load(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise missing_file_error(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for files needing arbitrary code
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}); "
-                         f"finegrain never unpickles arbitrary objects: convert the file to "
-                         f".safetensors where it was made") from None
+    except pickle.UnpicklingError:  # it holds Python objects beyond tensors and numbers
+        raise InputError(f"{path} cannot be loaded safely: besides tensors it holds pickled "
+                         f"Python objects, which finegrain never unpickles (unpickling can run "
+                         f"code). If you made the file or trust its source, save its state "
+                         f"dict as .safetensors (safetensors.torch.save_file) with the code "
+                         f"that wrote it, and pass that file") from None
+    except Exception as e:  # PytorchStreamReader: truncated / not a torch file
+        reason = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
+        raise InputError(f"{path} is truncated or not a PyTorch weights file ({reason}); it was "
+                         f"not completely written or copied: copy it again from its source"
+                         ) from None
 
 
 def _flat(obj: dict) -> dict[str, torch.Tensor]:
@@ -72,6 +82,16 @@ def _flat(obj: dict) -> dict[str, torch.Tensor]:
     return sd
 
 
+def missing_file_error(path: str) -> MissingFileError:
+    """A missing weights file; a run's ``best.ckpt`` points to the ``last.ckpt`` beside it."""
+    hint = ""
+    last = os.path.join(os.path.dirname(path), "last.ckpt")
+    if os.path.basename(path) == "best.ckpt" and os.path.isfile(last):
+        hint = (f"; this run has no best.ckpt (no evaluation has chosen one yet) but has {last}: "
+                f"pass that")
+    return MissingFileError(f"weights file not found: {path}{hint}")
+
+
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read a local weights file once: ``(flat state dict, finegrain meta or None)``.
 
@@ -81,7 +101,7 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise missing_file_error(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         meta_path = os.path.join(os.path.dirname(path), "model.json")
@@ -106,11 +126,11 @@ def load_checkpoint_meta(path: str) -> dict:
     if str(path).endswith(".safetensors"):
         meta_path = os.path.join(os.path.dirname(path), "model.json")
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{meta_path} not found: a finegrain weights.safetensors "
-                                    f"needs its model.json beside it")
+            raise MissingFileError(f"{meta_path} not found: a finegrain weights.safetensors "
+                                   f"needs its model.json beside it")
     meta = read_weights(path)[1]
     if meta is None:
-        raise ValueError(f"{path} is not a finegrain checkpoint (no finegrain_meta); "
+        raise InputError(f"{path} is not a finegrain checkpoint (no finegrain_meta); "
                          f"pass it as pretrained= to load weights only")
     return meta
 
@@ -121,10 +141,32 @@ def is_hub_tag(path: str) -> bool:
     return not os.path.exists(path) and (path.startswith("hf-hub:") or path.startswith("timm/"))
 
 
-def _hub_file(tag: str) -> str:
-    from huggingface_hub import hf_hub_download
+def _hub_file(tag: str, timeout: float = 3.0) -> str:
+    """The local path of a Hub tag's ``model.safetensors``: from the Hub cache, else
+    downloaded; without a connection to the Hub it fails within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download
     repo = tag.split(":", 1)[1] if tag.startswith("hf-hub:") else tag
-    return hf_hub_download(repo, "model.safetensors")
+    try:
+        return hf_hub_download(repo, "model.safetensors", local_files_only=True)
+    except Exception:  # not in the cache
+        pass
+    fix = (f"download model.safetensors of {repo} on a machine with internet and pass the "
+           f"local file instead of the tag")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        raise InputError(f"{tag}: the Hub ({url.hostname}) cannot be reached ({e}); {fix}"
+                         ) from None
+    try:
+        return hf_hub_download(repo, "model.safetensors")
+    except Exception as e:  # unknown repository, no model.safetensors, network errors
+        reason = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
+        raise InputError(f"{tag}: cannot download model.safetensors ({reason}); check the "
+                         f"tag, or {fix}") from None
 
 
 def _backbone_filter(backbone: nn.Module, sd: dict) -> dict:
@@ -190,13 +232,29 @@ def load_into(module: nn.Module, sd: dict, path: str, target: str) -> LoadReport
     return report
 
 
+MIN_BACKBONE_SHARE = 0.5  # strict loads stop below this share of backbone tensors loaded
+
+
+def backbone_share(model: nn.Module, report: LoadReport) -> float:
+    """Share of the model's backbone tensors (the whole model's when it has no ``backbone``)
+    that a load filled: neither missing nor skipped for their shape."""
+    backbone = getattr(model, "backbone", None)
+    names = list((model if backbone is None else backbone).state_dict())
+    prefix = "" if backbone is None or report.target == "backbone" else "backbone."
+    not_loaded = set(report.missing) | {k.split(" ", 1)[0] for k in report.skipped_shape}
+    return 1 - sum(prefix + n in not_loaded for n in names) / max(1, len(names))
+
+
 def load_pretrained(model: nn.Module, pretrained: str,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> LoadReport:
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    strict: bool = True) -> LoadReport:
     """Load weights into ``model`` (see the module docstring); returns and logs the report.
 
     After loading, ``model.on_pretrained_loaded()`` runs when the model defines it (DCAL copies
     its last SA block into the GLCA block there). ``state_dict``: the file's contents when the
     caller has already read them (:func:`read_weights`), so a checkpoint is read once.
+    ``strict``: raise :class:`~finegrain.errors.InputError` when fewer than half of the
+    model's backbone tensors load (the file is another architecture's).
     """
     path = str(pretrained)
     if is_hub_tag(path):
@@ -204,7 +262,7 @@ def load_pretrained(model: nn.Module, pretrained: str,
     backbone = getattr(model, "backbone", None)
     if path.endswith(".npz"):
         if backbone is None:
-            raise ValueError(f"{path}: .npz weights are for timm ViT backbones")
+            raise InputError(f"{path}: .npz weights are for timm ViT backbones")
         from timm.models.vision_transformer import _load_weights
         _load_weights(backbone, path)
         report = LoadReport(path=path, target="backbone (npz)")
@@ -221,6 +279,17 @@ def load_pretrained(model: nn.Module, pretrained: str,
             head = _split_classifier(backbone, sd)
             report = load_into(backbone, sd, path, "backbone")
             _load_head(model, head, report)
+        share = backbone_share(model, report)
+        if strict and share < MIN_BACKBONE_SHARE:
+            log.warning(str(report))
+            raise InputError(
+                f"{path}: only {share:.0%} of the backbone tensors of "
+                f"{type(model).__name__} load from it ({len(report.missing)} missing, "
+                f"{len(report.unexpected)} unexpected, {len(report.skipped_shape)} of another "
+                f"shape; first missing: {', '.join(report.missing[:3]) or '-'}; first "
+                f"unexpected: {', '.join(report.unexpected[:3]) or '-'}): the file holds "
+                f"another architecture's weights. Pass weights of this model's backbone, or "
+                f"--model.pretrained_strict false to go on anyway")
     hook = getattr(model, "on_pretrained_loaded", None)
     if callable(hook):
         hook()

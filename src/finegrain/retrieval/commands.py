@@ -2,9 +2,9 @@
 ``retrieval eval``.
 
 ``finegrain.cli`` calls :func:`register` with its sub-parsers object; every sub-command sets
-``func`` to a callable ``(args) -> int`` exit code. Errors are raised as ``ValueError`` /
-``FileNotFoundError`` / ``KeyError`` (the CLI prints them and exits with 2), so the commands
-run in-process in tests::
+``func`` to a callable ``(args) -> int`` exit code. Errors are raised as
+:class:`finegrain.errors.FinegrainError` (the CLI prints them and exits with 2), so the
+commands run in-process in tests::
 
     parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["index", "build", "db", "--kind", "Flat", "--out", "gallery.index"])
@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from ..errors import InputError, MissingFileError, nonfinite_outputs
+
 __all__ = ["register"]
 
 
@@ -27,6 +29,8 @@ def _out(msg: str) -> None:
 
 # --------------------------------------------------------------------------- embed
 def cmd_embed(a: argparse.Namespace) -> int:
+    import numpy as np
+
     from .descriptors import save_descriptors
     from .extract import embed_dataset, load_checkpoint_model
 
@@ -36,6 +40,9 @@ def cmd_embed(a: argparse.Namespace) -> int:
         model, a.dataset, a.root, a.split, a.image_size, a.scales, meta=meta,
         batch_size=a.batch_size, device=a.device, num_workers=a.num_workers, amp=a.amp,
         stats=stats)
+    bad = int((~np.isfinite(vectors).all(1)).sum())
+    if bad:
+        raise nonfinite_outputs(a.checkpoint, bad, len(vectors), "descriptors")
     npy, js = save_descriptors(a.out, vectors, names, meta["model_name"], ck_hash, pre,
                                labels=labels, dataset=a.dataset, split=a.split,
                                checkpoint=a.checkpoint)
@@ -66,6 +73,9 @@ def cmd_index_search(a: argparse.Namespace) -> int:
     qd = load_descriptors(a.queries)
     index.check(qd.meta, f"query descriptors {qd.path}")
     q = np.asarray(qd.vectors, dtype=np.float32)
+    if a.aqe and a.aqe_n > len(index):
+        raise InputError(f"--aqe-n {a.aqe_n} is larger than the index {a.index} "
+                         f"({len(index)} images); pass --aqe-n {len(index)} or less")
 
     def search(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         r = index.search(x, k, nprobe=a.nprobe, ef_search=a.ef_search)
@@ -79,6 +89,8 @@ def cmd_index_search(a: argparse.Namespace) -> int:
     names = [[index.names[r] if r >= 0 else None for r in row] for row in index.row(ids)]
     res = SearchResult(scores, ids, names)
     query_names = qd.names
+    if a.rerank:
+        _out("scores: minus the k-reciprocal re-ranked distance (higher is closer; <= 0)")
     for i in range(min(len(query_names), a.show)):
         top = ", ".join(f"{n} ({s:.3f})" for n, s in zip(res.names[i][:5], res.scores[i][:5]))
         _out(f"{query_names[i]}: {top}")
@@ -105,10 +117,13 @@ def cmd_index_remove(a: argparse.Namespace) -> int:
     from .index import Index
     names = list(a.names)
     if a.names_file:
+        if not os.path.isfile(a.names_file):
+            raise MissingFileError(f"--names-file {a.names_file} not found; pass a text file "
+                                   f"with one image name a line")
         with open(a.names_file) as f:
             names += [ln.strip() for ln in f if ln.strip()]
     if not names:
-        raise ValueError("index remove: give image names or --names-file")
+        raise InputError("index remove: give image names or --names-file")
     index = Index.load(a.index)
     n = index.remove(names)
     index.save(a.index)
@@ -179,8 +194,11 @@ def register(subparsers) -> None:
                         "HNSW32, IVF4096,PQ64x4fs,RFlat ...; 'auto' picks by size")
     b.add_argument("--out", required=True, help="index folder")
     b.add_argument("--metric", default="ip", choices=("ip", "l2"))
-    b.add_argument("--train-size", type=int, default=None, help="IVF / PQ training sample")
-    b.add_argument("--nprobe", type=int, default=None, help="IVF cells visited (stored)")
+    b.add_argument("--train-size", type=int, default=None,
+                   help="IVF / PQ training sample, drawn at random (default 64 per IVF cell, "
+                        "at least 65536; a size >= the count trains on every vector)")
+    b.add_argument("--nprobe", type=int, default=None,
+                   help="IVF cells visited (stored; with --kind auto it replaces the default)")
     b.add_argument("--ef-search", type=int, default=None, help="HNSW search depth (stored)")
     b.set_defaults(func=cmd_index_build)
     s = isub.add_parser("search", help="top-k of query descriptors")

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import InputError, MissingFileError
+
 __all__ = ["Descriptors", "DescriptorMismatch", "save_descriptors", "load_descriptors",
            "checkpoint_hash", "check_compatible", "descriptor_paths", "signature",
            "COMPARED_PREPROCESSING"]
@@ -42,7 +44,7 @@ VERSION = 1
 COMPARED_PREPROCESSING = ("resize", "image_size", "scales", "mean", "std")
 
 
-class DescriptorMismatch(ValueError):
+class DescriptorMismatch(InputError):
     """Two descriptor sets (or an index and a descriptor set) come from different models or
     preprocessing; searching one against the other would be meaningless."""
 
@@ -110,17 +112,17 @@ def save_descriptors(name: str | os.PathLike, vectors: np.ndarray, names: Sequen
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
-        raise ValueError(f"descriptors must be (N, D), got shape {vectors.shape}")
+        raise InputError(f"descriptors must be (N, D), got shape {vectors.shape}")
     names = [str(n) for n in names]
     labels = [-1] * len(names) if labels is None else [int(v) for v in labels]
     if len(names) != len(vectors) or len(labels) != len(vectors):
-        raise ValueError(f"{len(vectors)} descriptors but {len(names)} names and "
+        raise InputError(f"{len(vectors)} descriptors but {len(names)} names and "
                          f"{len(labels)} labels")
     if len(set(names)) != len(names):
         dup = next(n for i, n in enumerate(names) if n in names[:i])
-        raise ValueError(f"image name {dup!r} appears twice; descriptor names must be unique")
+        raise InputError(f"image name {dup!r} appears twice; descriptor names must be unique")
     if not np.isfinite(vectors).all():
-        raise ValueError("descriptors contain NaN / inf; check the model and the images")
+        raise InputError("descriptors contain NaN / inf; check the model and the images")
     npy, js = descriptor_paths(name)
     os.makedirs(os.path.dirname(os.path.abspath(npy)), exist_ok=True)
     np.save(npy, vectors)
@@ -133,6 +135,16 @@ def save_descriptors(name: str | os.PathLike, vectors: np.ndarray, names: Sequen
     return npy, js
 
 
+def read_json(path: str, fix: str) -> Any:
+    """The JSON in ``path``; :class:`~finegrain.errors.InputError` naming the file and ``fix``
+    when it is truncated or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
 def load_descriptors(name: str | os.PathLike, mmap: bool = True) -> Descriptors:
     """Read ``NAME.npy`` (memory-mapped by default) and ``NAME.json``.
 
@@ -143,19 +155,18 @@ def load_descriptors(name: str | os.PathLike, mmap: bool = True) -> Descriptors:
     npy, js = descriptor_paths(name)
     for p in (npy, js):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p} not found: descriptors are NAME.npy + NAME.json as "
-                                    f"written by 'finegrain embed ... --out NAME'")
-    with open(js) as f:
-        meta = json.load(f)
+            raise MissingFileError(f"{p} not found: descriptors are NAME.npy + NAME.json as "
+                                   f"written by 'finegrain embed ... --out NAME'")
+    meta = read_json(js, "write the descriptors again with 'finegrain embed'")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{js} is not a finegrain descriptor file (format "
+        raise InputError(f"{js} is not a finegrain descriptor file (format "
                          f"{meta.get('format')!r}); write it with 'finegrain embed'")
     vectors = np.load(npy, mmap_mode="r" if mmap else None)
     if vectors.ndim != 2 or vectors.dtype != np.float32:
-        raise ValueError(f"{npy}: expected a float32 (N, D) array, got {vectors.dtype} "
+        raise InputError(f"{npy}: expected a float32 (N, D) array, got {vectors.dtype} "
                          f"{vectors.shape}")
     if vectors.shape != (meta["count"], meta["dim"]) or len(meta["names"]) != meta["count"]:
-        raise ValueError(f"{npy} has shape {vectors.shape} but {js} describes "
+        raise InputError(f"{npy} has shape {vectors.shape} but {js} describes "
                          f"({meta['count']}, {meta['dim']}) with {len(meta['names'])} names; "
                          f"the pair is out of sync: extract again")
     return Descriptors(vectors, meta, os.path.splitext(npy)[0])

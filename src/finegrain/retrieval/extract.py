@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 __all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
            "resolve_image_size", "sample_names", "retrieval_transform", "DEFAULT_IMAGE_SIZE",
            "PROTOCOL_IMAGE_SIZE"]
@@ -88,7 +90,7 @@ class _ExtractionItems(torch.utils.data.Dataset):
         tf = ds.transform
         if full is not None:
             if not getattr(tf, "takes_full_size", False):
-                raise ValueError(f"{sample.path} is cropped to a bbox but the dataset's "
+                raise InputError(f"{sample.path} is cropped to a bbox but the dataset's "
                                  f"transform cannot scale a crop by its full image "
                                  f"(cirtorch / DELG); build it with retrieval_transform(...)")
             return {"index": i, "image": tf(img, full_size=full)}
@@ -129,8 +131,8 @@ def load_checkpoint_model(checkpoint: str, device: str | torch.device = "cpu"
     from ..models.registry import load_model
     from .descriptors import checkpoint_hash
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found; pass runs/<run>/best.ckpt "
-                                f"(or weights.safetensors with its model.json)")
+        from ..models.weights import missing_file_error
+        raise missing_file_error(checkpoint)
     model, meta = load_model(checkpoint)
     return model.to(device).eval(), meta, checkpoint_hash(checkpoint)
 
@@ -162,7 +164,7 @@ def _embed_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float]
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(_rescale(images, s))
         if "embedding" not in out:
-            raise ValueError(f"{type(model).__name__} returns no 'embedding'; only models that "
+            raise InputError(f"{type(model).__name__} returns no 'embedding'; only models that "
                              f"retrieve (DALG, Re-ID / DML models) can be used for descriptors")
         e = F.normalize(out["embedding"].float(), dim=-1)
         acc = e if acc is None else acc + e
@@ -199,7 +201,7 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
     from tqdm.auto import tqdm
 
     if not scales:
-        raise ValueError("scales is empty; use (1.0,) for single-scale extraction")
+        raise InputError("scales is empty; use (1.0,) for single-scale extraction")
     model.eval()
     device = torch.device(device)
     max_pending = max_pending or 8 * batch_size
@@ -234,7 +236,7 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
             bar.update(1)
             continue
         if not torch.is_tensor(img) or img.ndim != 3 or not img.is_floating_point():
-            raise ValueError("extract needs a dataset whose transform returns normalised float "
+            raise InputError("extract needs a dataset whose transform returns normalised float "
                              "(3, H, W) tensors; build it with retrieval_transform(...)")
         key = tuple(img.shape[-2:])
         buckets.setdefault(key, []).append((int(item["index"]), img))
@@ -251,7 +253,7 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
         stats.update(images=len(dataset), seconds=seconds, batches=n_batches,
                      images_per_s=len(dataset) / max(seconds, 1e-9), skipped=skipped)
     if out is None:
-        raise ValueError(f"no readable image among the {len(dataset)} of {desc}; check the "
+        raise InputError(f"no readable image among the {len(dataset)} of {desc}; check the "
                          f"dataset root")
     if skipped:
         out = np.delete(out, skipped, axis=0)

@@ -15,7 +15,10 @@ carry ids and names, and ``remove`` takes names. How faiss keeps the ids depends
 
 - IVF indexes (``IVF4096,SQ8``, ``PCA128,IVF1024,Flat`` ...) store the ids themselves
   (``add_with_ids``) with a hash-table direct map, so ``remove`` deletes vectors and
-  ``reconstruct`` works (mode ``"ivf"``);
+  ``reconstruct`` works (mode ``"ivf"``). IVF fast-scan (``IVF4096,PQ64x4fs``): faiss cannot
+  remove through the direct map of its packed code blocks, so ``remove`` drops the map, removes
+  by a scan of the lists and rebuilds it; ``reconstruct`` is refused (faiss 1.15 crashes on a
+  loaded fast-scan index), so ``--aqe`` / ``--rerank`` need ``...x4fs,RFlat`` there;
 - every other index is wrapped in ``IndexIDMap2``; flat storage deletes for real (mode
   ``"idmap"``), indexes without deletion (HNSW, IVF-PQ with a refine stage, PQ...) keep the
   vector and mark the id removed: searches then ask faiss for ``k + #removed`` and drop the
@@ -26,6 +29,10 @@ carry ids and names, and ``remove`` takes names. How faiss keeps the ids depends
 **Refusal.** ``add`` and ``search`` check that the descriptors come from the same model
 checkpoint and preprocessing as the index (``descriptors.check_compatible``) and raise
 ``descriptors.DescriptorMismatch`` naming what differs.
+
+**Training** of IVF / PQ / SQ runs on a seeded random sample: ``train_size`` or, by default,
+64 vectors per IVF cell (faiss recommends 30-256) and at least 65,536 (``IVF4096``: 262,144 of
+a 1M gallery, not the whole 2 GB); the size used is stored as ``train_size`` in ``index.json``.
 
 **Factory choice** (benchmarks/retrieval.py, table in docs/retrieval.md): ``Flat`` (exact) below
 200k vectors; for 1M-image galleries :data:`LARGE_GALLERY_FACTORY` = ``IVF4096,SQ8`` with
@@ -43,7 +50,8 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from .descriptors import Descriptors, check_compatible, load_descriptors, signature
+from ..errors import InputError, MissingFileError, UnknownNameError
+from .descriptors import Descriptors, check_compatible, load_descriptors, read_json, signature
 from .search import search as faiss_search
 
 __all__ = ["Index", "SearchResult", "LARGE_GALLERY_FACTORY", "LARGE_GALLERY_PARAMS",
@@ -55,7 +63,22 @@ VERSION = 1
 LARGE_GALLERY_FACTORY = "IVF4096,SQ8"
 #: Its search parameters.
 LARGE_GALLERY_PARAMS = {"nprobe": 16}
+#: Default training sample: this many vectors per IVF cell (faiss recommends 30-256) ...
+TRAIN_PER_CELL = 64
+#: ... and at least this many (PQ / SQ encoders, indexes without cells).
+MIN_TRAIN_SIZE = 65536
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+def default_train_size(index: faiss.Index) -> int:
+    """Training sample of an untrained index: ``max(64 x nlist, 65536)`` vectors."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return max(TRAIN_PER_CELL * (ivf.nlist if ivf is not None else 0), MIN_TRAIN_SIZE)
+
+
+def _is_fast_scan_ivf(index: faiss.Index) -> bool:
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
 
 
 def default_factory(n: int) -> tuple[str, dict[str, int]]:
@@ -78,6 +101,19 @@ class SearchResult:
                              "names": self.names[i],
                              "scores": [round(float(s), 6) for s in self.scores[i]]}
                             for i, qn in enumerate(q)]}
+
+
+def _check_unique(d: Descriptors) -> None:
+    """Refuse a descriptor file that holds an image name twice (``remove NAME`` would leave
+    the other copy searchable)."""
+    seen: set[str] = set()
+    for i, n in enumerate(d.names):
+        if n in seen:
+            raise InputError(f"{d.path or 'the descriptors'}: image name {n!r} appears twice "
+                             f"(again at row {i}); names must be unique: write the file again "
+                             f"from a list without duplicates (`finegrain embed` names each "
+                             f"image once)")
+        seen.add(n)
 
 
 def _inner_kind(index: faiss.Index) -> tuple[str, bool]:
@@ -130,29 +166,47 @@ class Index:
                 ``"HNSW32"``, ``"IVF4096,PQ64x4fs,RFlat"`` ...). ``"auto"``:
                 :func:`default_factory` of the database size.
             metric: ``"ip"`` (L2-normalised descriptors: cosine) or ``"l2"``.
-            train_size: train IVF / PQ on this many rows drawn at random (seeded); ``None``
-                lets faiss subsample (256 points per centroid).
-            nprobe: IVF cells visited per query (stored, used by every later search).
+            train_size: train IVF / PQ on this many rows drawn at random (seeded); ``None``:
+                :func:`default_train_size` (64 per IVF cell, at least 65,536), so a 1M
+                gallery is not read whole; a size >= the count trains on every row.
+            nprobe: IVF cells visited per query (stored, used by every later search);
+                ``factory="auto"`` keeps it (its own default only fills a missing one).
             ef_search: HNSW search depth (stored).
             seed: seed of the training sample.
         """
         d = descriptors if isinstance(descriptors, Descriptors) else load_descriptors(descriptors)
+        _check_unique(d)
         if factory == "auto":
             factory, params = default_factory(len(d))
-            nprobe = params.get("nprobe", nprobe)
+            if nprobe is not None and "nprobe" not in params:
+                raise InputError(f"--kind auto chose {factory} for {len(d)} vectors (exact: it "
+                                 f"has no nprobe); drop --nprobe, or pass --kind "
+                                 f"{LARGE_GALLERY_FACTORY} to use an IVF index")
+            nprobe = params.get("nprobe") if nprobe is None else nprobe
         if metric not in _METRICS:
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+            raise InputError(f"metric must be 'ip' or 'l2', got {metric!r}")
         try:
             inner = faiss.index_factory(d.dim, factory, _METRICS[metric])
         except RuntimeError as e:
-            raise ValueError(f"faiss cannot build {factory!r} for {d.dim}-d descriptors: "
+            raise InputError(f"faiss cannot build {factory!r} for {d.dim}-d descriptors: "
                              f"{str(e).strip().splitlines()[-1]}; see the faiss index_factory "
                              f"strings (Flat, IVF4096,SQ8, HNSW32 ...)") from None
+        trained_on = 0  # vectors of the training sample (0: the index needs no training)
         if not inner.is_trained:
             n = len(d)
-            rows = np.arange(n) if train_size is None or train_size >= n else np.sort(
-                np.random.default_rng(seed).choice(n, int(train_size), replace=False))
-            inner.train(np.ascontiguousarray(d.vectors[rows], dtype=np.float32))
+            size = default_train_size(inner) if train_size is None else int(train_size)
+            if size < 1:
+                raise InputError(f"--train-size must be >= 1, got {size}")
+            rows = np.arange(n) if size >= n else np.sort(
+                np.random.default_rng(seed).choice(n, size, replace=False))
+            trained_on = len(rows)
+            try:
+                inner.train(np.ascontiguousarray(d.vectors[rows], dtype=np.float32))
+            except RuntimeError as e:  # e.g. fewer training points than IVF cells
+                raise InputError(f"faiss cannot train {factory!r} on {len(rows)} descriptors of "
+                                 f"{d.path or 'the file'}: {str(e).strip().splitlines()[-1]}; "
+                                 f"IVF needs about 39 vectors per cell: use --kind Flat or "
+                                 f"'auto' for a set this small") from None
         mode, native = _inner_kind(inner)
         if mode == "ivf":
             faiss.extract_index_ivf(inner).set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -162,6 +216,7 @@ class Index:
         pre = {k: d.meta.get(k) for k in ("model_name", "checkpoint_hash", "preprocessing")}
         manifest = {"format": FORMAT, "version": VERSION, "factory": factory, "metric": metric,
                     "mode": mode, "native_remove": native, "dim": d.dim,
+                    "train_size": trained_on,
                     "params": {k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search))
                                if v is not None},
                     **pre, "sources": [d.path]}
@@ -169,7 +224,7 @@ class Index:
             try:
                 faiss.ParameterSpace().set_index_parameter(index, name, int(value))
             except RuntimeError:
-                raise ValueError(f"index {factory!r} has no search parameter {name} (nprobe is "
+                raise InputError(f"index {factory!r} has no search parameter {name} (nprobe is "
                                  f"for IVF indexes, efSearch for HNSW)") from None
         out = cls(index, manifest, [], [], [], source_meta=d.meta)
         out._add_vectors(d)
@@ -200,30 +255,29 @@ class Index:
                  ("index.faiss", "ids.json", "index.json", "descriptors.json")}
         for p in paths.values():
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"{p} not found: {folder} is not a finegrain index "
-                                        f"folder (build one with 'finegrain index build')")
-        with open(paths["index.json"]) as f:
-            manifest = json.load(f)
+                raise MissingFileError(f"{p} not found: {folder} is not a finegrain index "
+                                       f"folder (build one with 'finegrain index build')")
+        fix = "rebuild the index with 'finegrain index build'"
+        manifest = read_json(paths["index.json"], fix)
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{paths['index.json']} is not a finegrain index manifest")
-        with open(paths["ids.json"]) as f:
-            idmap = json.load(f)
-        with open(paths["descriptors.json"]) as f:
-            source = json.load(f)
+            raise InputError(f"{paths['index.json']} is not a finegrain index manifest")
+        idmap = read_json(paths["ids.json"], fix)
+        source = read_json(paths["descriptors.json"], fix)
         index = faiss.read_index(paths["index.faiss"])
         out = cls(index, manifest, idmap["ids"], idmap["names"], idmap["labels"],
                   idmap.get("removed", ()), idmap.get("next_id"), source)
         if index.ntotal != len(out) + len(out.removed):
-            raise ValueError(f"{folder}: index.faiss holds {index.ntotal} vectors but ids.json "
+            raise InputError(f"{folder}: index.faiss holds {index.ntotal} vectors but ids.json "
                              f"{len(out)} (+{len(out.removed)} removed); the folder is "
                              f"inconsistent: rebuild it")
         return out
 
     # ------------------------------------------------------------------ add / remove
     def _add_vectors(self, d: Descriptors) -> int:
+        _check_unique(d)
         clash = [n for n in d.names if n in self._by_name]
         if clash:
-            raise ValueError(f"{len(clash)} names of {d.path or 'the descriptors'} are already "
+            raise InputError(f"{len(clash)} names of {d.path or 'the descriptors'} are already "
                              f"in the index (first: {clash[0]!r}); remove them first")
         n = len(d)
         new_ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
@@ -258,15 +312,22 @@ class Index:
         """
         missing = [n for n in names if n not in self._by_name]
         if missing:
-            raise KeyError(f"{len(missing)} names are not in the index (first: {missing[0]!r})")
+            raise UnknownNameError(f"{len(missing)} names are not in the index (first: "
+                                   f"{missing[0]!r})")
         ids = np.array(sorted({self._by_name[n] for n in names}), dtype=np.int64)
         if len(ids) == 0:
             return 0
         if self.manifest.get("native_remove", False):
-            sel = faiss.IDSelectorArray(ids) if self.manifest["mode"] == "ivf" else \
-                faiss.IDSelectorBatch(ids)
-            removed = self.index.remove_ids(sel)
-            assert removed == len(ids), (removed, len(ids))
+            if _is_fast_scan_ivf(self.index):
+                removed = self._remove_fast_scan(ids)
+            else:
+                sel = faiss.IDSelectorArray(ids) if self.manifest["mode"] == "ivf" else \
+                    faiss.IDSelectorBatch(ids)
+                removed = self.index.remove_ids(sel)
+            if removed != len(ids):
+                raise InputError(f"faiss removed {removed} of {len(ids)} vectors; the index "
+                                 f"in memory is inconsistent (the folder is not changed): "
+                                 f"rebuild it with 'finegrain index build'")
         else:
             self.removed.update(ids.tolist())
         drop = set(ids.tolist())
@@ -276,6 +337,17 @@ class Index:
         self.labels = [self.labels[r] for r in keep]
         self._reindex()
         return len(ids)
+
+    def _remove_fast_scan(self, ids: np.ndarray) -> int:
+        """Remove from an IVF fast-scan index (``IVF4096,PQ64x4fs``): faiss cannot remove
+        through its hash-table direct map there (packed code blocks), so the map is dropped,
+        the ids removed by a scan of the lists, and the map rebuilt."""
+        ivf = faiss.extract_index_ivf(self.index)
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+        try:
+            return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        finally:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
     # ------------------------------------------------------------------ search
     def check(self, meta: dict[str, Any], what: str = "the queries") -> None:
@@ -298,7 +370,7 @@ class Index:
         else:
             q = queries
         if len(self) == 0:
-            raise ValueError("the index is empty")
+            raise InputError("the index is empty")
         params = self.manifest.get("params", {})
         nprobe = params.get("nprobe") if nprobe is None else nprobe
         ef_search = params.get("efSearch") if ef_search is None else ef_search
@@ -318,6 +390,11 @@ class Index:
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors (approximate for compressed indexes) of ids (m,) -> (m, D)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if _is_fast_scan_ivf(self.index):  # faiss 1.15 crashes on a loaded one: refuse
+            raise InputError(f"index {self.manifest.get('factory')!r} (IVF fast-scan) cannot "
+                             f"give back its vectors (faiss crashes reconstructing a loaded "
+                             f"fast-scan index), which --aqe / --rerank need: build it with an "
+                             f"exact refine stage (',RFlat') or use IVF...,SQ8")
         out = np.empty((len(ids), self.index.d), dtype=np.float32)
         for r, i in enumerate(ids):
             out[r] = self.index.reconstruct(int(i))

@@ -10,8 +10,11 @@
    (:func:`align_to_ground_truth`);
 3. optionally append distractor descriptors (``finegrain embed ... revisitop1m``; checked to
    come from the same checkpoint and preprocessing) after the database, so ``gnd`` indices
-   stay valid;
-4. rank the whole database exactly (:func:`finegrain.retrieval.search.knn`), optionally with
+   stay valid; they stay memory-mapped;
+4. rank the whole database exactly, a block of rows at a time
+   (:func:`finegrain.retrieval.search.blockwise_knn`: a running top-100 plus the exact
+   position of every labelled image in the complete ranking, scored by
+   :func:`finegrain.evaluation.revisited.evaluate_positions`), optionally with
    alpha-QE and / or k-reciprocal re-ranking of the top ``rerank_k`` of the expanded query
    (:func:`.postprocess.postprocessed_search`, the code path of ``index search``);
 5. score Easy / Medium / Hard mAP and mP@1, 5, 10 (:func:`finegrain.evaluation.revisited.evaluate`);
@@ -32,9 +35,11 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch.nn as nn
 
+from ..errors import InputError
 from .descriptors import (Descriptors, check_compatible, load_descriptors, save_descriptors)
 
-__all__ = ["retrieval_eval", "rank_database", "align_to_ground_truth", "format_table", "plot_top_k"]
+__all__ = ["retrieval_eval", "rank_database", "rank_positions", "align_to_ground_truth",
+           "format_table", "plot_top_k"]
 
 SETTINGS = ("easy", "medium", "hard")
 
@@ -65,28 +70,28 @@ def align_to_ground_truth(d: Descriptors, names: Sequence[str], dataset: str,
            f"--split {split} --out NAME'")
     for key, want in (("dataset", dataset), ("split", split)):
         if meta.get(key) != want:
-            raise ValueError(f"{d.path}.json has {key} {meta.get(key)!r}, not {want!r}: these "
+            raise InputError(f"{d.path}.json has {key} {meta.get(key)!r}, not {want!r}: these "
                              f"are not {dataset} {split} descriptors; {fix}")
     if split == "query":
         pre = meta.get("preprocessing", {})
         if not pre.get("crop_query_bbx"):
-            raise ValueError(f"{d.path}.json: the queries were not cropped to their bbx "
+            raise InputError(f"{d.path}.json: the queries were not cropped to their bbx "
                              f"(preprocessing.crop_query_bbx), which the Revisited protocol "
                              f"requires; {fix}")
         if pre.get("crop_scale") != "full_image":
-            raise ValueError(f"{d.path}.json: the query crops were not scaled by their full "
+            raise InputError(f"{d.path}.json: the query crops were not scaled by their full "
                              f"image's factor (preprocessing.crop_scale "
                              f"{pre.get('crop_scale')!r}, cirtorch / DELG convention: "
                              f"'full_image'); {fix}")
     row = {n: r for r, n in enumerate(d.names)}
     missing = next((n for n in names if n not in row), None)
     if missing is not None:
-        raise ValueError(f"{d.path}: {dataset} {split} image {missing!r} has no descriptor "
+        raise InputError(f"{d.path}: {dataset} {split} image {missing!r} has no descriptor "
                          f"({len(d)} descriptors for {len(names)} images); {fix}")
     if len(d) != len(names):
         wanted = set(names)
         extra = next(n for n in d.names if n not in wanted)
-        raise ValueError(f"{d.path}: descriptor of {extra!r}, which is not a {dataset} "
+        raise InputError(f"{d.path}: descriptor of {extra!r}, which is not a {dataset} "
                          f"{split} image ({len(d)} descriptors for {len(names)} images); {fix}")
     order = np.fromiter((row[n] for n in names), dtype=np.int64, count=len(names))
     if np.array_equal(order, np.arange(len(names))):
@@ -94,33 +99,92 @@ def align_to_ground_truth(d: Descriptors, names: Sequence[str], dataset: str,
     return np.asarray(d.vectors[order])  # a copy in ground-truth order
 
 
-def rank_database(queries: np.ndarray, database: np.ndarray, aqe: bool = False, aqe_n: int = 10,
-                  aqe_alpha: float = 3.0, rerank: bool = False, rerank_k: int = 100,
-                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
-    """Complete ranking of the database for every query, in the revisitop layout.
+def rank_positions(queries: np.ndarray, databases: Sequence[np.ndarray],
+                   targets: Sequence[np.ndarray] | None, k: int = 100, aqe: bool = False,
+                   aqe_n: int = 10, aqe_alpha: float = 3.0, rerank: bool = False,
+                   rerank_k: int = 100, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                   block_size: int = 32768) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Top of the ranking and exact ranked positions of chosen images, in bounded memory.
 
-    The search, alpha-QE and re-ranking are :func:`.postprocess.postprocessed_search`, the
-    code path of ``finegrain index search`` (re-ranking uses the expanded query).
+    The databases (gallery, then +1M distractors, rows numbered one after the other) are
+    scored a block of rows at a time (:func:`.search.blockwise_knn`), never concatenated or
+    copied, so memory-mapped descriptor files stay on disk. Search, alpha-QE and re-ranking
+    are :func:`.postprocess.postprocessed_search` (the code path of ``finegrain index
+    search``); re-ranking moves only images of the top ``rerank_k``, whose positions are
+    updated.
 
     Args:
         queries: (nq, D) L2-normalised descriptors.
-        database: (n, D) L2-normalised descriptors (may be memory-mapped).
+        databases: (n_j, D) L2-normalised descriptor arrays (may be memory-mapped).
+        targets: per query, distinct database rows whose position in the complete ranking is
+            wanted (Revisited: its easy, hard and junk images), or None.
+        k: length of the returned top of the ranking (at least ``rerank_k`` is searched).
+        aqe, aqe_n, aqe_alpha, rerank, rerank_k, k1, k2, lambda_value: as
+            :func:`rank_database`.
+        block_size: database rows scored at a time (results do not depend on it).
+
+    Returns:
+        ``(top (nq, k) int64 database rows best first, positions)``: ``positions[i]``
+        (aligned with ``targets[i]``) are 0-based positions in query i's complete ranking.
+    """
+    from .postprocess import postprocessed_search
+    from .search import blockwise_knn, database_rows
+
+    parts = list(databases)
+    n = sum(len(p) for p in parts)
+    k_all = min(max(k, rerank_k) if rerank else k, n)
+    last: dict[str, Any] = {"calls": 0}
+
+    def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        final = last["calls"] == int(aqe)  # the alpha-QE expansion search comes first
+        last["calls"] += 1
+        scores, ids, pos = blockwise_knn(q, parts, kk, targets if final else None, block_size)
+        last["positions"] = pos
+        return scores, ids
+
+    _, ids = postprocessed_search(np.asarray(queries, dtype=np.float32), search,
+                                  lambda i: database_rows(parts, i), k_all, aqe=aqe,
+                                  aqe_n=aqe_n, aqe_alpha=aqe_alpha, rerank=rerank,
+                                  rerank_k=rerank_k, k1=k1, k2=k2, lambda_value=lambda_value)
+    positions = last["positions"] if targets is not None else None
+    if rerank and positions is not None:  # the shortlist was re-ordered: read positions off it
+        head = min(rerank_k, n)
+        for i, (t, pos) in enumerate(zip(targets, positions)):
+            moved = np.flatnonzero(pos < head)
+            if moved.size:
+                pos[moved] = np.argmax(ids[i, :head][None, :] == np.asarray(t)[moved, None],
+                                       axis=1)
+    return ids[:, :k], positions
+
+
+def rank_database(queries: np.ndarray, database: np.ndarray | Sequence[np.ndarray],
+                  aqe: bool = False, aqe_n: int = 10, aqe_alpha: float = 3.0,
+                  rerank: bool = False, rerank_k: int = 100, k1: int = 20, k2: int = 6,
+                  lambda_value: float = 0.3, block_size: int = 32768) -> np.ndarray:
+    """Complete ranking of the database for every query, in the revisitop layout.
+
+    The search, alpha-QE and re-ranking are :func:`.postprocess.postprocessed_search`, the
+    code path of ``finegrain index search`` (re-ranking uses the expanded query). The
+    ranking is (n, nq): for +1M distractors use :func:`rank_positions`, which
+    ``retrieval_eval`` uses (same order, bounded memory).
+
+    Args:
+        queries: (nq, D) L2-normalised descriptors.
+        database: (n, D) L2-normalised descriptors (may be memory-mapped), or a list of such
+            arrays searched as one.
         aqe: alpha query expansion (``aqe_n`` neighbours, exponent ``aqe_alpha``).
         rerank: k-reciprocal re-ranking of each query's first ``rerank_k`` results
             (``k1``, ``k2``, ``lambda_value``); the rest keeps the first ranking's order.
+        block_size: database rows scored at a time.
 
     Returns:
         (n, nq) int64: column i lists database indices for query i, best first.
     """
-    from .postprocess import postprocessed_search
-    from .search import knn
-
-    db = np.ascontiguousarray(database, dtype=np.float32)
-    n = db.shape[0]
-    _, ids = postprocessed_search(queries, lambda q, k: knn(q, db, k, metric="ip"),
-                                  lambda i: db[i], n, aqe=aqe, aqe_n=aqe_n,
-                                  aqe_alpha=aqe_alpha, rerank=rerank, rerank_k=rerank_k,
-                                  k1=k1, k2=k2, lambda_value=lambda_value)
+    parts = [database] if isinstance(database, np.ndarray) else list(database)
+    n = sum(len(p) for p in parts)
+    ids, _ = rank_positions(queries, parts, None, n, aqe=aqe, aqe_n=aqe_n, aqe_alpha=aqe_alpha,
+                            rerank=rerank, rerank_k=rerank_k, k1=k1, k2=k2,
+                            lambda_value=lambda_value, block_size=block_size)
     return np.ascontiguousarray(ids.T)
 
 
@@ -133,12 +197,6 @@ def format_table(metrics: dict[str, dict[str, float]], title: str = "") -> str:
         if s in metrics:
             lines.append(f"{s:<8}" + "".join(f"{100 * metrics[s][k]:>9.2f}" for k in keys))
     return "\n".join(lines)
-
-
-def _per_query_ap(ranks: np.ndarray, gnd: Sequence[dict], setting: str) -> np.ndarray:
-    from ..evaluation.revisited import compute_map
-    lists = [dict(zip(("ok", "junk"), _setting_lists(g, setting))) for g in gnd]
-    return compute_map(ranks, lists)[1]
 
 
 def plot_top_k(path: str, query_ds, gallery_ds, ranks: np.ndarray, gnd: Sequence[dict],
@@ -208,8 +266,8 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
                    picture_queries: int = 4, picture_setting: str = "medium",
                    query_descriptors: str | None = None, gallery_descriptors: str | None = None,
                    batch_size: int = 16, device: str = "cpu", num_workers: int = 0,
-                   amp: bool = False, progress: bool = True, meta: dict | None = None
-                   ) -> dict[str, dict[str, float]]:
+                   amp: bool = False, progress: bool = True, meta: dict | None = None,
+                   block_size: int = 32768) -> dict[str, dict[str, float]]:
     """Evaluate a checkpoint on a Revisited dataset (see the module docstring).
 
     Args:
@@ -232,12 +290,14 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
             extracting (both, from ``finegrain embed``).
         batch_size, device, num_workers, amp, progress: extraction options.
         meta: model meta when ``ckpt`` is a model (``mean``, ``std``, ``model_name``).
+        block_size: database rows scored at a time (memory, not results; see
+            :func:`rank_positions`).
 
     Returns:
         ``{"easy" | "medium" | "hard": {"mAP", "mP@1", "mP@5", "mP@10"}}`` (fractions).
     """
     from ..data import build_dataset
-    from ..evaluation.revisited import evaluate
+    from ..evaluation.revisited import evaluate_positions, query_aps
     from .extract import embed_dataset, load_checkpoint_model
 
     t0 = time.perf_counter()
@@ -245,7 +305,7 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     gds = build_dataset(dataset, root, "gallery")
     gnd = qds.gnd
     if (query_descriptors is None) != (gallery_descriptors is None):
-        raise ValueError("pass both query_descriptors and gallery_descriptors, or neither")
+        raise InputError("pass both query_descriptors and gallery_descriptors, or neither")
     timing: dict[str, float] = {}
     if query_descriptors is not None:
         qd, gd = load_descriptors(query_descriptors), load_descriptors(gallery_descriptors)
@@ -255,7 +315,7 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         sig = gd.meta
     else:
         if ckpt is None:
-            raise ValueError("retrieval_eval needs a checkpoint (or both descriptor files)")
+            raise InputError("retrieval_eval needs a checkpoint (or both descriptor files)")
         if isinstance(ckpt, nn.Module):
             model, ck_hash = ckpt.to(device).eval(), "in-memory"
             meta = dict(meta or {})
@@ -282,22 +342,26 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
                              preprocessing=pre_q, split="query", **common)
             save_descriptors(os.path.join(out, "gallery"), gv, gnames, labels=glabels,
                              preprocessing=pre_g, split="gallery", **common)
-    database = gv
+    databases = [gv]
     n_distractors = 0
     if distractors is not None:
         dd: Descriptors = load_descriptors(distractors)
         check_compatible(sig, dd.meta, f"the {dataset} descriptors", f"distractors {dd.path}")
-        database = np.concatenate([gv, np.asarray(dd.vectors)], axis=0)
+        databases.append(dd.vectors)  # memory-mapped, scored in blocks: never loaded whole
         n_distractors = len(dd)
     t1 = time.perf_counter()
-    ranks = rank_database(qv, database, aqe=aqe, aqe_n=aqe_n, aqe_alpha=aqe_alpha,
-                          rerank=rerank, rerank_k=rerank_k)
+    labelled = [np.unique(np.concatenate(_setting_lists(g, "medium"))) for g in gnd]
+    top, positions = rank_positions(qv, databases, labelled, k=100, aqe=aqe, aqe_n=aqe_n,
+                                    aqe_alpha=aqe_alpha, rerank=rerank, rerank_k=rerank_k,
+                                    block_size=block_size)
+    ranked = list(zip(labelled, positions))
+    ranks = np.ascontiguousarray(top.T)  # (100, nq): the top of the ranking, for pictures
     timing["search_s"] = time.perf_counter() - t1
-    metrics = evaluate(ranks, gnd)
+    metrics = evaluate_positions(ranked, gnd)
     timing["total_s"] = time.perf_counter() - t0
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        aps = _per_query_ap(ranks, gnd, picture_setting)
+        aps = query_aps(ranked, gnd, picture_setting)
         report: dict[str, Any] = {
             "dataset": dataset, "root": root, "metrics": metrics,
             "model_name": sig.get("model_name"), "checkpoint_hash": sig.get("checkpoint_hash"),

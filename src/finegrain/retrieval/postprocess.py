@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import InputError
+
 __all__ = ["alpha_query_expansion", "aqe_search", "expand_queries", "k_reciprocal_rerank",
            "rerank_shortlist", "postprocessed_search"]
 
@@ -58,7 +60,7 @@ def alpha_query_expansion(queries: np.ndarray, neighbours: np.ndarray, n: int = 
         return q.copy()
     nb = np.asarray(neighbours, dtype=np.float32)[:, :n]  # (nq, n, D)
     if nb.ndim != 3 or nb.shape[0] != q.shape[0] or nb.shape[2] != q.shape[1]:
-        raise ValueError(f"neighbours must be (nq, n, D) = ({q.shape[0]}, {n}, {q.shape[1]}); "
+        raise InputError(f"neighbours must be (nq, n, D) = ({q.shape[0]}, {n}, {q.shape[1]}); "
                          f"got {nb.shape}")
     sims = np.einsum("qd,qnd->qn", q, nb)  # (nq, n)
     w = np.maximum(sims, 0.0) ** alpha
@@ -70,7 +72,7 @@ def expand_queries(queries: np.ndarray, get_vectors: GetVectors, search: Search,
     """alpha-QE queries: search the top ``n``, expand each query with them (``(nq, D)``)."""
     _, ids = search(queries, max(n, 1))
     if (ids[:, :n] < 0).any() or ids.shape[1] < n:
-        raise ValueError(f"the first search returned fewer than n={n} neighbours for some "
+        raise InputError(f"the first search returned fewer than n={n} neighbours for some "
                          f"query; lower --aqe-n or search a larger database")
     nb = get_vectors(ids[:, :n].reshape(-1)).reshape(ids.shape[0], n, -1)  # (nq, n, D)
     return alpha_query_expansion(queries, nb, n, alpha)
@@ -137,7 +139,7 @@ def rerank_shortlist(queries: np.ndarray, ids: np.ndarray, get_vectors: GetVecto
     q = np.asarray(queries, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int64)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     out_ids = np.empty_like(ids)
     out_d = np.empty(ids.shape, dtype=np.float32)
     for a in range(0, len(ids), batch_size):

@@ -1,7 +1,9 @@
 """k-nearest-neighbour search with faiss: exact search and any ``index_factory`` index.
 
-``knn`` is the exact search every pipeline uses (``IndexFlatIP`` / ``IndexFlatL2``, queries in
-chunks); ``build_index`` + ``search`` cover approximate indexes for million-image galleries
+``knn`` is the exact search of in-memory arrays (``IndexFlatIP`` / ``IndexFlatL2``, queries in
+chunks); ``blockwise_knn`` is the exact inner-product search of (memory-mapped) descriptor files
+read a block of rows at a time, with a running top-k and, optionally, the exact position of
+chosen rows in each query's full ranking (Revisited +1M evaluation); ``build_index`` + ``search`` cover approximate indexes for million-image galleries
 (``"IVF4096,SQ8"``, ``"IVF1024,PQ32"``, ``"HNSW32"``, ``"PCA128,IVF1024,Flat"`` ...).
 
 Scores: ``metric="ip"`` returns inner products (higher is better; cosine similarity on
@@ -11,13 +13,15 @@ as faiss does. Rows are sorted best first; ids are row numbers of the database.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
 import torch
 
-__all__ = ["knn", "build_index", "search"]
+from ..errors import InputError
+
+__all__ = ["knn", "blockwise_knn", "database_rows", "build_index", "search"]
 
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
@@ -28,15 +32,15 @@ def _as_float32(x: Any, name: str) -> np.ndarray:
         x = x.detach().cpu().numpy()
     arr = np.ascontiguousarray(x, dtype=np.float32)
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (num_vectors, dim), got shape {arr.shape}")
+        raise InputError(f"{name} must be 2-D (num_vectors, dim), got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or inf")
+        raise InputError(f"{name} contains NaN or inf")
     return arr
 
 
 def _metric(metric: str) -> int:
     if metric not in _METRICS:
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        raise InputError(f"metric must be 'ip' or 'l2', got {metric!r}")
     return _METRICS[metric]
 
 
@@ -44,9 +48,9 @@ def _chunked_search(
     index: faiss.Index, queries: np.ndarray, k: int, chunk_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     if queries.shape[1] != index.d:
-        raise ValueError(f"queries have dim {queries.shape[1]} but the index holds dim {index.d}")
+        raise InputError(f"queries have dim {queries.shape[1]} but the index holds dim {index.d}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        raise InputError(f"chunk_size must be positive, got {chunk_size}")
     nq = queries.shape[0]
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)
@@ -82,17 +86,166 @@ def knn(
     q = _as_float32(queries, "queries")
     if index is None:
         if database is None:
-            raise ValueError("knn needs a database array or a filled index")
+            raise InputError("knn needs a database array or a filled index")
         db = _as_float32(database, "database")
         if db.shape[1] != q.shape[1]:
-            raise ValueError(f"queries have dim {q.shape[1]} but database has dim {db.shape[1]}")
+            raise InputError(f"queries have dim {q.shape[1]} but database has dim {db.shape[1]}")
         index = faiss.IndexFlat(db.shape[1], _metric(metric))
         index.add(db)
     if index.ntotal == 0:
-        raise ValueError("the database is empty")
+        raise InputError("the database is empty")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InputError(f"k must be >= 1, got {k}")
     return _chunked_search(index, q, min(int(k), int(index.ntotal)), chunk_size)
+
+
+def database_rows(databases: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` (m,) of arrays numbered one after the other, as (m, D) float32 (reads only
+    those rows of memory-mapped arrays)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    out = np.empty((len(ids), databases[0].shape[1]), dtype=np.float32)
+    start = 0
+    for part in databases:
+        sel = np.flatnonzero((ids >= start) & (ids < start + len(part)))
+        if sel.size:
+            out[sel] = part[ids[sel] - start]
+        start += len(part)
+    if ids.size and (ids.min() < 0 or ids.max() >= start):
+        raise InputError(f"row ids must be in [0, {start}), got {ids.min()}..{ids.max()}")
+    return out
+
+
+def _merge_top(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, first: int, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of a running top list and a block's scores (rows ``first ...``), best
+    first, equal scores ordered by row id."""
+    nq, b = s.shape
+    cand_s = np.concatenate([best_s, s], axis=1)
+    cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(first, first + b), (nq, b))],
+                            axis=1)
+    width = cand_s.shape[1]
+    kk = min(k, width)
+    if kk < width:  # keep every score >= the kk-th largest (ties included), then cut by id
+        thr = np.partition(cand_s, width - kk, axis=1)[:, width - kk]
+        r, c = np.nonzero(cand_s >= thr[:, None])
+    else:
+        r, c = np.divmod(np.arange(nq * width), width)
+    order = np.lexsort((cand_i[r, c], -cand_s[r, c], r))
+    r, c = r[order], c[order]
+    keep = np.arange(len(r)) - np.searchsorted(r, np.arange(nq))[r] < kk
+    r, c = r[keep], c[keep]
+    return cand_s[r, c].reshape(nq, kk), cand_i[r, c].reshape(nq, kk)
+
+
+def blockwise_knn(queries: np.ndarray | torch.Tensor, databases: Sequence[np.ndarray], k: int,
+                  targets: Sequence[np.ndarray] | None = None, block_size: int = 32768
+                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+    """Exact inner-product top-k against arrays read a block of rows at a time.
+
+    The ``databases`` (e.g. a gallery and memory-mapped +1M distractors) are searched as one,
+    their rows numbered one after the other, without being copied or loaded whole: each block
+    is scored in float64 (so the ranking does not depend on the block size), a running top-k
+    is kept, and non-finite scores are refused naming the row. Equal scores are ordered by
+    row id. With ``targets``, the exact 0-based position of those rows in each query's
+    **complete** ranking is counted too (for Revisited metrics, which need the rank of every
+    positive and junk image, however far down). Memory: about ``nq x (rows + k)`` scores and
+    one block of rows, with ``rows = min(block_size, max(1024, 2**22 // nq))``.
+
+    Args:
+        queries: (nq, D) queries.
+        databases: (n_j, D) float32 arrays (may be ``np.load(..., mmap_mode="r")``).
+        k: results per query (clipped to the total number of rows).
+        targets: per query, distinct row ids whose ranked positions are wanted.
+        block_size: most database rows scored at a time.
+
+    Returns:
+        ``(scores (nq, k) float32, ids (nq, k) int64, positions)``; ``positions[i]`` is an
+        int64 array aligned with ``targets[i]`` (None without targets).
+    """
+    q = _as_float32(queries, "queries").astype(np.float64)
+    nq, dim = q.shape
+    for j, part in enumerate(databases):
+        if part.ndim != 2 or part.shape[1] != dim:
+            raise InputError(f"database {j} has shape {part.shape}; queries have dim {dim}")
+    n = sum(len(p) for p in databases)
+    if n == 0:
+        raise InputError("the database is empty")
+    if k < 1 or block_size < 1:
+        raise InputError(f"k and block_size must be >= 1, got {k}, {block_size}")
+    k = min(int(k), n)
+    rows = min(block_size, max(1024, 2 ** 22 // max(nq, 1)))
+    best_s = np.empty((nq, 0))
+    best_i = np.empty((nq, 0), dtype=np.int64)
+    tgt = _Targets(q, databases, targets) if targets is not None else None
+    start = 0
+    for part in databases:
+        for a in range(0, len(part), rows):
+            block = np.asarray(part[a:a + rows], dtype=np.float64)
+            s = q @ block.T  # (nq, B)
+            if not np.isfinite(s).all():
+                bad = start + a + int(np.flatnonzero(~np.isfinite(s).all(axis=0))[0])
+                raise InputError(f"database row {bad} (rows numbered across the database "
+                                 f"files) contains NaN or inf; extract its descriptor again")
+            best_s, best_i = _merge_top(best_s, best_i, s, start + a, k)
+            if tgt is not None:
+                tgt.count(s, start + a)
+        start += len(part)
+    return best_s.astype(np.float32), best_i, None if tgt is None else tgt.positions()
+
+
+class _Targets:
+    """Counts, block by block, how many rows rank before each target row of each query."""
+
+    def __init__(self, q: np.ndarray, databases: Sequence[np.ndarray],
+                 targets: Sequence[np.ndarray]):
+        if len(targets) != len(q):
+            raise InputError(f"{len(targets)} target lists for {len(q)} queries")
+        self.ids = [np.asarray(t, dtype=np.int64).reshape(-1) for t in targets]
+        union = np.unique(np.concatenate(self.ids)) if self.ids else np.empty(0, np.int64)
+        u_scores = q @ database_rows(databases, union).astype(np.float64).T  # (nq, |U|)
+        self.asc, self.t_asc, self.id_asc, self.before, self.ahead = [], [], [], [], []
+        for i, ids in enumerate(self.ids):
+            t = u_scores[i, np.searchsorted(union, ids)]
+            asc = np.lexsort((-ids, t))  # ascending score, ties: larger id first (ranks later)
+            self.asc.append(asc)
+            self.t_asc.append(t[asc])
+            self.id_asc.append(ids[asc])
+            # targets ranked before each target (by score, then id; duplicates count once)
+            rank = np.empty(len(ids), dtype=np.int64)
+            rank[asc] = len(ids) - 1 - np.arange(len(ids))
+            self.before.append(rank)
+            self.ahead.append(np.zeros(len(ids) + 1, dtype=np.int64))
+
+    def count(self, s: np.ndarray, first: int) -> None:
+        """Add a block's scores ``s`` (nq, B) of rows ``first ...``."""
+        b = s.shape[1]
+        for i, ids in enumerate(self.ids):
+            if not len(ids):
+                continue
+            row = s[i]
+            inside = ids[(ids >= first) & (ids < first + b)]
+            if inside.size:  # targets are ordered among themselves in __init__
+                row = row.copy()
+                row[inside - first] = -np.inf
+            t = self.t_asc[i]
+            r = np.searchsorted(t, row, side="right")  # thresholds <= score
+            self.ahead[i] += np.bincount(r, minlength=len(t) + 1)
+            tie = np.flatnonzero((r > 0) & (row == t[np.maximum(r - 1, 0)]))
+            for c in tie:  # equal score: the row ranks after targets with a smaller id
+                eq = np.flatnonzero(t == row[c])
+                late = eq[self.id_asc[i][eq] < first + c]
+                self.ahead[i][late + 1] -= 1  # undo "ahead of" for those thresholds only
+                self.ahead[i][late] += 1
+
+    def positions(self) -> list[np.ndarray]:
+        out = []
+        for i, ids in enumerate(self.ids):
+            h = self.ahead[i]
+            ahead_asc = np.cumsum(h[::-1])[::-1][1:]  # rows scoring above threshold j
+            pos = np.empty(len(ids), dtype=np.int64)
+            pos[self.asc[i]] = ahead_asc
+            out.append(pos + self.before[i])
+        return out
 
 
 def build_index(
@@ -126,7 +279,7 @@ def build_index(
     try:
         index = faiss.index_factory(db.shape[1], factory, _metric(metric))
     except RuntimeError as exc:
-        raise ValueError(
+        raise InputError(
             f"faiss cannot build index {factory!r} for dim {db.shape[1]}: {exc}"
         ) from exc
     if not index.is_trained:
@@ -151,7 +304,7 @@ def _set_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -
         try:
             space.set_index_parameter(index, name, int(value))
         except RuntimeError as exc:
-            raise ValueError(
+            raise InputError(
                 f"the index {type(index).__name__} has no parameter {name}: {exc}"
             ) from exc
 
@@ -180,9 +333,9 @@ def search(
     """
     _set_params(index, nprobe, ef_search)
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InputError(f"k must be >= 1, got {k}")
     if index.ntotal == 0:
-        raise ValueError("the index is empty")
+        raise InputError("the index is empty")
     return _chunked_search(
         index, _as_float32(queries, "queries"), min(int(k), int(index.ntotal)), chunk_size
     )

@@ -17,10 +17,12 @@ from typing import Callable, Literal
 import torch
 from torch.utils.data import Dataset
 
+from ...errors import InputError
+
 TASKS = ("classification", "reid", "retrieval", "dml")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset on disk is missing, malformed or inconsistent; the message names the file
     and the fix."""
 
@@ -53,8 +55,7 @@ def read_image(path: str) -> torch.Tensor:
         return decode_image(read_file(path), mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError with little context
         raise DatasetError(f"cannot decode image {path}: {e}; the file is corrupt or not an "
-                           f"image: re-extract it, or pass on_error='skip' to skip and count "
-                           f"such files") from None
+                           f"image: re-extract or replace it") from None
 
 
 class ImageDataset(Dataset):
@@ -78,6 +79,9 @@ class ImageDataset(Dataset):
         if split not in self.splits:
             raise DatasetError(f"{type(self).__name__}: unknown split {split!r}; "
                                f"choose one of {self.splits}")
+        if root is None:
+            raise DatasetError(f"{type(self).__name__}: no dataset root given; pass the folder "
+                               f"that holds its layout (--data.root DIR, --root DIR)")
         if not os.path.isdir(root):
             raise DatasetError(f"dataset root {root!r} does not exist or is not a folder; "
                                f"pass the folder that holds the {type(self).__name__} layout")
@@ -129,7 +133,8 @@ class ImageDataset(Dataset):
                 break
             except DatasetError as e:
                 if self.on_error != "skip":
-                    raise
+                    raise DatasetError(f"{e}; or pass on_error='skip' (--data.on_error skip) "
+                                       f"to skip and count such files") from None
                 self.skipped += 1  # per process: DataLoader workers count their own
                 warnings.warn(f"skipped: {e}", stacklevel=2)
         else:

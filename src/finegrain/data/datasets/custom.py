@@ -133,10 +133,11 @@ class ReIDCSV(ImageDataset):
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             fields = [h.strip() for h in (reader.fieldnames or [])]
-            if "path" not in fields or "label" not in fields:
-                raise DatasetError(f"{path} line 1: header {','.join(fields)!r} lacks 'path' "
-                                   f"and 'label'; the first line must be "
-                                   f"'path,label[,camid][,split]'")
+            lacks = [c for c in ("path", "label") if c not in fields]
+            if lacks:
+                raise DatasetError(f"{path} line 1: header {','.join(fields)!r} lacks "
+                                   f"{' and '.join(repr(c) for c in lacks)}; the first line "
+                                   f"must be 'path,label[,camid][,split]'")
             reader.fieldnames = fields
             rows = []
             for row in reader:
