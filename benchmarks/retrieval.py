@@ -8,6 +8,15 @@
    1M x 512 clustered synthetic float32 descriptors (:func:`clustered_descriptors`) with
    1,000 queries drawn from the same distribution. Target: >= 10x the exact queries/s at
    recall@100 >= 0.9.
+3. **+1M evaluation memory and time** (``--plus1m``): ROxford5k's real ground truth, 70
+   queries, 4,993 gallery + 1,001,001 memory-mapped distractor descriptors (512-d, generated),
+   scored by the former all-in-memory path (``np.concatenate``, a faiss flat index, the
+   complete (n, 70) ranking, ``evaluate``) and by ``retrieval_eval``'s blockwise path
+   (:func:`finegrain.retrieval.pipeline.rank_positions` +
+   ``evaluate_positions``), each in its own process, once: wall time, peak RSS (``VmHWM``,
+   which counts the mapped file's pages) and peak anonymous RSS (sampled every 10 ms: the
+   memory above the mapped files), also as the increase over the process after its imports.
+   Metrics agree up to near-ties (the former path scored in float32, the new in float64).
 
 Warm-up runs are dropped; mean and std over the timed repeats. Prints the machine and
 versions and a table; writes JSON (``benchmarks/results/retrieval.json``, or
@@ -15,6 +24,7 @@ versions and a table; writes JSON (``benchmarks/results/retrieval.json``, or
 
     python benchmarks/retrieval.py             # ~1M descriptors: needs ~6 GB RAM, minutes
     python benchmarks/retrieval.py --quick     # 100k smoke run
+    python benchmarks/retrieval.py --skip-extraction --skip-search --plus1m  # +1M eval only
     python benchmarks/retrieval.py --skip-extraction --descriptors db --query-descriptors q
                                                # tune the index on your own descriptors
 """
@@ -257,6 +267,113 @@ def bench_search(args) -> dict:
                                                  "params": best["params"]}}
 
 
+# --------------------------------------------------------------------------- +1M evaluation
+def _plus1m_files(folder: str, n_distractors: int, dim: int) -> dict:
+    """Gallery / query descriptors for ROxford5k's real gnd and a memory-mappable distractor
+    file (random unit vectors written in chunks), created once in ``folder``."""
+    from finegrain.evaluation.revisited import load_gnd
+    gnd_path = Path(__file__).resolve().parents[2] / "shared" / "data" / "revisitop" / \
+        "gnd_roxford5k.pkl"
+    cfg = load_gnd(gnd_path)
+    paths = {k: os.path.join(folder, f"{k}.npy") for k in ("gallery", "queries", "distractors")}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        os.makedirs(folder, exist_ok=True)
+        rng = np.random.default_rng(0)
+        centres = rng.standard_normal((11, dim))
+        n_db = len(cfg["imlist"])
+
+        def unit(x: np.ndarray) -> np.ndarray:
+            return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        np.save(paths["gallery"], unit(centres[np.arange(n_db) % 11] +
+                                       rng.standard_normal((n_db, dim))))
+        np.save(paths["queries"], unit(centres[np.arange(70) % 11] +
+                                       0.5 * rng.standard_normal((70, dim))))
+        out = np.lib.format.open_memmap(paths["distractors"] + ".tmp.npy", "w+", np.float32,
+                                        (n_distractors, dim))
+        for a in range(0, n_distractors, 100_000):
+            b = min(a + 100_000, n_distractors)
+            out[a:b] = unit(rng.standard_normal((b - a, dim), dtype=np.float32))
+        out.flush()
+        del out
+        os.replace(paths["distractors"] + ".tmp.npy", paths["distractors"])
+    return {**paths, "gnd": str(gnd_path)}
+
+
+def _rss_sampler(stop, peak: dict) -> None:
+    while not stop.is_set():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    peak["anon_kb"] = max(peak.get("anon_kb", 0), int(line.split()[1]))
+        time.sleep(0.01)
+
+
+def plus1m_worker(mode: str, files: dict) -> dict:
+    """One +1M evaluation in this process ('old' or 'new'); time, peak RSS, metrics."""
+    import threading
+
+    from finegrain.evaluation.revisited import evaluate, evaluate_positions, load_gnd
+    from finegrain.retrieval.pipeline import rank_positions
+    peak: dict = {}
+    stop = threading.Event()
+    th = threading.Thread(target=_rss_sampler, args=(stop, peak), daemon=True)
+    th.start()
+    gnd = load_gnd(files["gnd"])["gnd"]
+    q = np.load(files["queries"])
+    time.sleep(0.05)
+    base_kb = peak.get("anon_kb", 0)  # after the imports: the interpreter, torch, faiss ...
+    t = time.perf_counter()
+    gv = np.load(files["gallery"])
+    dis = np.load(files["distractors"], mmap_mode="r")
+    if mode == "old":  # the former retrieval_eval: concatenate, flat faiss, complete ranking
+        database = np.concatenate([gv, np.asarray(dis)], axis=0)
+        _, ids = knn(q, database, database.shape[0])
+        metrics = evaluate(np.ascontiguousarray(ids.T), gnd)
+    else:
+        labelled = [np.unique(np.concatenate([g["easy"], g["hard"], g["junk"]]).astype(np.int64))
+                    for g in gnd]
+        _, pos = rank_positions(q, [gv, dis], labelled, k=100)
+        metrics = evaluate_positions(list(zip(labelled, pos)), gnd)
+    seconds = time.perf_counter() - t
+    stop.set()
+    th.join()
+    with open("/proc/self/status") as f:
+        hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+    return {"mode": mode, "seconds": seconds, "peak_rss_gb": hwm / 2 ** 20,
+            "peak_anon_rss_gb": peak.get("anon_kb", 0) / 2 ** 20,
+            "peak_anon_increase_gb": (peak.get("anon_kb", 0) - base_kb) / 2 ** 20,
+            "metrics": metrics}
+
+
+def bench_plus1m(args) -> dict:
+    """Former vs blockwise +1M evaluation, each in a fresh process (see the module doc)."""
+    import subprocess
+    folder = args.plus1m_dir
+    t = time.perf_counter()
+    files = _plus1m_files(folder, args.plus1m_distractors, args.dim)
+    print(f"  files in {folder} ready in {time.perf_counter() - t:.0f} s", flush=True)
+    size_gb = os.path.getsize(files["distractors"]) / 2 ** 30
+    out: dict = {"distractors": args.plus1m_distractors, "dim": args.dim, "queries": 70,
+                 "distractor_file_gb": size_gb}
+    for mode in ("old", "new"):
+        res = subprocess.run([sys.executable, __file__, "--plus1m-worker", mode, "--plus1m-dir",
+                              folder, "--plus1m-distractors", str(args.plus1m_distractors),
+                              "--dim", str(args.dim)], capture_output=True, text=True,
+                             check=True)
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+        r = out[mode]
+        print(f"  {mode:<4} {r['seconds']:6.1f} s  peak RSS {r['peak_rss_gb']:.2f} GiB  "
+              f"peak anonymous RSS {r['peak_anon_rss_gb']:.2f} GiB "
+              f"(+{r['peak_anon_increase_gb']:.2f} over the imports)  medium mAP "
+              f"{100 * r['metrics']['medium']['mAP']:.3f}", flush=True)
+    old, new = out["old"]["metrics"], out["new"]["metrics"]
+    out["max_metric_diff"] = max(abs(old[s][m] - new[s][m]) for s in old for m in old[s])
+    out["speedup"] = out["old"]["seconds"] / out["new"]["seconds"]
+    print(f"  largest metric difference {out['max_metric_diff']:.1e} (float32 faiss vs float64 "
+          f"scores: near-ties); new is {out['speedup']:.1f}x faster", flush=True)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| index | params | queries/s | x exact | recall@100 | build s |",
              "|---|---|---:|---:|---:|---:|"]
@@ -292,16 +409,28 @@ def main() -> None:
     p.add_argument("--extract-repeats", type=int, default=None)
     p.add_argument("--skip-extraction", action="store_true")
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--plus1m", action="store_true",
+                   help="+1M evaluation: former vs blockwise path, time and peak RSS")
+    p.add_argument("--plus1m-dir", default="/tmp/finegrain_plus1m",
+                   help="where the +1M descriptor files are written (about 2 GB)")
+    p.add_argument("--plus1m-distractors", type=int, default=1_001_001)
+    p.add_argument("--plus1m-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.plus1m_worker:  # one +1M evaluation, in a fresh process (bench_plus1m)
+        files = _plus1m_files(args.plus1m_dir, args.plus1m_distractors, args.dim)
+        print(json.dumps(plus1m_worker(args.plus1m_worker, files)))
+        return
     if bool(args.descriptors) != bool(args.query_descriptors):
         p.error("--descriptors and --query-descriptors go together")
     args.n = args.n or (100_000 if args.quick else 1_000_000)
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.images = args.images or (4 if args.quick else 8)
     args.extract_repeats = args.extract_repeats or (1 if args.quick else 3)
-    out_path = args.out or str(Path(__file__).parent / "results" /
-                               ("retrieval_quick.json" if args.quick else "retrieval.json"))
+    name = "retrieval_quick.json" if args.quick else "retrieval.json"
+    if args.plus1m and args.skip_extraction and args.skip_search:
+        name = "retrieval_plus1m.json"  # keep the search table's file
+    out_path = args.out or str(Path(__file__).parent / "results" / name)
     machine = machine_info("cpu", "cores", "torch_threads", "faiss_threads", "python", "torch",
                            "faiss", "numpy", "timm")
     print("machine:", json.dumps(machine), flush=True)
@@ -315,6 +444,10 @@ def main() -> None:
         print(table(res["search"]["rows"]))
         print("chosen (fastest with recall@100 >= 0.9 and >= 10x exact):",
               res["search"]["chosen"])
+    if args.plus1m:
+        print(f"+1M evaluation (ROxford5k gnd, 70 queries, {args.plus1m_distractors} "
+              f"distractors x {args.dim}, memory-mapped):", flush=True)
+        res["plus1m"] = bench_plus1m(args)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(res, f, indent=1)

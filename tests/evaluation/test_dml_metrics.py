@@ -117,6 +117,22 @@ def test_stable_topk_equals_stable_sort():
         torch.testing.assert_close(vals, ref_vals[:, :k])
 
 
+
+def test_stable_topk_rows_with_and_without_ties():
+    """Distinct rows (topk alone), ties inside the top k (re-ordered), ties at the k-th."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(30, 50, generator=g)
+    order = scores.argsort(dim=1, descending=True)
+    for r in range(0, 10):  # rows 0-9: the 2nd and 4th largest made equal (inner tie)
+        scores[r, order[r, 3]] = scores[r, order[r, 1]].item()
+    for r in range(10, 20):  # rows 10-19: the 6th, 7th and 8th largest equal (k = 7)
+        scores[r, order[r, 6:8]] = scores[r, order[r, 5]].item()
+    ref_vals, ref_idx = torch.sort(scores, dim=1, descending=True, stable=True)
+    for k in (1, 5, 7, 49, 50):
+        vals, idx = dml.stable_topk(scores, k)
+        torch.testing.assert_close(idx, ref_idx[:, :k])
+        torch.testing.assert_close(vals, ref_vals[:, :k])
+
 def _nmi_loop(a, b):
     """NMI from the contingency table, one cell at a time (arithmetic mean of entropies)."""
     n = len(a)

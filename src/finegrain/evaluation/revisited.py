@@ -17,6 +17,8 @@ junk = junk; Hard ok = hard, junk = junk + easy.
 The ranking is read once, in blocks of contiguous rows, keeping only the positions of images
 some query labels; all three settings are scored from that single pass, with no Python loop over
 the ranking: ROxford5k + 1M distractors (1,001,001 x 70 ranks) takes well under a second.
+:func:`evaluate_positions` scores the same from the ranked positions of the labelled images
+alone (what ``finegrain.retrieval.search.blockwise_knn`` counts without building the ranking).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["compute_map", "evaluate", "load_gnd", "setting_gnd", "SETTINGS"]
+__all__ = ["compute_map", "evaluate", "evaluate_positions", "query_aps", "load_gnd",
+           "setting_gnd", "SETTINGS"]
 
 SETTINGS = ("easy", "medium", "hard")
 
@@ -106,6 +109,25 @@ def _index_array(x: Any) -> np.ndarray:
 _ROWS = 1 << 15  # ranking rows read at a time
 
 
+def _table(groups: Sequence[Sequence[np.ndarray]], nq: int
+           ) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(hi, compact, table)``: the largest labelled index, labelled index -> row of
+    ``table`` (else -1), and ``table`` (n_labelled, n_q) uint8 with bit g set when the image is
+    in group g of that query."""
+    labelled = [idx for query_groups in groups for idx in query_groups]
+    union = np.unique(np.concatenate(labelled)) if labelled else np.empty(0, dtype=np.int64)
+    if union.size and union[0] < 0:
+        raise ValueError("ground-truth indices must be >= 0")
+    hi = int(union[-1]) if union.size else -1
+    compact = np.full(hi + 1, -1, dtype=np.int32)
+    compact[union] = np.arange(union.size, dtype=np.int32)
+    table = np.zeros((union.size, nq), dtype=np.uint8)
+    for q, query_groups in enumerate(groups):
+        for g, idx in enumerate(query_groups):
+            table[compact[idx], q] |= 1 << g
+    return hi, compact, table
+
+
 def _scan(
     ranks: np.ndarray,
     groups: Sequence[Sequence[np.ndarray]],
@@ -116,7 +138,7 @@ def _scan(
 
     The ranking is read in blocks of contiguous rows (all queries at once); only positions
     holding an image that some query labels are kept, then each query's handful of labelled
-    positions is scored.
+    positions is scored (:func:`_score`).
 
     Args:
         ranks: (n_db, n_q) ranking.
@@ -130,18 +152,7 @@ def _scan(
         aps (S, n_q) and prs (S, n_q, K), ``nan`` for queries without positives.
     """
     n_db, nq = ranks.shape
-    labelled = [idx for query_groups in groups for idx in query_groups]
-    union = np.unique(np.concatenate(labelled)) if labelled else np.empty(0, dtype=np.int64)
-    if union.size and union[0] < 0:
-        raise ValueError("ground-truth indices must be >= 0")
-    hi = int(union[-1]) if union.size else -1
-    compact = np.full(hi + 1, -1, dtype=np.int32)  # labelled db index -> row of `table`, else -1
-    compact[union] = np.arange(union.size, dtype=np.int32)
-    table = np.zeros((union.size, nq), dtype=np.uint8)  # bit g: in group g of that query
-    for q, query_groups in enumerate(groups):
-        for g, idx in enumerate(query_groups):
-            table[compact[idx], q] |= 1 << g
-
+    hi, compact, table = _table(groups, nq)
     found_pos, found_q, found_code = [], [], []
     unsigned = np.dtype(f"u{ranks.dtype.itemsize}")  # negative indices wrap to huge values
     for a in range(0, n_db, _ROWS):
@@ -155,8 +166,22 @@ def _scan(
         found_pos.append(rows[hit] + a)
         found_q.append(cols[hit])
         found_code.append(code[hit])
-    found_pos, found_q, found_code = (np.concatenate(x) for x in (found_pos, found_q, found_code))
-    order = np.argsort(found_q, kind="stable")  # by query, ranked position ascending within
+    return _score(*(np.concatenate(x) for x in (found_pos, found_q, found_code)), groups,
+                  settings, kappas)
+
+
+def _score(
+    found_pos: np.ndarray,
+    found_q: np.ndarray,
+    found_code: np.ndarray,
+    groups: Sequence[Sequence[np.ndarray]],
+    settings: Sequence[tuple[int, int]],
+    kappas: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """AP and precisions from the ranked positions (0-based), queries and group bits of the
+    labelled images found in the ranking (see :func:`_scan`)."""
+    nq = len(groups)
+    order = np.lexsort((found_pos, found_q))  # by query, ranked position ascending within
     found_pos, found_code = found_pos[order], found_code[order]
     bounds = np.searchsorted(found_q[order], np.arange(nq + 1))
 
@@ -197,10 +222,14 @@ def _check_ranks(
             f"ranks has {ranks.shape[1]} query columns but gnd has {nq} entries; ranks must be "
             "(n_db, n_q), e.g. np.argsort(-scores, axis=0) for scores of shape (n_db, n_q)"
         )
+    return ranks, _kappas(kappas)
+
+
+def _kappas(kappas: Sequence[int]) -> np.ndarray:
     k = np.asarray(kappas, dtype=np.int64).reshape(-1)
     if (k < 1).any():
         raise ValueError(f"kappas must be >= 1, got {k.tolist()}")
-    return ranks, k
+    return k
 
 
 def _means(aps: np.ndarray, prs: np.ndarray) -> tuple[float, np.ndarray]:
@@ -271,6 +300,36 @@ def setting_gnd(gnd_raw: Sequence[Mapping[str, Any]], setting: str) -> list[dict
     return out
 
 
+_BITS = {"easy": (0b001, 0b100 | 0b010), "medium": (0b001 | 0b010, 0b100),
+         "hard": (0b010, 0b100 | 0b001)}  # (ok, junk) bits of groups (easy, hard, junk)
+
+
+def _raw_groups(gnd_raw: Sequence[Mapping[str, Any]] | Mapping[str, Any]
+                ) -> list[tuple[np.ndarray, ...]]:
+    """Per query ``(easy, hard, junk)`` index arrays of the raw gnd list (or load_gnd dict)."""
+    if isinstance(gnd_raw, Mapping):
+        if "gnd" not in gnd_raw:
+            raise ValueError(
+                "gnd_raw must be the gnd list or the dict from load_gnd (with a 'gnd' key)"
+            )
+        gnd_raw = gnd_raw["gnd"]
+    for i, g in enumerate(gnd_raw):
+        missing = {"easy", "hard", "junk"} - set(g)
+        if missing:
+            raise ValueError(
+                f"gnd entry {i} lacks {sorted(missing)}; expected the raw revisitop gnd dicts"
+            )
+    return [tuple(_index_array(g[key]) for key in ("easy", "hard", "junk")) for g in gnd_raw]
+
+
+def _metrics(aps: np.ndarray, prs: np.ndarray, k: np.ndarray) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for s, setting in enumerate(SETTINGS):
+        m_ap, mpr = _means(aps[s], prs[s])
+        out[setting] = {"mAP": m_ap, **{f"mP@{int(kk)}": float(p) for kk, p in zip(k, mpr)}}
+    return out
+
+
 def evaluate(
     ranks: np.ndarray,
     gnd_raw: Sequence[Mapping[str, Any]] | Mapping[str, Any],
@@ -289,30 +348,72 @@ def evaluate(
         ``{"easy" | "medium" | "hard": {"mAP": float, "mP@1": float, "mP@5": float,
         "mP@10": float}}``, fractions in [0, 1].
     """
-    if isinstance(gnd_raw, Mapping):
-        if "gnd" not in gnd_raw:
-            raise ValueError(
-                "gnd_raw must be the gnd list or the dict from load_gnd (with a 'gnd' key)"
-            )
-        gnd_raw = gnd_raw["gnd"]
-    for i, g in enumerate(gnd_raw):
-        missing = {"easy", "hard", "junk"} - set(g)
-        if missing:
-            raise ValueError(
-                f"gnd entry {i} lacks {sorted(missing)}; expected the raw revisitop gnd dicts"
-            )
-    ranks, k = _check_ranks(ranks, len(gnd_raw), kappas)
-    groups = [tuple(_index_array(g[key]) for key in ("easy", "hard", "junk")) for g in gnd_raw]
-    easy, hard, junk = 0b001, 0b010, 0b100
-    settings = {
-        "easy": (easy, junk | hard),
-        "medium": (easy | hard, junk),
-        "hard": (hard, junk | easy),
-    }
-    assert tuple(settings) == SETTINGS
-    aps, prs = _scan(ranks, groups, list(settings.values()), k)
-    out: dict[str, dict[str, float]] = {}
-    for s, setting in enumerate(settings):
-        m_ap, mpr = _means(aps[s], prs[s])
-        out[setting] = {"mAP": m_ap, **{f"mP@{int(kk)}": float(p) for kk, p in zip(k, mpr)}}
-    return out
+    groups = _raw_groups(gnd_raw)
+    ranks, k = _check_ranks(ranks, len(groups), kappas)
+    aps, prs = _scan(ranks, groups, [_BITS[s] for s in SETTINGS], k)
+    return _metrics(aps, prs, k)
+
+
+def _positions_scan(positions: Sequence[tuple[np.ndarray, np.ndarray]],
+                    groups: Sequence[Sequence[np.ndarray]], settings: Sequence[tuple[int, int]],
+                    kappas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_scan` from each query's (image indices, ranked positions) instead of ranks."""
+    nq = len(groups)
+    if len(positions) != nq:
+        raise ValueError(f"positions has {len(positions)} queries but gnd has {nq} entries")
+    hi, compact, table = _table(groups, nq)
+    found_pos, found_q, found_code = [], [], []
+    for i, (idx, pos) in enumerate(positions):
+        idx, pos = _index_array(idx), _index_array(pos)
+        if idx.shape != pos.shape:
+            raise ValueError(f"query {i}: {idx.size} image indices but {pos.size} positions")
+        keep = (idx >= 0) & (idx <= hi)
+        c = compact[idx[keep]]
+        code = np.where(c >= 0, table[np.maximum(c, 0), i], 0)
+        found_pos.append(pos[keep][code != 0])
+        found_q.append(np.full(int((code != 0).sum()), i, dtype=np.int64))
+        found_code.append(code[code != 0])
+    if not nq:
+        raise ValueError("no query")
+    return _score(*(np.concatenate(x) for x in (found_pos, found_q, found_code)), groups,
+                  settings, kappas)
+
+
+def evaluate_positions(
+    positions: Sequence[tuple[np.ndarray, np.ndarray]],
+    gnd_raw: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    kappas: Sequence[int] = (1, 5, 10),
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` from the ranked positions of the labelled images instead of a ranking.
+
+    What a 1M-image ranking would be read for (the rank of every easy, hard and junk image),
+    without the (n_db, n_q) array: ``finegrain.retrieval.search.blockwise_knn`` counts them.
+
+    Args:
+        positions: per query ``(indices, positions)``: database indices and their 0-based
+            positions in the query's complete ranking; labelled images left out count as not
+            retrieved.
+        gnd_raw: as :func:`evaluate`.
+        kappas: the k of mP@k.
+
+    Returns:
+        The same dict as :func:`evaluate` (identical values for the same ranking).
+    """
+    groups = _raw_groups(gnd_raw)
+    k = _kappas(kappas)
+    aps, prs = _positions_scan(positions, groups, [_BITS[s] for s in SETTINGS], k)
+    return _metrics(aps, prs, k)
+
+
+def query_aps(
+    positions: Sequence[tuple[np.ndarray, np.ndarray]],
+    gnd_raw: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    setting: str = "medium",
+) -> np.ndarray:
+    """(n_q,) per-query AP in one setting from ranked positions (see
+    :func:`evaluate_positions`); ``nan`` for queries without positives."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    aps, _ = _positions_scan(positions, _raw_groups(gnd_raw), [_BITS[setting]],
+                             np.array([1], dtype=np.int64))
+    return aps[0]

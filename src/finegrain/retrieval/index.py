@@ -77,8 +77,11 @@ def default_train_size(index: faiss.Index) -> int:
 
 
 def _is_fast_scan_ivf(index: faiss.Index) -> bool:
-    ivf = faiss.try_extract_index_ivf(index)
-    return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+    """An IVF fast-scan index stored as such (mode "ivf"; not one under a refine stage)."""
+    ix = faiss.downcast_index(index)
+    while isinstance(ix, faiss.IndexPreTransform):
+        ix = faiss.downcast_index(ix.index)
+    return isinstance(ix, faiss.IndexIVFFastScan)
 
 
 def default_factory(n: int) -> tuple[str, dict[str, int]]:

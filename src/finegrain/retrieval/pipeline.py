@@ -17,7 +17,7 @@
    :func:`finegrain.evaluation.revisited.evaluate_positions`), optionally with
    alpha-QE and / or k-reciprocal re-ranking of the top ``rerank_k`` of the expanded query
    (:func:`.postprocess.postprocessed_search`, the code path of ``index search``);
-5. score Easy / Medium / Hard mAP and mP@1, 5, 10 (:func:`finegrain.evaluation.revisited.evaluate`);
+5. score Easy / Medium / Hard mAP and mP@1, 5, 10 (``finegrain.evaluation.revisited``);
 6. with ``out``: write ``retrieval.json`` (not ``metrics.json``: ``out`` may be a run folder),
    the descriptors (``query`` / ``gallery`` ``.npy`` +
    ``.json``) and ``top10.png``: a few queries (the best / worst by AP, or the first ones)

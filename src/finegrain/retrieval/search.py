@@ -3,8 +3,9 @@
 ``knn`` is the exact search of in-memory arrays (``IndexFlatIP`` / ``IndexFlatL2``, queries in
 chunks); ``blockwise_knn`` is the exact inner-product search of (memory-mapped) descriptor files
 read a block of rows at a time, with a running top-k and, optionally, the exact position of
-chosen rows in each query's full ranking (Revisited +1M evaluation); ``build_index`` + ``search`` cover approximate indexes for million-image galleries
-(``"IVF4096,SQ8"``, ``"IVF1024,PQ32"``, ``"HNSW32"``, ``"PCA128,IVF1024,Flat"`` ...).
+chosen rows in each query's full ranking (Revisited +1M evaluation); ``build_index`` +
+``search`` cover approximate indexes for million-image galleries (``"IVF4096,SQ8"``,
+``"IVF1024,PQ32"``, ``"HNSW32"``, ``"PCA128,IVF1024,Flat"`` ...).
 
 Scores: ``metric="ip"`` returns inner products (higher is better; cosine similarity on
 L2-normalised descriptors), ``metric="l2"`` returns *squared* L2 distances (lower is better),
