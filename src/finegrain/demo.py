@@ -27,7 +27,9 @@ trained 5x as long (TASN's step costs ~5x at these sizes); cross-image attention
 Runs are ``finegrain train`` subprocesses, ``--jobs`` at a time with one thread each; while
 they run, the progress line shows each running job's step and ETA (from its run folder's
 ``progress.json``). Everything lands under ``--out``: run folders, ``demo.json``,
-``summary.png`` and one attention picture per entry (``<entry>_explain.png``).
+``summary.png`` and one attention picture per entry (``<entry>_explain.png``). A run that
+finished in an earlier demo into the same ``--out`` (same recipe, same seed) is reused and only
+re-evaluated, so an interrupted or partly failed demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -247,15 +249,17 @@ def _train(recipe_path: str, run_dir: str, threads: int,
     return time.time() - t0, None
 
 
-def _pretrained_cached(recipe: dict, run_dir: str) -> bool:
-    """A pretraining run of exactly this recipe finished in ``run_dir`` earlier."""
+def _finished(recipe: dict, run_dir: str, seed: int) -> bool:
+    """A run of exactly this recipe and seed finished in ``run_dir`` earlier (its recipe file
+    matches and the run wrote ``weights.safetensors``, which happens when fitting ends)."""
     try:
         with open(os.path.join(run_dir, "recipe.yaml")) as f:
             old = yaml.safe_load(f)
-    except OSError:
+    except (OSError, yaml.YAMLError):
         return False
     new = copy.deepcopy(recipe)
-    new["seed_everything"] = 0
+    new.pop("init_family", None)
+    new["seed_everything"] = seed
     return old == new and os.path.isfile(os.path.join(run_dir, "weights.safetensors"))
 
 
@@ -386,7 +390,7 @@ def run_demo(seeds: int = 1, out: str = "runs/demo", only: list[str] | None = No
         if kind == "pretrain":
             label = f"pretrain-{what}"
             progress.start(label, run_dir)
-            if _pretrained_cached(recipe, run_dir):
+            if _finished(recipe, run_dir, 0):
                 ready[what].set()
                 progress.done(label, f"  {run_dir}: cached")
                 return
@@ -412,7 +416,11 @@ def run_demo(seeds: int = 1, out: str = "runs/demo", only: list[str] | None = No
             # TASN's attention net is a second ResNet: it starts from the same weights
             recipe = copy.deepcopy(recipe)
             recipe["model"]["model_kwargs"]["attention_pretrained"] = init
-        seconds, err = _train(_write_recipe(recipe, run_dir, seed), run_dir, threads, init)
+        if _finished(recipe, run_dir, seed):  # an earlier demo into the same --out: reuse
+            seconds, err, note = 0.0, None, " (finished earlier, reused)"
+        else:
+            seconds, err = _train(_write_recipe(recipe, run_dir, seed), run_dir, threads, init)
+            note = ""
         res["time_s"] = seconds
         if err is None:
             try:
@@ -423,7 +431,7 @@ def run_demo(seeds: int = 1, out: str = "runs/demo", only: list[str] | None = No
             res["error"] = err
             failures.append(f"{run_dir}: {err}")
         results[(what.name, arm, seed)] = res
-        progress.done(label, f"  {run_dir}: {seconds:.0f} s" + (" FAILED" if err else ""))
+        progress.done(label, f"  {run_dir}: {seconds:.0f} s{note}" + (" FAILED" if err else ""))
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         pending = {pool.submit(job, *w) for w in work}

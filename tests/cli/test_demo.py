@@ -80,3 +80,15 @@ def test_table_and_summary_from_paired_results(tmp_path):
     from finegrain.visualize import plot_paired_differences
     png = plot_paired_differences(rows, str(tmp_path / "summary.png"))
     assert png and (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_finished_runs_are_reused_only_for_the_same_recipe_and_seed(tmp_path):
+    recipe = demo.demo_entries()[0].arms["method"]
+    run = tmp_path / "fgvc-method-seed1"
+    demo._write_recipe(recipe, str(run), 1)
+    assert not demo._finished(recipe, str(run), 1)  # fitting never ended
+    (run / "weights.safetensors").write_bytes(b"x")
+    assert demo._finished(recipe, str(run), 1)
+    assert not demo._finished(recipe, str(run), 2)  # another seed
+    other = {**recipe, "model": {**recipe["model"], "lr": 1.0}}
+    assert not demo._finished(other, str(run), 1)  # another recipe
