@@ -29,26 +29,41 @@ def _out(msg: str) -> None:
 
 # --------------------------------------------------------------------------- embed
 def cmd_embed(a: argparse.Namespace) -> int:
-    import numpy as np
+    from .sharded import embed_sharded
 
-    from .descriptors import save_descriptors
-    from .extract import embed_dataset, load_checkpoint_model
-
-    model, meta, ck_hash = load_checkpoint_model(a.checkpoint, a.device)
-    stats: dict = {}
-    vectors, names, labels, pre, _ = embed_dataset(
-        model, a.dataset, a.root, a.split, a.image_size, a.scales, meta=meta,
-        batch_size=a.batch_size, device=a.device, num_workers=a.num_workers, amp=a.amp,
-        stats=stats)
-    bad = int((~np.isfinite(vectors).all(1)).sum())
-    if bad:
-        raise nonfinite_outputs(a.checkpoint, bad, len(vectors), "descriptors")
-    npy, js = save_descriptors(a.out, vectors, names, meta["model_name"], ck_hash, pre,
-                               labels=labels, dataset=a.dataset, split=a.split,
-                               checkpoint=a.checkpoint)
-    _out(f"{len(vectors)} x {vectors.shape[1]} descriptors ({stats['images_per_s']:.1f} img/s) "
-         f"-> {npy}, {js}")
+    accelerator, devices = a.accelerator, a.devices
+    if a.device is not None:  # the older single-device flag: cpu, cuda, cuda:1
+        if a.accelerator != "auto" or a.devices != "1":
+            raise InputError("embed: pass either --device or --accelerator / --devices")
+        dev = str(a.device)
+        accelerator = "cpu" if dev == "cpu" else "gpu"
+        devices = [int(dev.split(":")[1])] if ":" in dev else 1
+    info = embed_sharded(a.checkpoint, a.dataset, a.root, a.split, a.out,
+                         image_size=a.image_size, scales=a.scales, batch_size=a.batch_size,
+                         num_workers=a.num_workers, amp=a.amp, accelerator=accelerator,
+                         devices=_devices(devices), strategy=a.strategy,
+                         num_nodes=a.num_nodes, shard_size=a.shard_size, merge=a.merge)
+    if info["global_zero"]:
+        resumed = f", {info['resumed']} of {info['shards']} shards kept" if info["resumed"] \
+            else ""
+        _out(f"{info['count']} x {info['dim']} descriptors ({info['images_per_s']:.1f} img/s"
+             f"{resumed}) -> {', '.join(info['paths'])}")
     return 0
+
+
+def _devices(v):
+    """``--devices``: an int, -1 / auto (all), or a comma list of device ids (``0,2``)."""
+    if isinstance(v, (int, list)):
+        return v
+    v = str(v)
+    if v == "auto":
+        return v
+    if "," in v:
+        return [int(x) for x in v.split(",") if x]
+    try:
+        return int(v)
+    except ValueError:
+        raise InputError(f"--devices {v!r}: give a count, -1 / auto, or ids like 0,2") from None
 
 
 # --------------------------------------------------------------------------- index
@@ -169,21 +184,38 @@ def _extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward among images of identical size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--num-workers", type=int, default=0, help="decode workers")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="decode workers (embed: per process, default min(8, CPU count))")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
 
 
 def register(subparsers) -> None:
     """Add ``embed``, ``index`` and ``retrieval`` to an argparse sub-parsers object."""
-    e = subparsers.add_parser("embed", help="extract descriptors of a dataset split",
-                              description="Write NAME.npy (float32) + NAME.json descriptors.")
+    e = subparsers.add_parser(
+        "embed", help="extract descriptors of a dataset split",
+        description="Write NAME.npy (float32) + NAME.json descriptors on Lightning's predict "
+                    "loop: shards of --shard-size images (NAME.shards/), one process per device "
+                    "under DDP, merged at the end; run it again after a kill to resume.")
     e.add_argument("checkpoint", help="runs/<run>/best.ckpt")
     e.add_argument("--dataset", required=True, help="roxford5k, rparis6k, revisitop1m, ...")
     e.add_argument("--root", default=None, help="dataset root")
     e.add_argument("--split", default="gallery", help="query | gallery | train ...")
     e.add_argument("--out", required=True, help="output NAME (NAME.npy + NAME.json)")
     _extraction_args(e)
-    e.set_defaults(func=cmd_embed)
+    e.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning)")
+    e.add_argument("--devices", default="1",
+                   help="devices per node: a count, -1 for all, or ids (0,2); more than one "
+                        "runs DDP, each process writing its own shards")
+    e.add_argument("--strategy", default="auto",
+                   help="Lightning strategy: auto, ddp, ddp_spawn (DDP under torchrun / srun)")
+    e.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun / SLURM)")
+    e.add_argument("--shard-size", type=int, default=1024,
+                   help="images per shard NAME.shards/NNNNNN.npy: the unit of work and of "
+                        "resuming (a re-run keeps finished shards)")
+    e.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="keep NAME.shards/ + NAME.manifest.json (read as one set by index / "
+                        "retrieval) instead of merging them into NAME.npy + NAME.json")
+    e.set_defaults(func=cmd_embed, device=None, num_workers=None)
 
     ix = subparsers.add_parser("index", help="build / search / grow a faiss index folder")
     isub = ix.add_subparsers(dest="index_command", required=True)

@@ -16,6 +16,12 @@
                          "crop_scale": "full_image"},   # queries: cirtorch / DELG scale
        "dataset": "roxford5k", "split": "gallery"}
 
+**Sharded sets** (``finegrain embed --no-merge``, :mod:`finegrain.retrieval.sharded`):
+``NAME.manifest.json`` has the fields of ``NAME.json`` plus ``"shards": [{"path", "count"}]``
+(paths relative to the manifest, in global name order); :func:`load_descriptors` reads ``NAME``
+(or ``NAME.manifest.json``) as one set whose ``vectors`` is a :class:`ConcatRows` over the
+memory-mapped shards (rows are read on demand; nothing is concatenated into RAM).
+
 Two descriptor sets can be searched against each other only when they come from the same model
 (``model_name`` and ``checkpoint_hash``) and the same preprocessing (:data:`COMPARED_PREPROCESSING`
 keys); :func:`check_compatible` raises a :class:`DescriptorMismatch` naming the differing field.
@@ -35,10 +41,12 @@ from ..errors import InputError, MissingFileError
 
 __all__ = ["Descriptors", "DescriptorMismatch", "save_descriptors", "load_descriptors",
            "checkpoint_hash", "check_compatible", "descriptor_paths", "signature",
-           "COMPARED_PREPROCESSING"]
+           "COMPARED_PREPROCESSING", "ConcatRows", "descriptor_meta", "manifest_path",
+           "MANIFEST_FORMAT"]
 
 FORMAT = "finegrain-descriptors"
 VERSION = 1
+MANIFEST_FORMAT = "finegrain-descriptor-manifest"
 #: Preprocessing fields that must agree between queries and database (``crop_query_bbx`` and
 #: the dataset / split differ legitimately between a query and a gallery file).
 COMPARED_PREPROCESSING = ("resize", "image_size", "scales", "mean", "std")
@@ -55,6 +63,89 @@ def descriptor_paths(name: str | os.PathLike) -> tuple[str, str]:
     if base.endswith(".npy") or base.endswith(".json"):
         base = os.path.splitext(base)[0]
     return base + ".npy", base + ".json"
+
+
+def manifest_path(name: str | os.PathLike) -> str:
+    """``NAME.manifest.json`` for ``NAME`` (or ``NAME.npy`` / ``NAME.json`` /
+    ``NAME.manifest.json``)."""
+    base = os.fspath(name)
+    if base.endswith(".manifest.json"):
+        return base
+    return os.path.splitext(descriptor_paths(base)[0])[0] + ".manifest.json"
+
+
+class ConcatRows:
+    """Several (n_i, D) arrays (memory-mapped shards) read as one (N, D) array without copying
+    them: ``shape``, ``dtype``, ``ndim``, ``len`` and row indexing (an int, a slice, an integer
+    or boolean array, optionally with column indices after it) read only the rows asked for;
+    ``np.asarray`` concatenates everything (small sets only)."""
+
+    ndim = 2
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise InputError("ConcatRows needs at least one array")
+        dims = {int(p.shape[1]) for p in parts}
+        if len(dims) != 1 or any(p.ndim != 2 for p in parts):
+            raise InputError(f"shards disagree: shapes {[p.shape for p in parts]}")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts]).astype(np.int64)
+        self.shape = (int(self.offsets[-1]), dims.pop())
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate(self.parts, axis=0)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        n = self.shape[0]
+        flat = idx.reshape(-1).astype(np.int64)
+        flat = np.where(flat < 0, flat + n, flat)
+        if flat.size and (flat.min() < 0 or flat.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        out = np.empty((flat.size, self.shape[1]), dtype=self.dtype)
+        part = np.searchsorted(self.offsets, flat, side="right") - 1
+        for j in np.unique(part):
+            sel = np.flatnonzero(part == j)
+            out[sel] = self.parts[j][flat[sel] - self.offsets[j]]
+        return out.reshape(idx.shape + (self.shape[1],))
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            rows = self[key[0]]
+            one_row = isinstance(key[0], (int, np.integer))
+            return rows[key[1:]] if one_row else rows[(slice(None),) + key[1:]]
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)):
+            k = int(key) + n if int(key) < 0 else int(key)
+            if not 0 <= k < n:
+                raise IndexError(f"row {key} out of range for {n} rows")
+            j = int(np.searchsorted(self.offsets, k, side="right") - 1)
+            return self.parts[j][k - self.offsets[j]]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                return self._rows(np.arange(start, stop, step))
+            stop = max(start, stop)
+            pieces = []
+            for j, p in enumerate(self.parts):
+                a, b = max(start, self.offsets[j]), min(stop, self.offsets[j + 1])
+                if a < b:
+                    pieces.append(p[a - self.offsets[j]:b - self.offsets[j]])
+            if len(pieces) == 1:
+                return pieces[0]  # a view of one memory-mapped shard
+            if not pieces:
+                return np.empty((0, self.shape[1]), dtype=self.dtype)
+            return np.concatenate(pieces, axis=0)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean index of shape {idx.shape} for {n} rows")
+            idx = np.flatnonzero(idx)
+        return self._rows(idx)
 
 
 def checkpoint_hash(path: str | os.PathLike, length: int = 16) -> str:
@@ -126,13 +217,21 @@ def save_descriptors(name: str | os.PathLike, vectors: np.ndarray, names: Sequen
     npy, js = descriptor_paths(name)
     os.makedirs(os.path.dirname(os.path.abspath(npy)), exist_ok=True)
     np.save(npy, vectors)
-    meta = {"format": FORMAT, "version": VERSION, "count": len(vectors),
-            "dim": int(vectors.shape[1]), "dtype": "float32", "names": names, "labels": labels,
-            "model_name": model_name, "checkpoint_hash": checkpoint_hash,
-            "preprocessing": preprocessing, **extra}
+    meta = descriptor_meta(len(vectors), int(vectors.shape[1]), names, labels, model_name,
+                           checkpoint_hash, preprocessing, **extra)
     with open(js, "w") as f:
         json.dump(meta, f, indent=1)
     return npy, js
+
+
+def descriptor_meta(count: int, dim: int, names: Sequence[str], labels: Sequence[int],
+                    model_name: str, checkpoint_hash: str, preprocessing: dict[str, Any],
+                    **extra: Any) -> dict[str, Any]:
+    """The ``NAME.json`` dict (fields in the order :func:`save_descriptors` writes them)."""
+    return {"format": FORMAT, "version": VERSION, "count": int(count), "dim": int(dim),
+            "dtype": "float32", "names": list(names), "labels": list(labels),
+            "model_name": model_name, "checkpoint_hash": checkpoint_hash,
+            "preprocessing": preprocessing, **extra}
 
 
 def read_json(path: str, fix: str) -> Any:
@@ -146,17 +245,24 @@ def read_json(path: str, fix: str) -> Any:
 
 
 def load_descriptors(name: str | os.PathLike, mmap: bool = True) -> Descriptors:
-    """Read ``NAME.npy`` (memory-mapped by default) and ``NAME.json``.
+    """Read ``NAME.npy`` (memory-mapped by default) and ``NAME.json``; or, when only
+    ``NAME.manifest.json`` is there (or it is named), the sharded set it lists, in its order,
+    as one :class:`Descriptors` whose vectors are a :class:`ConcatRows` of the mapped shards.
 
     Raises:
         FileNotFoundError: a file is missing (the message names it).
         ValueError: the two files disagree (count, dim) or the JSON is not a descriptor file.
     """
+    manifest = manifest_path(name)
     npy, js = descriptor_paths(name)
+    if os.fspath(name).endswith(".manifest.json") or (
+            os.path.isfile(manifest) and not (os.path.isfile(npy) and os.path.isfile(js))):
+        return _load_manifest(manifest, mmap)
     for p in (npy, js):
         if not os.path.isfile(p):
-            raise MissingFileError(f"{p} not found: descriptors are NAME.npy + NAME.json as "
-                                   f"written by 'finegrain embed ... --out NAME'")
+            raise MissingFileError(f"{p} not found: descriptors are NAME.npy + NAME.json (or "
+                                   f"NAME.manifest.json with its shards) as written by "
+                                   f"'finegrain embed ... --out NAME'")
     meta = read_json(js, "write the descriptors again with 'finegrain embed'")
     if meta.get("format") != FORMAT:
         raise InputError(f"{js} is not a finegrain descriptor file (format "
@@ -170,6 +276,39 @@ def load_descriptors(name: str | os.PathLike, mmap: bool = True) -> Descriptors:
                          f"({meta['count']}, {meta['dim']}) with {len(meta['names'])} names; "
                          f"the pair is out of sync: extract again")
     return Descriptors(vectors, meta, os.path.splitext(npy)[0])
+
+
+def _load_manifest(path: str, mmap: bool) -> Descriptors:
+    """A sharded descriptor set (``NAME.manifest.json``) as one :class:`Descriptors`."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path} not found: write it with 'finegrain embed ... --out NAME "
+                               f"--no-merge'")
+    fix = "extract again with 'finegrain embed' (finished shards are kept)"
+    meta = read_json(path, fix)
+    if meta.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"{path} is not a finegrain descriptor manifest (format "
+                         f"{meta.get('format')!r}); {fix}")
+    folder = os.path.dirname(os.path.abspath(path))
+    parts = []
+    for sh in meta["shards"]:
+        p = os.path.join(folder, sh["path"])
+        if not os.path.isfile(p):
+            raise MissingFileError(f"{p} (a shard listed in {path}) not found; {fix}")
+        v = np.load(p, mmap_mode="r" if mmap else None)
+        if v.ndim != 2 or v.dtype != np.float32 or v.shape != (sh["count"], meta["dim"]):
+            raise InputError(f"{p}: expected float32 ({sh['count']}, {meta['dim']}) as {path} "
+                             f"says, got {v.dtype} {v.shape}; {fix}")
+        parts.append(v)
+    if not parts:
+        vectors = np.zeros((0, meta["dim"]), dtype=np.float32)
+    elif len(parts) == 1:
+        vectors = parts[0]
+    else:
+        vectors = ConcatRows(parts) if mmap else np.concatenate(parts, axis=0)
+    if vectors.shape != (meta["count"], meta["dim"]) or len(meta["names"]) != meta["count"]:
+        raise InputError(f"{path} describes ({meta['count']}, {meta['dim']}) with "
+                         f"{len(meta['names'])} names but its shards hold {vectors.shape}; {fix}")
+    return Descriptors(vectors, meta, path[:-len(".manifest.json")])
 
 
 def signature(meta: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 __all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
-           "resolve_image_size", "sample_names", "retrieval_transform", "DEFAULT_IMAGE_SIZE",
+           "resolve_image_size", "sample_names", "extraction_dataset", "retrieval_transform", "DEFAULT_IMAGE_SIZE",
            "PROTOCOL_IMAGE_SIZE"]
 
 DEFAULT_IMAGE_SIZE = 512
@@ -274,11 +274,8 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
         ``(vectors (N, D), names, labels, preprocessing, dataset)``; ``preprocessing`` is the
         dict stored in the descriptor JSON.
     """
-    from ..data import build_dataset
-    mean, std = model_mean_std(model, meta)
-    image_size = resolve_image_size(image_size, meta, dataset_name)
-    ds = build_dataset(dataset_name, root, split, on_error=on_error,
-                       transform=retrieval_transform(image_size, mean, std))
+    ds, preprocessing = extraction_dataset(model, dataset_name, root, split, image_size,
+                                           scales, meta, on_error)
     stats = kwargs.pop("stats", None)
     stats = {} if stats is None else stats
     vectors = extract(model, ds, scales=scales, desc=f"{dataset_name}/{split}", stats=stats,
@@ -286,10 +283,24 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
     skip = set(stats["skipped"])
     names = [n for i, n in enumerate(sample_names(ds)) if i not in skip]
     labels = [int(v) for i, v in enumerate(ds.labels) if i not in skip]
+    return vectors, names, labels, preprocessing, ds
+
+
+def extraction_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
+                       image_size: int | None = None, scales: Sequence[float] = (1.0,),
+                       meta: dict | None = None, on_error: str = "raise") -> tuple[Any, dict]:
+    """``(dataset with the retrieval transform, preprocessing dict of the descriptor JSON)``
+    of ``dataset_name``/``split`` (shared by :func:`embed_dataset` and the sharded
+    extraction of :mod:`finegrain.retrieval.sharded`)."""
+    from ..data import build_dataset
+    mean, std = model_mean_std(model, meta)
+    image_size = resolve_image_size(image_size, meta, dataset_name)
+    ds = build_dataset(dataset_name, root, split, on_error=on_error,
+                       transform=retrieval_transform(image_size, mean, std))
     cropped = bool(split == "query" and getattr(ds, "crop_queries", False))
     preprocessing = {"resize": "longest_side", "image_size": int(image_size),
                      "scales": [float(s) for s in scales], "mean": list(mean), "std": list(std),
                      "crop_query_bbx": cropped}
     if cropped:  # the crop is scaled by its full image's factor (cirtorch / DELG)
         preprocessing["crop_scale"] = "full_image"
-    return vectors, names, labels, preprocessing, ds
+    return ds, preprocessing
