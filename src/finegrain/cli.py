@@ -73,20 +73,33 @@ def _cmd_predict(a) -> int:
 # ---- eval -------------------------------------------------------------------------------
 def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
                         devices: int | str = 1, accelerator: str = "auto",
-                        progress: bool = True, model_overrides: dict | None = None) -> dict:
+                        progress: bool = True, model_overrides: dict | None = None,
+                        rerank: bool = False, aqe: int = 0, visrank: int = 0,
+                        visrank_out: str | None = None, visrank_queries: int = 8,
+                        info: dict | None = None) -> dict:
     """Evaluate a checkpoint on its dataset's evaluation split (same code path as training,
-    DDP-exact). ``overrides``: ``FinegrainDataModule`` arguments (``root`` ...);
-    ``model_overrides``: inference-time model arguments (DCAL ``sa_only``, ``glca_selection``)
-    that leave the weights unchanged."""
+    DDP-exact); returns the metrics (fractions in [0, 1]). ``overrides``:
+    ``FinegrainDataModule`` arguments (``root`` ...); ``model_overrides``: inference-time
+    model arguments (DCAL ``sa_only``, ``glca_selection``) that leave the weights unchanged.
+    Re-ID only: ``aqe`` (alpha-QE with the top ``aqe`` gallery matches, then) ``rerank``
+    (k-reciprocal, ``evaluation.reid.re_rank``); ``visrank``: write the top-``visrank``
+    ranked gallery of ``visrank_queries`` queries to ``visrank_out`` (the path is returned
+    under ``"visrank"``). ``info``, when given, receives the dataset, root, split and task
+    evaluated."""
     import lightning.pytorch as pl
     from .engine import FinegrainDataModule, FinegrainModule
+    from .engine.run import quiet_lightning
     from .models.weights import load_checkpoint_meta, read_weights
+    quiet_lightning()
     sd, meta = read_weights(checkpoint)  # one read: weights (``model.`` stripped) and meta
     if meta is None:
         load_checkpoint_meta(checkpoint)  # raises, naming what is missing
     if meta.get("task") == "retrieval":
         raise InputError(f"{checkpoint} is a retrieval model: evaluate it with `finegrain "
                          f"retrieval eval {checkpoint} --dataset NAME --root DIR`")
+    if (rerank or aqe or visrank) and meta.get("task") != "reid":
+        raise InputError(f"--rerank, --aqe and --visrank are for Re-ID checkpoints; "
+                         f"{checkpoint} is a {meta.get('task')} model")
     module = FinegrainModule(meta["model_name"], {**meta["model_kwargs"],
                                                   **(model_overrides or {})})
     module.model.load_state_dict(sd)
@@ -102,13 +115,61 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
         raise InputError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"
                          f"time evaluation; use `finegrain retrieval eval`")
     module.set_data_meta({"num_query": dm._num_query})
+    if info is not None:
+        hp = dm.hparams
+        info.update(dataset=hp.dataset, root=hp.root, task=dm.task,
+                    split=hp.val_split or ("query+gallery" if dm._num_query else "test"))
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, devices=devices,
                          accelerator=accelerator, use_distributed_sampler=False,
                          enable_model_summary=False, enable_progress_bar=progress)
     trainer.validate(module, datamodule=dm, verbose=False)
     if module.nonfinite_outputs:
         raise nonfinite_outputs(checkpoint, module.nonfinite_outputs, len(dm.val_set))
-    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
+    res = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
+    if (rerank or aqe or visrank) and trainer.is_global_zero:
+        out = getattr(module, "last_outputs", None)
+        dist = _reid_distances(out, dm._num_query, aqe, rerank)
+        if rerank or aqe:
+            res = _reid_metrics(dist, out, dm._num_query)
+        if visrank:
+            from .visualize import save_visrank
+            q_set, g_set = dm.val_set.datasets
+            res["visrank"] = save_visrank(
+                dist, [s.path for s in q_set.samples], [s.path for s in g_set.samples],
+                out["label"][:dm._num_query], out["label"][dm._num_query:],
+                out["camid"][:dm._num_query], out["camid"][dm._num_query:],
+                visrank_out or "visrank.png", topk=visrank, num_queries=visrank_queries)
+    return res
+
+
+def _reid_distances(out: dict, nq: int, aqe: int = 0, rerank: bool = False):
+    """(Q, G) cosine distances of a Re-ID evaluation pass, after alpha-QE with the top ``aqe``
+    gallery matches (``retrieval.postprocess.alpha_query_expansion``, as fast-reid's
+    ``aqe``) and k-reciprocal re-ranking (``evaluation.reid.re_rank``)."""
+    import numpy as np
+    from .evaluation.reid import compute_distance, re_rank
+    e = out["embedding"].astype(np.float32)
+    q, g = e[:nq], e[nq:]
+    dist = compute_distance(q, g, "cosine").numpy()
+    if aqe:
+        from .retrieval.postprocess import alpha_query_expansion
+        top = np.argsort(dist, axis=1, kind="stable")[:, :aqe]  # (Q, n)
+        q = alpha_query_expansion(q, g[top], n=aqe)
+        dist = compute_distance(q, g, "cosine").numpy()
+    if rerank:
+        dist = re_rank(dist, compute_distance(q, q, "cosine").numpy(),
+                       compute_distance(g, g, "cosine").numpy())
+    return dist
+
+
+def _reid_metrics(dist, out: dict, nq: int) -> dict:
+    """The training-time Re-ID metric keys (mAP, mINP, R1, R5, R10) of a distance matrix."""
+    from .evaluation.reid import evaluate
+    y, c = out["label"], out["camid"]
+    res = evaluate(dist, y[:nq], y[nq:], c[:nq], c[nq:])
+    cmc = res.pop("cmc")
+    res.update({f"R{k}": float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)})
+    return {k: float(v) for k, v in res.items()}
 
 
 def _overrides(extra: list[str]) -> tuple[dict, dict]:
@@ -135,24 +196,72 @@ def _overrides(extra: list[str]) -> tuple[dict, dict]:
 def _cmd_eval(a, extra) -> int:
     # the progress bar writes to stdout: off when stdout carries JSON
     data, model = _overrides(extra)
-    res = evaluate_checkpoint(a.checkpoint, data, a.devices, progress=not a.json,
-                              model_overrides=model)
+    vis_out, info = None, {}
+    if a.visrank:
+        vis_out = os.path.join(os.path.dirname(os.path.abspath(a.out)) if a.out else ".",
+                               "visrank.png")
+    metrics = evaluate_checkpoint(a.checkpoint, data, a.devices, progress=not a.json,
+                                  model_overrides=model, rerank=a.rerank, aqe=a.aqe,
+                                  visrank=a.visrank, visrank_out=vis_out,
+                                  visrank_queries=a.visrank_queries, info=info)
+    picture = metrics.pop("visrank", None)
+    res = {"checkpoint": os.path.abspath(a.checkpoint), **info,
+           "unit": "fraction", "rerank": a.rerank, "aqe": a.aqe, "model_overrides": model,
+           "metrics": metrics, **({"visrank": picture} if picture else {})}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
     if a.json:
         print(json.dumps(res, indent=1))
     else:
-        for k, v in res.items():
+        print(f"{res['dataset']} / {res['split']} of {a.checkpoint}"
+              + (" (re-ranked)" if a.rerank else "") + (f" (aqe {a.aqe})" if a.aqe else ""))
+        print(f"{'metric':>8s}  {'%':>6s}")
+        for k, v in metrics.items():
             if isinstance(v, float):
                 print(f"{k:>8s}  {v * 100:6.2f}" if 0 <= v <= 1 else f"{k:>8s}  {v:.4f}")
+        if picture:
+            print(f"ranked gallery: {picture}")
     return 0
 
 
 # ---- explain ----------------------------------------------------------------------------
-def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
-            loaded: tuple | None = None) -> str:
-    """Write the model's attention pictures (``model.explain``) for ``images`` to ``out``.
+_PICTURE_EXT = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def explain_paths(out: str, images: bool, pair: bool) -> tuple[str | None, str | None]:
+    """Where ``explain`` writes: ``out`` is a picture file (``.png`` ...) or a folder; with
+    both images and a pair, the pair's picture is ``<out stem>_pair<ext>`` (file) or
+    ``explain_pair.png`` (folder). Returns (images' picture, pair's picture)."""
+    stem, ext = os.path.splitext(out)
+    if ext.lower() in _PICTURE_EXT and not os.path.isdir(out):
+        return (out if images else None,
+                (f"{stem}_pair{ext}" if images else out) if pair else None)
+    return (os.path.join(out, "explain.png") if images else None,
+            os.path.join(out, "explain_pair.png") if pair else None)
+
+
+def _captions(model, x, meta: dict) -> tuple[list[str] | None, "torch.Tensor | None"]:
+    """The predicted class and its probability of each image (classifiers), and the
+    embeddings (models that retrieve)."""
+    import torch
+    with torch.no_grad():
+        out = model(x)
+    emb = out.get("embedding")
+    if meta.get("task", "classification") != "classification" or "logits" not in out:
+        return None, emb
+    names = meta.get("class_names") or []
+    p, i = out["logits"].float().softmax(-1).max(-1)
+    return [f"{names[int(c)] if int(c) < len(names) else int(c)}: {100 * float(q):.1f}%"
+            for q, c in zip(p, i)], emb
+
+
+def explain_all(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
+                loaded: tuple | None = None) -> list[str]:
+    """Write the model's attention pictures (``model.explain``): one picture of ``images`` (a
+    row each, with the predicted class and its probability) and, with ``pair = [A, B]``, one
+    of where A attends in B (with their cosine similarity where the model embeds). ``out``:
+    a picture file or a folder (:func:`explain_paths`). Returns the paths written.
     ``loaded``: the ``(model, meta)`` of ``checkpoint`` when the caller already has them."""
     import torch
     from .models.registry import load_model
@@ -161,26 +270,47 @@ def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None
     if not hasattr(model, "explain"):
         raise InputError(f"{meta['model_name']} has no attention to explain (plain baseline); "
                          f"use a DCAL, TASN, DALG or cross-image checkpoint")
-    kw, px = {}, None
-    if pair:
-        if len(pair) != 2:
-            raise InputError("--pair takes two images: A B")
-        x = _load_images([pair[0]], meta)
-        px = _load_images([pair[1]], meta)
-        kw["pair"] = px
-    elif images:
-        x = _load_images(images, meta)
-    else:
+    if pair and len(pair) != 2:
+        raise InputError("--pair takes two images: A B")
+    if not images and not pair:
         raise InputError("explain: give one or more images, or --pair A B")
-    with torch.no_grad():
-        maps = model.explain(x, **kw)
-    return save_explain(x, maps, out, meta["mean"], meta["std"],
-                        titles=[os.path.basename(p) for p in (pair[:1] if pair else images)],
-                        pair_images=px)
+    img_path, pair_path = explain_paths(out, bool(images), bool(pair))
+    written = []
+    if images:
+        x = _load_images(images, meta)
+        caps, _ = _captions(model, x, meta)
+        with torch.no_grad():
+            maps = model.explain(x)
+        written.append(save_explain(x, maps, img_path, meta["mean"], meta["std"],
+                                    titles=[os.path.basename(p) for p in images],
+                                    captions=caps))
+    if pair:
+        x, px = _load_images([pair[0]], meta), _load_images([pair[1]], meta)
+        caps, emb = _captions(model, torch.cat([x, px]), meta)
+        top = None
+        if emb is not None:
+            sim = float(torch.nn.functional.cosine_similarity(emb[:1].float(), emb[1:].float()))
+            top = f"{os.path.basename(pair[0])} vs {os.path.basename(pair[1])}: " \
+                  f"cosine similarity {sim:.3f}"
+        elif caps:
+            top = f"{os.path.basename(pair[1])}: {caps[1]}"
+        with torch.no_grad():
+            maps = model.explain(x, pair=px)
+        written.append(save_explain(x, maps, pair_path, meta["mean"], meta["std"],
+                                    titles=[os.path.basename(pair[0])], pair_images=px,
+                                    captions=caps[:1] if caps else None, suptitle=top))
+    return written
+
+
+def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
+            loaded: tuple | None = None) -> str:
+    """:func:`explain_all` for one picture (``images`` or ``pair``); returns its path."""
+    return explain_all(checkpoint, images, out, pair, loaded)[0]
 
 
 def _cmd_explain(a) -> int:
-    print(explain(a.checkpoint, a.images, a.out, a.pair))
+    for path in explain_all(a.checkpoint, a.images, a.out, a.pair):
+        print(path)
     return 0
 
 
@@ -199,43 +329,86 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with every option's default in its help (sub-commands inherit it)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# ---- compare ----------------------------------------------------------------------------
+def _cmd_compare(a) -> int:
+    from .engine.report import compare_runs, find_runs, format_compare
+    res = compare_runs(find_runs(a.runs), a.group_by, a.baseline)
+    print(json.dumps(res, indent=1) if a.json else format_compare(res, a.markdown))
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    p = argparse.ArgumentParser(prog="finegrain", description=__doc__.splitlines()[0])
+    p = _Parser(prog="finegrain", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="store_true", help="print the version")
     p.add_argument("--debug", action="store_true",
                    help="before the command: show the traceback of an error (also "
                         "FINEGRAIN_DEBUG=1); errors exit with code 2")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("train", help="train from a YAML recipe (LightningCLI fit; see "
                                  "`finegrain train --help`)", add_help=False)
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset (--data.root DIR; "
-                                    "--data.<name> VALUE and inference-time --model.<name> "
-                                    "VALUE overrides, e.g. --model.sa_only true)")
-    e.add_argument("checkpoint")
+    ckpt_help = "a finegrain checkpoint (runs/<run>/best.ckpt or last.ckpt)"
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset",
+                       description="Evaluate a checkpoint on its dataset's evaluation split "
+                                   "(the split training evaluated). Also takes --data.<name> "
+                                   "VALUE overrides (--data.root DIR ...) and inference-time "
+                                   "--model.<name> VALUE overrides (--model.sa_only true). "
+                                   "Metrics are fractions in [0, 1] in the JSON; the console "
+                                   "table shows percentages.")
+    e.add_argument("checkpoint", help=ckpt_help)
     e.add_argument("--devices", default=1, help="devices (DDP when > 1: same metrics)")
-    e.add_argument("--json", action="store_true", help="print JSON")
-    e.add_argument("--out", help="write the metrics JSON here")
+    e.add_argument("--json", action="store_true",
+                   help="print the JSON (metrics as fractions, checkpoint, dataset, split) "
+                        "instead of the table")
+    e.add_argument("--out", help="also write that JSON to this file")
+    e.add_argument("--rerank", action="store_true",
+                   help="Re-ID: k-reciprocal re-ranking (Zhong et al. 2017; k1 20, k2 6, "
+                        "lambda 0.3) of the query-gallery distances")
+    e.add_argument("--aqe", type=int, default=0, metavar="N",
+                   help="Re-ID: average query expansion with the top N gallery matches "
+                        "(0: off)")
+    e.add_argument("--visrank", type=int, default=0, metavar="N",
+                   help="Re-ID: draw the top-N ranked gallery of some queries (torchreid's "
+                        "visrank) into visrank.png beside --out, or the working directory")
+    e.add_argument("--visrank-queries", type=int, default=8, metavar="Q",
+                   help="queries in the --visrank picture")
     pr = sub.add_parser("predict", help="top-k class names and probabilities")
-    pr.add_argument("checkpoint")
-    pr.add_argument("images", nargs="+")
-    pr.add_argument("-k", "--topk", type=int, default=5)
-    pr.add_argument("--json", action="store_true")
-    ex = sub.add_parser("explain", help="attention pictures of a checkpoint on images")
-    ex.add_argument("checkpoint")
-    ex.add_argument("images", nargs="*")
+    pr.add_argument("checkpoint", help=ckpt_help)
+    pr.add_argument("images", nargs="+", help="image files (jpg / png)")
+    pr.add_argument("-k", "--topk", type=int, default=5, help="classes shown per image")
+    pr.add_argument("--json", action="store_true", help="print JSON (probabilities as "
+                                                         "fractions) instead of the table")
+    ex = sub.add_parser("explain", help="attention pictures of a checkpoint on images",
+                        description="Attention pictures: one row per image with the "
+                                    "predicted class and its probability, one heat map per "
+                                    "attention map (colour bar 0-1). With --pair, a second "
+                                    "picture shows where A attends in B and their similarity.")
+    ex.add_argument("checkpoint", help=ckpt_help)
+    ex.add_argument("images", nargs="*", help="image files, one row each")
     ex.add_argument("--pair", nargs=2, metavar=("A", "B"),
                     help="also draw where A attends in B (pair-wise cross-attention)")
-    ex.add_argument("--out", default="explain.png")
+    ex.add_argument("--out", default="explain.png",
+                    help="a .png / .jpg / .pdf / .svg file, or a folder (explain.png and, "
+                         "with --pair and images, explain_pair.png inside it); the paths "
+                         "written are printed")
     d = sub.add_parser("data", help="dataset tools")
-    dsub = d.add_subparsers(dest="data_command", required=True)
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     dc = dsub.add_parser("check", help="validate a dataset on disk; counts per split")
     dc.add_argument("name", help="dataset name (cub200, market1501, ...)")
-    dc.add_argument("root")
-    dc.add_argument("--json", action="store_true")
+    dc.add_argument("root", help="the dataset's folder in its published layout")
+    dc.add_argument("--json", action="store_true", help="print JSON instead of the table")
     dc.add_argument("--verify-images", action="store_true", help="decode every image")
     dm = sub.add_parser("demo", help="every method vs its baseline on generated data (CPU)")
-    dm.add_argument("--seeds", type=int, default=1)
-    dm.add_argument("--out", default="runs/demo")
+    dm.add_argument("--seeds", type=int, default=1, help="seeds per arm (paired by seed)")
+    dm.add_argument("--out", default="runs/demo", help="folder of the runs, demo.json and "
+                                                       "pictures")
     dm.add_argument("--only", nargs="*", help="run only these entries (fgvc reid tasn dml dalg)")
     dm.add_argument("--ablations", action="store_true",
                     help="also the arms that test each mechanism (DCAL random selection, GLCA / "
@@ -243,6 +416,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                          "fusion, equal-compute baselines)")
     dm.add_argument("--jobs", type=int, default=2, help="training runs in parallel (1 thread "
                                                          "each)")
+    cp = sub.add_parser("compare", help="a table of training runs (mean +- std over seeds, "
+                                        "paired difference against a baseline)")
+    cp.add_argument("runs", nargs="+", metavar="RUN",
+                    help="run folders of `finegrain train` (globs allowed: 'runs/*-cub*')")
+    cp.add_argument("--group-by", choices=["recipe"], default=None,
+                    help="one row per recipe: mean +- std (ddof 1) of its runs over seeds")
+    cp.add_argument("--baseline", metavar="RUN",
+                    help="a run folder (or recipe name with --group-by recipe): every other "
+                         "row gets its paired difference against that run's group, paired "
+                         "by seed")
+    fmt = cp.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON (fractions)")
+    fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
     try:
         from .retrieval.commands import register
     except ModuleNotFoundError as err:  # retrieval pipeline not installed in this build
@@ -292,7 +478,7 @@ def _run(argv: list[str]) -> int:
     if a.command == "eval":
         return _cmd_eval(a, extra)
     handler = {"predict": _cmd_predict, "explain": _cmd_explain, "data": _cmd_data,
-               "demo": _cmd_demo}.get(a.command)
+               "demo": _cmd_demo, "compare": _cmd_compare}.get(a.command)
     return handler(a) if handler else a.func(a)
 
 

@@ -26,10 +26,13 @@ def _upsample(m: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
 
 def save_explain(images: torch.Tensor, outputs: dict[str, torch.Tensor], path: str,
                  mean: Sequence[float], std: Sequence[float],
-                 titles: Sequence[str] | None = None, pair_images: torch.Tensor | None = None) -> str:
+                 titles: Sequence[str] | None = None, pair_images: torch.Tensor | None = None,
+                 captions: Sequence[str] | None = None, suptitle: str | None = None) -> str:
     """Grid: one row per image; the input, then every map of ``outputs`` as a heat-map overlay
-    (maps (B, h, w) in [0, 1]) and every ``*_image`` entry as an image. Maps whose name starts
-    with ``pair`` are drawn over ``pair_images``."""
+    (maps (B, h, w) in [0, 1], with a colour bar) and every ``*_image`` entry as an image.
+    Maps whose name starts with ``pair`` are drawn over ``pair_images``. ``captions``: one
+    line under each input's title (the predicted class and its probability); ``suptitle``: a
+    line above the grid (for pairs, their similarity)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,11 +41,16 @@ def save_explain(images: torch.Tensor, outputs: dict[str, torch.Tensor], path: s
     pimgs = denormalize(pair_images, mean, std) if pair_images is not None else None
     keys = list(outputs)
     B, cols = len(imgs), 1 + len(keys) + (pimgs is not None)
-    fig, axes = plt.subplots(B, cols, figsize=(2.4 * cols, 2.4 * B), squeeze=False)
+    fig, axes = plt.subplots(B, cols, figsize=(2.4 * cols + 0.6, 2.6 * B + 0.3 * bool(suptitle)),
+                             squeeze=False)
+    heat = None
     for b in range(B):
         ax = axes[b, 0]
         ax.imshow(imgs[b])
-        ax.set_title(titles[b] if titles else "input", fontsize=8)
+        title = titles[b] if titles else "input"
+        if captions:
+            title += "\n" + captions[b]
+        ax.set_title(title, fontsize=8)
         c = 1
         if pimgs is not None:
             axes[b, c].imshow(pimgs[b])
@@ -56,11 +64,73 @@ def save_explain(images: torch.Tensor, outputs: dict[str, torch.Tensor], path: s
             else:
                 base = pimgs[b] if (k.startswith("pair") and pimgs is not None) else imgs[b]
                 ax.imshow(base)
-                ax.imshow(_upsample(v, base.shape[:2]), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+                heat = ax.imshow(_upsample(v, base.shape[:2]), cmap="jet", alpha=0.5, vmin=0,
+                                 vmax=1)
             ax.set_title(k, fontsize=8)
             c += 1
     for ax in axes.flat:
         ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    if heat is not None:  # one bar for every heat map: they share the 0-1 scale
+        fig.subplots_adjust(right=0.9)
+        cax = fig.add_axes([0.92, 0.15, 0.015, 0.7])
+        fig.colorbar(heat, cax=cax).set_label("attention (0-1)", fontsize=7)
+        cax.tick_params(labelsize=7)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_visrank(dist: np.ndarray, q_paths: Sequence[str], g_paths: Sequence[str],
+                 q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+                 g_camids: np.ndarray, path: str, topk: int = 10,
+                 num_queries: int = 8) -> str:
+    """Ranked gallery of Re-ID queries (torchreid's ``visualize_ranked_results``): one row per
+    query, the query then its top-``topk`` gallery images under the protocol (same identity
+    and camera removed), framed green for a true match and red otherwise, with the rank and
+    the distance. ``num_queries`` queries evenly spaced over the query set.
+
+    Args:
+        dist: (Q, G) query-gallery distances (smaller = closer).
+        q_paths: (Q,) query image files; g_paths: (G,) gallery image files.
+        q_pids, g_pids, q_camids, g_camids: identities and cameras, (Q,) and (G,).
+        path: the picture to write.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from .data.datasets.base import read_image
+
+    dist = np.asarray(dist)
+    Q = dist.shape[0]
+    rows = np.unique(np.linspace(0, Q - 1, min(num_queries, Q)).round().astype(int))
+    fig, axes = plt.subplots(len(rows), topk + 1, figsize=(1.2 * (topk + 1), 2.3 * len(rows)),
+                             squeeze=False)
+
+    def show(ax, p, colour=None, title=""):
+        ax.imshow(read_image(p).permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+        if colour:
+            h, w = ax.get_images()[0].get_array().shape[:2]
+            ax.add_patch(Rectangle((0, 0), w - 1, h - 1, fill=False, lw=4, ec=colour))
+
+    for r, qi in enumerate(rows):
+        show(axes[r, 0], q_paths[qi], "black", f"query\nid {q_pids[qi]} cam {q_camids[qi]}")
+        order = np.argsort(dist[qi], kind="stable")
+        keep = ~((g_pids[order] == q_pids[qi]) & (g_camids[order] == q_camids[qi]))
+        for k, gi in enumerate(order[keep][:topk]):
+            ok = g_pids[gi] == q_pids[qi]
+            show(axes[r, k + 1], g_paths[gi], "tab:green" if ok else "tab:red",
+                 f"#{k + 1} d={dist[qi, gi]:.2f}")
+        for k in range(int(keep.sum()), topk):
+            axes[r, k + 1].axis("off")
+    fig.suptitle(f"top-{topk} ranked gallery (green: same identity, red: other)", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -68,8 +138,12 @@ def save_explain(images: torch.Tensor, outputs: dict[str, torch.Tensor], path: s
     return path
 
 
-def plot_curves(metrics_csv: str, out_png: str) -> str:
-    """Training loss and validation metrics over steps, from Lightning's ``metrics.csv``."""
+def plot_curves(metrics_csv: str, out_png: str, primary: str | None = None) -> str:
+    """Training loss and validation metrics over steps, from Lightning's ``metrics.csv``.
+
+    Validation curves carry their metric's name (``mAP``, ``top1``, ``R@1`` ...);
+    ``val/score`` (a copy of the metric that picks ``best.ckpt``) is not drawn again, and
+    ``primary`` (that metric) is drawn bold and named in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,15 +153,21 @@ def plot_curves(metrics_csv: str, out_png: str) -> str:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         for k, v in r.items():
-            if v not in ("", None) and k not in ("step", "epoch") and \
+            if v not in ("", None) and k not in ("step", "epoch", "val/score") and \
                     (k == "train/loss" or k.startswith("val/")):
                 series.setdefault(k, []).append((float(r["step"]), float(v)))
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     for k, pts in series.items():
         ax = a if k.startswith("train") else b
-        ax.plot(*zip(*pts), label=k, marker="" if ax is a else "o")
+        name = k[4:] if k.startswith("val/") else k
+        bold = name == primary
+        ax.plot(*zip(*pts), label=name + (" (best.ckpt)" if bold else ""),
+                marker="" if ax is a else "o", lw=2.5 if bold else 1.0, zorder=3 if bold else 2)
     a.set_xlabel("step"), a.set_title("training loss"), b.set_xlabel("step")
-    b.set_title("validation"), b.legend(fontsize=7)
+    b.set_title(f"validation: {primary}" if primary else "validation")
+    b.set_ylabel("fraction (1 = 100%)")
+    if series:
+        b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -33,7 +33,7 @@ def test_eval_prints_metrics_json(run, capsys):
     assert main(["eval", str(run / "run" / "last.ckpt"), "--json",
                  "--data.root", str(run / "cache"), "--data.num_workers", "0"]) == 0
     out = capsys.readouterr().out
-    res = json.loads(out)
+    res = json.loads(out)["metrics"]
     saved = json.load(open(run / "run" / "metrics.json"))["final"]
     assert res["top1"] == pytest.approx(saved["top1"]) and 0 <= res["top5"] <= 1
 

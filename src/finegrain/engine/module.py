@@ -267,9 +267,12 @@ class FinegrainModule(pl.LightningModule):
             return  # `finegrain eval` reports them, naming the checkpoint
         metrics = compute_metrics(self.task, res, self.meta)
         self.last_metrics = metrics
+        if self.trainer.state.fn == "validate":  # `finegrain eval`: re-ranking, pictures
+            self.last_outputs = res
+        primary = primary_metric(self.task)
         for k, v in metrics.items():
-            if np.isscalar(v):
-                self.log(f"val/{k}", float(v), sync_dist=False)
+            if np.isscalar(v):  # the metric that picks best.ckpt also in the progress bar
+                self.log(f"val/{k}", float(v), sync_dist=False, prog_bar=k == primary)
         self.log("val/score", float(metrics[primary_metric(self.task)]), sync_dist=False)
 
 

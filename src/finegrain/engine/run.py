@@ -164,11 +164,15 @@ class ProgressFile(Callback):
 
 
 class RunFolder(Callback):
-    """``metrics.json`` after every evaluation; ``weights.safetensors`` + ``model.json`` and
-    ``curves.png`` when fitting ends (rank 0 only)."""
+    """``metrics.json`` after every evaluation and one line per evaluation on the console
+    (``epoch 3/24  step 120  val (%): mAP 64.40 ...  | best mAP 65.00 @ epoch 2``);
+    ``weights.safetensors`` + ``model.json``, ``curves.png`` and a summary (best metric and
+    its epoch, the run folder, the next commands) when fitting ends (rank 0 only).
+    ``recipe``: the recipe file the run came from (recorded in ``metrics.json``)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, recipe: str | None = None):
         self.run_dir = run_dir
+        self.recipe = os.path.abspath(recipe) if recipe else None
         self.history: list[dict] = []
 
     def on_validation_end(self, trainer, pl_module):
@@ -178,16 +182,21 @@ class RunFolder(Callback):
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()})
         self.history.append(row)
-        self._write_json(pl_module)
+        best = self._write_json(pl_module)
+        from .module import primary_metric
+        from .report import format_eval_line
+        _say(trainer, format_eval_line(row, primary_metric(pl_module.task), best,
+                                       trainer.max_epochs))
 
-    def _write_json(self, pl_module) -> None:
+    def _write_json(self, pl_module) -> dict | None:
         from .module import primary_metric
         key = primary_metric(pl_module.task)
         best = max(self.history, key=lambda r: r.get(key, float("-inf")), default=None)
         with open(os.path.join(self.run_dir, "metrics.json"), "w") as f:
-            json.dump({"task": pl_module.task, "primary": key, "best": best,
-                       "final": self.history[-1] if self.history else None,
+            json.dump({"task": pl_module.task, "primary": key, "recipe": self.recipe,
+                       "best": best, "final": self.history[-1] if self.history else None,
                        "history": self.history}, f, indent=1)
+        return best
 
     def state_dict(self) -> dict:
         return {"history": json.dumps(self.history)}
@@ -199,6 +208,8 @@ class RunFolder(Callback):
         if not trainer.is_global_zero:
             return
         from safetensors.torch import save_file
+
+        from .module import primary_metric
         best = os.path.join(self.run_dir, "best.ckpt")
         if os.path.isfile(best):
             sd = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -209,12 +220,30 @@ class RunFolder(Callback):
                   os.path.join(self.run_dir, "weights.safetensors"))
         with open(os.path.join(self.run_dir, "model.json"), "w") as f:
             json.dump(pl_module.meta, f, indent=1)
+        key = primary_metric(pl_module.task)
         try:
             from ..visualize import plot_curves
             plot_curves(os.path.join(self.run_dir, "metrics.csv"),
-                        os.path.join(self.run_dir, "curves.png"))
+                        os.path.join(self.run_dir, "curves.png"), primary=key)
         except Exception as e:  # a picture must never fail a finished run
             log.warning("could not draw curves.png: %s", e)
+        from .report import format_summary
+        top = max(self.history, key=lambda r: r.get(key, float("-inf")), default=None)
+        dm = getattr(trainer, "datamodule", None)
+        root = getattr(getattr(dm, "hparams", None), "root", None)
+        # plain print: the progress bars are closed by now
+        print(format_summary(self.run_dir, key, top, self.history[-1] if self.history else None,
+                             pl_module.task, root, hasattr(pl_module.model, "explain")),
+              flush=True)
+
+
+def _say(trainer, text: str) -> None:
+    """Print ``text`` on stdout, above the running progress bar when there is one."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is not None and getattr(bar, "is_enabled", False) and hasattr(bar, "print"):
+        bar.print(text)
+    else:
+        print(text, flush=True)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -239,8 +268,9 @@ class FinegrainCLI(LightningCLI):
     """LightningCLI with ``num_classes`` linked from the data and the data meta recorded in the
     model's checkpoints."""
 
-    def __init__(self, *args, run_dir: str, resuming: bool, **kwargs):
-        self.run_dir, self.resuming = run_dir, resuming
+    def __init__(self, *args, run_dir: str, resuming: bool, recipe: str | None = None,
+                 **kwargs):
+        self.run_dir, self.resuming, self.recipe = run_dir, resuming, recipe
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -273,6 +303,12 @@ class FinegrainCLI(LightningCLI):
         if self.trainer.is_global_zero:  # the resolved config, whatever the loggers
             with open(path, "w") as f:
                 f.write(resolved)
+            print(f"{'resuming' if self.resuming else 'run folder'}: {self.run_dir}",
+                  flush=True)
+            hp = self.model.hparams
+            if not hp.get("pretrained") and not self.resuming:
+                from .report import random_init_warning
+                log.warning(random_init_warning(hp.model_name, self.recipe))
 
 
 def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
@@ -314,6 +350,8 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
                                                known.runs_root)
     if known.init_weights:
         rest += ["--model.pretrained", known.init_weights]
+    fresh = not any(os.path.exists(os.path.join(run_dir, f))
+                    for f in ("metrics.csv", "last.ckpt", "best.ckpt"))
     os.makedirs(run_dir, exist_ok=True)
     defaults = {
         "default_root_dir": run_dir,
@@ -326,15 +364,44 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
         "callbacks": [ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score",
                                       mode="max", save_top_k=1, enable_version_counter=False,
                                       auto_insert_metric_name=False, save_last=False),
-                      LastCheckpoint(run_dir, known.every), RunFolder(run_dir),
+                      LastCheckpoint(run_dir, known.every),
+                      RunFolder(run_dir, known.config[-1] if known.config else None),
                       ProgressFile(run_dir),
                       *(callbacks or [])],
     }
     # we pass `finegrain train`'s own argv as args: LightningCLI's "args and sys.argv" warning
     # is for a different mistake
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *rest],
-                        run_dir=run_dir, resuming=bool(known.resume),
-                        seed_everything_default=0, trainer_defaults=defaults,
-                        save_config_callback=None,
-                        auto_configure_optimizers=False)
+    quiet_lightning()
+    with warnings.catch_warnings():
+        # the run's own loggers are instances jsonargparse cannot write into config.yaml
+        warnings.filterwarnings("ignore", message=r"\s*Unable to serialize instance")
+        if fresh or known.resume:  # the folder holds only this run's own files
+            warnings.filterwarnings("ignore", message=r".*directory .* exists and is not empty")
+        return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *rest],
+                            run_dir=run_dir, resuming=bool(known.resume),
+                            recipe=known.config[-1] if known.config else None,
+                            seed_everything_default=0, trainer_defaults=defaults,
+                            save_config_callback=None,
+                            auto_configure_optimizers=False)
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's logging-service advertisement (the litlogger tip)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_lightning() -> None:
+    """Each Lightning INFO line once (Lightning's own handler, not also the root logger's)
+    and without the logging-service advertisement or a deprecation inside Lightning that
+    users cannot act on; other warnings stay."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    lg = logging.getLogger("lightning")
+    if lg.handlers:
+        lg.propagate = False
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvert) for f in target.filters):
+            target.addFilter(_NoAdvert())
