@@ -260,3 +260,16 @@ def test_shard_sampler_covers_each_index_once(n, world):
     assert sorted(flat) == list(range(n)), "every index exactly once, no padding"
     assert [len(ShardSampler(n, r, world)) for r in range(world)] == [len(s) for s in shards]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_pk_epochs_have_one_length():
+    """Every epoch of the P x K sampler has the same number of batches (Lightning sizes its
+    validation interval from the first epoch: a shorter epoch would skip validation)."""
+    labels = [i // 4 for i in range(24)]  # 6 identities x 4 images, K = 2, P = 4
+    s = PKBatchSampler(labels, batch_size=8, num_instances=2, seed=0)
+    lengths = {len(_epoch(s, e)) for e in range(20)}
+    assert lengths == {len(s)} == {3}
+    for e in range(5):
+        for b in _epoch(s, e):
+            ys = [labels[i] for i, _ in b]
+            assert len(set(ys)) == 4 and all(ys.count(y) == 2 for y in set(ys))

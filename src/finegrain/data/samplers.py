@@ -95,7 +95,12 @@ class PKBatchSampler(_Resumable):
 
     An epoch walks every identity's shuffled images in chunks of K (padding a short identity
     by sampling with replacement, as torchreid's RandomIdentitySampler), then groups chunks of
-    P distinct identities into batches.
+    P distinct identities into batches. Every epoch has the same number of batches,
+    ``floor(chunks / P)`` (a function of the labels only): when fewer than P identities still
+    have chunks before that count is reached, the last batches take P distinct identities at
+    random, K of their images each. (torchreid's sampler stops there instead, so its epochs
+    vary in length; Lightning sizes its validation interval from the first epoch, so a shorter
+    epoch would end without validation and a longer one validate mid-epoch.)
     """
 
     def __init__(self, labels: Sequence[int], batch_size: int, num_instances: int = 4,
@@ -111,6 +116,12 @@ class PKBatchSampler(_Resumable):
         if len(self.by_label) < self.p:
             raise InputError(f"{len(self.by_label)} identities < P = {self.p} per batch; "
                              f"lower batch_size or num_instances")
+        chunks = sum(max(1, len(idx) // self.k) for idx in self.by_label.values())
+        self.num_batches = chunks // self.p
+
+    def _draw(self, rng: np.random.Generator, y: int) -> list[int]:
+        idx = np.array(self.by_label[y])
+        return rng.choice(idx, self.k, replace=len(idx) < self.k).tolist()
 
     def global_batches(self, rng: np.random.Generator) -> list[list[int]]:
         chunks: dict[int, list[list[int]]] = {}
@@ -123,13 +134,17 @@ class PKBatchSampler(_Resumable):
                                                                       self.k)]
         batches: list[list[int]] = []
         avail = [y for y in chunks if chunks[y]]
-        while len(avail) >= self.p:
+        while len(avail) >= self.p and len(batches) < self.num_batches:
             chosen = rng.choice(avail, self.p, replace=False)
             batch: list[int] = []
             for y in chosen:
                 batch += chunks[int(y)].pop()
             batches.append(batch)
             avail = [y for y in chunks if chunks[y]]
+        ids = sorted(self.by_label)
+        while len(batches) < self.num_batches:  # the identities left are fewer than P
+            batches.append([i for y in rng.choice(ids, self.p, replace=False)
+                            for i in self._draw(rng, int(y))])
         return batches
 
 
