@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import yaml
@@ -132,7 +132,6 @@ class DemoEntry:
     explain_pair: bool = False
     post: str | None = None  # "retrieval": evaluate with the retrieval pipeline after training
     eval_split: str = "test"
-    picture: dict = field(default_factory=dict)
 
     def arms_to_run(self, ablations: bool) -> list[str]:
         return [a for a in self.arms if ablations or a not in self.ablation_arms]
