@@ -77,3 +77,22 @@ def test_skip_leaves_parameters_and_batchnorm_buffers_unchanged(tmp_path):
            not torch.isfinite(v).all()]
     assert not bad, f"non-finite tensors in last.ckpt: {bad[:5]}"
     assert 0 <= cli.model.last_metrics["top1"] <= 1
+
+
+def test_planned_steps_for_the_schedule_and_the_progress_file():
+    from types import SimpleNamespace
+
+    from finegrain.engine.module import planned_steps
+
+    dm = SimpleNamespace(steps_per_epoch=lambda: 10)
+
+    def trainer(max_epochs, max_steps=-1, accumulate=1):
+        return SimpleNamespace(datamodule=dm, max_epochs=max_epochs, max_steps=max_steps,
+                               accumulate_grad_batches=accumulate)
+
+    assert planned_steps(trainer(3)) == (10, 30)
+    assert planned_steps(trainer(3, max_steps=25)) == (10, 25)
+    assert planned_steps(trainer(3, accumulate=2)) == (5, 15)  # optimizer steps
+    # max_steps alone: Lightning sets max_epochs = -1; the schedule spans max_steps
+    # (it used to span one epoch)
+    assert planned_steps(trainer(-1, max_steps=45)) == (10, 45)

@@ -58,6 +58,24 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     return [{"params": buckets[k], "lr": k[0], "weight_decay": k[1]} for k in order]
 
 
+def planned_steps(trainer: pl.Trainer) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a fit: the schedule's length and
+    the progress file's total. ``max_steps`` caps the epochs; with ``max_steps`` alone
+    (Lightning then sets ``max_epochs = -1``) the total is ``max_steps``."""
+    dm = getattr(trainer, "datamodule", None)
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    # not trainer.estimated_stepping_batches when the data module knows: it builds the train
+    # loader before a resume restores the loader's position, and Lightning then never
+    # restores it
+    batches = dm.steps_per_epoch() if hasattr(dm, "steps_per_epoch") else \
+        int(trainer.estimated_stepping_batches) // (epochs or 1)
+    per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
+    total = per_epoch * epochs if epochs else None
+    if trainer.max_steps and trainer.max_steps > 0:
+        total = min(total, trainer.max_steps) if total else trainer.max_steps
+    return per_epoch, total or per_epoch
+
+
 class FinegrainModule(pl.LightningModule):
     """Train / evaluate a registered finegrain model.
 
@@ -182,16 +200,7 @@ class FinegrainModule(pl.LightningModule):
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
             raise InputError(f"model.optimizer {hp.optimizer!r}: choose adamw or sgd")
-        t = self.trainer
-        dm = getattr(t, "datamodule", None)
-        # not t.estimated_stepping_batches: it builds the train loader before a resume
-        # restores the loader's position, and Lightning then never restores it
-        batches = dm.steps_per_epoch() if hasattr(dm, "steps_per_epoch") else \
-            int(t.estimated_stepping_batches) // max(1, t.max_epochs or 1)
-        per_epoch = max(1, batches // max(1, t.accumulate_grad_batches))
-        total = per_epoch * max(1, t.max_epochs or 1)
-        if t.max_steps and t.max_steps > 0:
-            total = min(total, t.max_steps) if t.max_epochs else t.max_steps
+        per_epoch, total = planned_steps(self.trainer)
         warm = int(hp.warmup_epochs * per_epoch)
         ratio = hp.min_lr / hp.lr if hp.lr else 0.0
 
@@ -273,7 +282,7 @@ class FinegrainModule(pl.LightningModule):
         for k, v in metrics.items():
             if np.isscalar(v):  # the metric that picks best.ckpt also in the progress bar
                 self.log(f"val/{k}", float(v), sync_dist=False, prog_bar=k == primary)
-        self.log("val/score", float(metrics[primary_metric(self.task)]), sync_dist=False)
+        self.log("val/score", float(metrics[primary]), sync_dist=False)
 
 
 # Recall@K of each DML benchmark's protocol (protocols.md); others use CUB / Cars' 1, 2, 4, 8

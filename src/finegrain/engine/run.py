@@ -32,7 +32,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from ..errors import InputError, MissingFileError
 from .datamodule import FinegrainDataModule
-from .module import FinegrainModule
+from .module import FinegrainModule, planned_steps
 
 log = logging.getLogger("finegrain")
 
@@ -127,19 +127,12 @@ class ProgressFile(Callback):
         self.interval = interval
         self._t0 = self._last = None
         self._step0 = 0
+        self._total: int | None = None
 
     def on_train_start(self, trainer, pl_module):
         self._t0 = self._last = time.time()
         self._step0 = trainer.global_step  # a resumed run: rate from the steps done here
-
-    def _total(self, trainer) -> int | None:
-        dm = getattr(trainer, "datamodule", None)
-        per_epoch = dm.steps_per_epoch() if hasattr(dm, "steps_per_epoch") else None
-        total = per_epoch * trainer.max_epochs if per_epoch and trainer.max_epochs and \
-            trainer.max_epochs > 0 else None
-        if trainer.max_steps and trainer.max_steps > 0:
-            total = min(total, trainer.max_steps) if total else trainer.max_steps
-        return total
+        self._total = planned_steps(trainer)[1]  # optimizer steps, as global_step counts
 
     def _write(self, trainer, force: bool = False) -> None:
         now = time.time()
@@ -147,7 +140,7 @@ class ProgressFile(Callback):
                 (not force and now - self._last < self.interval):
             return
         self._last = now
-        step, total = trainer.global_step, self._total(trainer)
+        step, total = trainer.global_step, self._total
         done, elapsed = step - self._step0, now - self._t0
         eta = (total - step) * elapsed / done if total and done > 0 else None
         tmp = self.path + ".tmp"
