@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from finegrain.cli import main
 from finegrain.models.tiny import tiny_kwargs

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from ..errors import InputError, MissingFileError, nonfinite_outputs
+from ..errors import InputError, MissingFileError
 
 __all__ = ["register"]
 
