@@ -31,33 +31,33 @@ from typing import Any
 import numpy as np
 
 __all__ = ["compute_map", "evaluate", "evaluate_positions", "query_aps", "load_gnd",
-           "setting_gnd", "SETTINGS"]
+           "setting_gnd", "SETTINGS", "RestrictedUnpickler"]
 
 SETTINGS = ("easy", "medium", "hard")
 
-# Globals a ground-truth pickle may reference: numpy arrays / scalars, nothing executable.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("builtins", "slice"),
-}
+# Globals a ground-truth pickle may reference: numpy arrays / scalars and plain builtin
+# containers, nothing executable. The one restricted unpickler of finegrain (the dataset reader
+# of the Revisited ground truth uses it too).
+_SAFE_BUILTINS = frozenset({"list", "dict", "tuple", "set", "frozenset", "int", "float", "str",
+                            "bytes", "bytearray", "bool", "complex", "slice", "range"})
+_SAFE_NUMPY = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
 
 
-class _GndUnpickler(pickle.Unpickler):
-    """Unpickler that only reconstructs builtins and numpy arrays."""
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only reconstructs numpy arrays / scalars and builtin containers, so a
+    tampered ground-truth file cannot run code (``latin1``: Python 2 pickles load too)."""
 
-    def __init__(self, file: Any, path: Path) -> None:
-        super().__init__(file)
+    def __init__(self, file: Any, path: str | Path) -> None:
+        super().__init__(file, encoding="latin1")
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
+        if (module == "builtins" and name in _SAFE_BUILTINS) or (module, name) in _SAFE_NUMPY:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"{self._path}: refuses to load global {module}.{name}; a revisitop ground-truth "
@@ -89,7 +89,7 @@ def load_gnd(path: str | Path) -> dict[str, Any]:
         )
     with path.open("rb") as f:
         try:
-            cfg = _GndUnpickler(f, path).load()
+            cfg = RestrictedUnpickler(f, path).load()
         except pickle.UnpicklingError:
             raise
         except Exception as exc:

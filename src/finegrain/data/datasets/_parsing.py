@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from typing import Iterable
 
+from ...evaluation.revisited import RestrictedUnpickler
 from .base import DatasetError, check_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
@@ -107,27 +107,6 @@ def list_images(folder: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Restricted unpickling (Revisited Oxford / Paris ground truth)
 
-_SAFE_BUILTINS = frozenset({"list", "dict", "tuple", "set", "frozenset", "int", "float", "str",
-                            "bytes", "bytearray", "bool", "complex", "slice", "range"})
-_SAFE_NUMPY = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that only reconstructs numpy arrays / scalars and plain builtin containers."""
-
-    def find_class(self, module: str, name: str):
-        if module == "builtins" and name in _SAFE_BUILTINS:
-            return super().find_class(module, name)
-        if (module, name) in _SAFE_NUMPY:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-
-
 def safe_load_pickle(path: str, what: str):
     """Load a pickle that may only hold builtins and numpy arrays.
 
@@ -138,7 +117,7 @@ def safe_load_pickle(path: str, what: str):
     with open(check_file(path, what), "rb") as f:
         data = f.read()
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        return RestrictedUnpickler(io.BytesIO(data), path).load()
     except Exception as e:
         raise DatasetError(f"{path}: cannot load {what} safely ({e}); only plain lists / dicts "
                            f"and numpy arrays are accepted: download the original file "
