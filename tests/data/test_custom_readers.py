@@ -3,21 +3,10 @@
 import os
 
 import pytest
-import torch
-from torchvision.io import encode_jpeg, encode_png
 
 from finegrain.data import DatasetError, build_dataset
 from finegrain.data.datasets.custom import ImageFolder, ReIDCSV
-
-IMG = torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8)
-JPEG = encode_jpeg(IMG).numpy().tobytes()
-PNG = encode_png(IMG).numpy().tobytes()
-
-
-def write_bytes(path, data=JPEG):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
+from .files import JPEG, PNG, write_bytes
 
 
 def test_imagefolder_with_splits(tmp_path):

@@ -5,19 +5,10 @@ import os
 import shutil
 
 import pytest
-import torch
-from torchvision.io import encode_jpeg
 
 from finegrain.data import DatasetError, ImageDataset, Sample, registry
 from finegrain.data.check import check_dataset, format_check
-
-JPEG = encode_jpeg(torch.randint(0, 255, (3, 8, 4), dtype=torch.uint8)).numpy().tobytes()
-
-
-def write_bytes(path, data=JPEG):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
+from .files import write_bytes
 
 
 @pytest.fixture

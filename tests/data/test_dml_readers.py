@@ -5,26 +5,11 @@ import os
 import numpy as np
 import pytest
 import scipy.io
-import torch
-from torchvision.io import encode_jpeg
 
 from finegrain.data import DatasetError, build_dataset
 from finegrain.data.datasets.dml_splits import Cars196DML, CUB200DML
 from finegrain.data.datasets.sop import InShop, StanfordOnlineProducts
-
-JPEG = encode_jpeg(torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8)).numpy().tobytes()
-
-
-def write_jpg(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(JPEG)
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+from .files import write_bytes as write_jpg, write_text as write
 
 
 # ---------------------------------------------------------------------------------- SOP

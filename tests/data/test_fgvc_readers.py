@@ -16,20 +16,7 @@ from finegrain.data.datasets.cars import StanfordCars
 from finegrain.data.datasets.cub import CUB200
 from finegrain.data.datasets.inat import INat2017
 from finegrain.data.datasets.nabirds import NABirds
-
-JPEG = encode_jpeg(torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8)).numpy().tobytes()
-
-
-def write_jpg(path, data=JPEG):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+from .files import write_bytes as write_jpg, write_text as write
 
 
 # ---------------------------------------------------------------------------------- CUB

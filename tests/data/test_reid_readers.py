@@ -4,27 +4,16 @@
 import os
 
 import pytest
-import torch
-from torchvision.io import encode_jpeg
 
 from finegrain.data import DatasetError, build_dataset
 from finegrain.data.datasets.market import DukeMTMCreID, Market1501
 from finegrain.data.datasets.msmt import MSMT17
 from finegrain.data.datasets.veri import VeRi776
-
-JPEG = encode_jpeg(torch.randint(0, 255, (3, 8, 4), dtype=torch.uint8)).numpy().tobytes()
+from .files import JPEG_TALL, write_bytes, write_text as write
 
 
 def write_jpg(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(JPEG)
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    write_bytes(path, JPEG_TALL)  # 8 x 4: a person crop's aspect
 
 
 # ---------------------------------------------------------------------------- Market / Duke

@@ -13,14 +13,7 @@ from torchvision.io import encode_jpeg
 from finegrain.data import DatasetError, build_dataset, read_image
 from finegrain.data.datasets.gldv2 import GLDv2
 from finegrain.data.datasets.revisited import ROxford5k, RevisitOP1M, RParis6k
-
-JPEG = encode_jpeg(torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8)).numpy().tobytes()
-
-
-def write_bytes(path, data=JPEG):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
+from .files import write_bytes
 
 
 @pytest.fixture
