@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: machine description, timing statistics, matmul peak.
+"""Shared by the benchmark scripts: machine description, timing statistics, FLOP counting,
+matmul peak.
 
 The scripts run as ``python benchmarks/<name>.py`` and import this module as ``common``
 (they put ``benchmarks/`` on ``sys.path``).
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 # machine_info() with no keys: these, library versions only where importable
 DEFAULT_KEYS = ("cpu", "cores", "torch_threads", "python",
@@ -80,16 +83,29 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def timed(fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
-    """Wall-clock seconds of ``iters`` calls of ``fn`` after ``warmup`` dropped calls."""
+def timed(fn: Callable[[], Any], warmup: int, iters: int, device: str = "cpu") -> list[float]:
+    """Wall-clock seconds of ``iters`` calls of ``fn`` after ``warmup`` dropped calls (on a
+    CUDA ``device`` each call is bracketed by synchronisations)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if str(device).startswith("cuda") \
+        else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return times
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (``FlopCounterMode``), attention run by the MATH SDPA
+    backend so that its matmuls are counted (fused CPU kernels are invisible to the counter)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
 
 
 def matmul_rates(n: int = 2048, dtype: torch.dtype = torch.float32, iters: int = 5

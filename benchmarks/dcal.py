@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, matmul_peak, mean_std  # noqa: E402
+from common import count_flops, machine_info, matmul_peak, mean_std  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 
 PAPER_TRAIN_RATIO = 3.8 / 2.1
@@ -64,12 +62,6 @@ def timed_interleaved(fns: dict, warmup: int, iters: int) -> dict[str, dict[str,
             times[k]["cpu"].append(time.process_time() - c)
             times[k]["wall"].append(time.perf_counter() - t)
     return times
-
-
-def flops(fn) -> int:
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
 
 
 def attention_strategies(args, warmup: int, iters: int) -> dict:
@@ -153,7 +145,7 @@ def main() -> None:
             model.train(mode == "train")
             fns[variant] = (lambda m=model: train_step(m, images, targets)) if mode == "train" \
                 else (lambda m=model: infer(m, images))
-            counts[variant] = flops(fns[variant])
+            counts[variant] = count_flops(fns[variant])
         times = timed_interleaved(fns, args.warmup, args.iters)
         for variant, t in times.items():
             wall, wall_std = mean_std(t["wall"])

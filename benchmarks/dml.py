@@ -43,12 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, matmul_peak, mean_std, timed  # noqa: E402
+from common import count_flops, machine_info, matmul_peak, mean_std, timed  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 from finegrain.models.cross_image import conditional_rerank  # noqa: E402
 
@@ -63,25 +61,27 @@ def pk_labels(batch: int, per_class: int = 2) -> torch.Tensor:
 
 
 # -- 0 / 1: cost ---------------------------------------------------------------------------------
+def train_graph(model, x: torch.Tensor) -> None:
+    """The training graph the FLOPs count: forward, head, conditional branch, backward (no loss
+    arithmetic)."""
+    feats = model.forward_features(x)
+    z = model.forward_head(feats)
+    total = z.sum()
+    if model.cross is not None:
+        total = total + model.pair_similarity(model.conditional_embeddings(feats, z), z).sum()
+    total.backward()
+
+
 def meta_flops(name: str, batch: int, img: int, train: bool, **kwargs) -> int:
-    """FLOPs of the training graph (forward + backward, no loss arithmetic) or of the eval
-    forward, counted on the meta device."""
+    """FLOPs of the training graph (:func:`train_graph`) or of the eval forward, counted on
+    the meta device."""
     with torch.device("meta"):
         model = create_model(name, **kwargs).train(train)
         x = torch.randn(batch, 3, img, img)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        if not train:
-            with torch.no_grad():
-                model(x)
-        else:
-            feats = model.forward_features(x)
-            z = model.forward_head(feats)
-            total = z.sum()
-            if model.cross is not None:
-                c = model.conditional_embeddings(feats, z)
-                total = total + model.pair_similarity(c, z).sum()
-            total.backward()
-    return fc.get_total_flops()
+    if train:
+        return count_flops(lambda: train_graph(model, x))
+    with torch.no_grad():
+        return count_flops(lambda: model(x))
 
 
 def branch_train_flops(B: int, N: int, C: int, D: int, E: int, depth: int = 2,
@@ -214,13 +214,8 @@ def part_flops(args) -> dict:
     torch.manual_seed(0)
     real_model = create_model(name).train()
     x = torch.randn(b, 3, args.img_size, args.img_size)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        feats = real_model.forward_features(x)
-        z = real_model.forward_head(feats)
-        (z.sum() + real_model.pair_similarity(real_model.conditional_embeddings(feats, z),
-                                              z).sum()).backward()
     out["meta_equals_real"] = {"batch": b, "backbone": args.backbones[0],
-                               "real": fc.get_total_flops(),
+                               "real": count_flops(lambda: train_graph(real_model, x)),
                                "meta": meta_flops(name, b, args.img_size, True)}
     print(f"meta-device count == real CPU count ({args.backbones[0]}, batch {b}): "
           f"{out['meta_equals_real']['meta'] == out['meta_equals_real']['real']}")

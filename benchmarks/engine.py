@@ -42,11 +42,10 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_flops as common_count_flops  # noqa: E402
 from common import machine_info, matmul_rates, mean_std  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
@@ -54,6 +53,7 @@ from finegrain.data.samplers import RandomBatchSampler, SeededDataset  # noqa: E
 from finegrain.data.synthetic import FGVCConfig, generate_cub  # noqa: E402
 from finegrain.engine import train  # noqa: E402
 from finegrain.engine.datamodule import FinegrainDataModule, _collate  # noqa: E402
+from finegrain.engine.module import param_groups  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 
 NUM_CLASSES = 4
@@ -92,17 +92,6 @@ class StepTimer(Callback):
         self._end = t
 
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """The engine's AdamW groups: no decay on 1-d parameters and ``no_weight_decay()`` names."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": WEIGHT_DECAY},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
 def bare_steps(model, opt, batches, warmup: int, autocast: bool = False) -> dict:
     """Time ``len(batches)`` plain training steps; the first ``warmup`` are dropped."""
     wall, cpu = [], []
@@ -124,11 +113,14 @@ def bare_steps(model, opt, batches, warmup: int, autocast: bool = False) -> dict
 def count_flops(model, batch) -> int:
     """FLOPs of one training step's forward + backward (MATH attention, so it is counted)."""
     model.train()
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+
+    def step():
         out = model(batch["image"], targets=batch["label"])
         sum(out["losses"].values()).backward()
+
+    flops = common_count_flops(step)
     model.zero_grad(set_to_none=True)
-    return fc.get_total_flops()
+    return flops
 
 
 def data_rate(dm: FinegrainDataModule, batch: int, batches: int = 16, seed: int = 0) -> dict:
@@ -176,7 +168,7 @@ def bench_model(name: str, args, cache: str, cfg: dict, peaks: dict) -> dict:
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=NUM_CLASSES, **model_kwargs(name, args.img_size))
-    opt = torch.optim.AdamW(param_groups(model), lr=LR)
+    opt = torch.optim.AdamW(param_groups(model, LR, WEIGHT_DECAY), lr=LR)  # the engine's groups
     before = bare_steps(model, opt, batches, args.warmup)
 
     timer = StepTimer()

@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, mean_std  # noqa: E402
+from common import count_flops, machine_info, mean_std, timed  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 from finegrain.models.tasn import attention_sample  # noqa: E402
 
@@ -43,23 +41,11 @@ def machine(device: str) -> dict:
 
 def timeit(fn, device: str, warmup: int, iters: int) -> tuple[float, float]:
     """Mean and std in seconds over ``iters`` runs after ``warmup`` dropped runs."""
-    times = []
-    for i in range(warmup + iters):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return mean_std(times)
+    return mean_std(timed(fn, warmup, iters, device))
 
 
 def forward_flops(model: torch.nn.Module, x: torch.Tensor, **kw) -> int:
-    with FlopCounterMode(display=False) as counter:
-        model(x, **kw)
-    return counter.get_total_flops()
+    return count_flops(lambda: model(x, **kw))
 
 
 def main() -> None:
