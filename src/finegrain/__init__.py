@@ -5,4 +5,12 @@ __version__ = "0.1.0"
 
 from .models import create_model, list_models  # noqa: E402
 
-__all__ = ["create_model", "list_models", "__version__"]
+__all__ = ["create_model", "list_models", "load", "Searcher", "__version__"]
+
+
+def __getattr__(name: str):
+    """``finegrain.load`` and ``finegrain.Searcher`` (:mod:`finegrain.api`), imported on use."""
+    if name in ("load", "Searcher"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'finegrain' has no attribute {name!r}")

@@ -36,11 +36,23 @@ def _load_images(paths: list[str], meta: dict):
     return torch.stack([tf(read_image(p)) for p in paths])
 
 
-def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
-    """Top-k class names and probabilities for each image (``softmax(logits)``)."""
+def predict(checkpoint: str, images: list[str], topk: int = 5,
+            runtime: str = "torch") -> list[dict]:
+    """Top-k class names and probabilities for each image (``softmax(logits)``).
+    ``checkpoint``: a finegrain checkpoint or an export folder (``finegrain export``), run by
+    ``runtime``: ``"torch"`` (the checkpoint, or the folder's ``torch.export`` program) or
+    ``"onnx"`` (the folder's ``model.onnx`` on ONNX Runtime)."""
     import torch
-    from .models.registry import load_model
-    model, meta = load_model(checkpoint)
+    from .runtime import is_export_folder, load_exported
+    if is_export_folder(checkpoint):
+        model, meta = load_exported(checkpoint, runtime)
+    elif runtime == "onnx":
+        raise InputError(f"--runtime onnx runs an export folder, and {checkpoint} is not one: "
+                         f"run `finegrain export {checkpoint} --format onnx --out DIR`, then "
+                         f"`finegrain predict DIR ... --runtime onnx`")
+    else:
+        from .models.registry import load_model
+        model, meta = load_model(checkpoint)
     task = meta.get("task", "classification")
     if task != "classification":
         raise InputError(f"{checkpoint} is a {task} model: its classes are the training "
@@ -59,7 +71,7 @@ def predict(checkpoint: str, images: list[str], topk: int = 5) -> list[dict]:
 
 
 def _cmd_predict(a) -> int:
-    res = predict(a.checkpoint, a.images, a.topk)
+    res = predict(a.checkpoint, a.images, a.topk, a.runtime)
     if a.json:
         print(json.dumps(res, indent=1))
     else:
@@ -314,6 +326,18 @@ def _cmd_explain(a) -> int:
     return 0
 
 
+# ---- export -----------------------------------------------------------------------------
+def _cmd_export(a) -> int:
+    from .export import export, format_parity
+    overrides = {"sa_only": True} if a.sa_only else None
+    report = export(a.checkpoint, a.out, a.format, images=a.images, num_images=a.num_images,
+                    model_overrides=overrides, tolerance=a.tolerance)
+    print(json.dumps(report, indent=1) if a.json else format_parity(report))
+    if not a.json:
+        print(f"written: {a.out} (parity.json, preprocess.json, export.json)")
+    return 0
+
+
 # ---- data check -------------------------------------------------------------------------
 def _cmd_data(a) -> int:
     from .data.check import check_dataset, format_check
@@ -327,6 +351,41 @@ def _cmd_demo(a) -> int:
     from .demo import run_demo
     run_demo(seeds=a.seeds, out=a.out, only=a.only, jobs=a.jobs, ablations=a.ablations)
     return 0
+
+
+# ---- search / serve ---------------------------------------------------------------------
+def _cmd_search(a) -> int:
+    from .api import Searcher
+    results = Searcher(a.index, model=a.model, gallery_root=a.gallery_root).search(a.images,
+                                                                                  a.k)
+    res = {"index": a.index, "k": a.k, "queries": [r.to_dict() for r in results]}
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print("\n".join(str(r) for r in results))
+    return 0
+
+
+def _cmd_serve(a) -> int:
+    from .serve import serve
+    serve(a.index, model=a.model, host=a.host, port=a.port, k_max=a.k_max,
+          max_upload_mb=a.max_upload_mb, max_pixels=int(a.max_megapixels * 1e6),
+          device=a.device, gallery_root=a.gallery_root)
+    return 0
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="an index folder of `finegrain index build`")
+    p.add_argument("--model", default=None, metavar="CKPT_OR_EXPORT",
+                   help="checkpoint or export folder to embed queries with (default: the "
+                        "checkpoint the index records; it must be the one that embedded it)")
+    p.add_argument("--gallery-root", default=None,
+                   help="where the gallery images are, when they moved since `embed` (the "
+                        "--images folder / glob / list, or the dataset root)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -385,6 +444,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     pr.add_argument("-k", "--topk", type=int, default=5, help="classes shown per image")
     pr.add_argument("--json", action="store_true", help="print JSON (probabilities as "
                                                          "fractions) instead of the table")
+    pr.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                    help="torch: the checkpoint (or an export folder's torch.export program); "
+                         "onnx: an export folder's model.onnx on ONNX Runtime (CUDA provider "
+                         "when present, else CPU)")
+    xp = sub.add_parser("export", help="a checkpoint as ONNX / torch.export / timm weights, "
+                                       "checked against PyTorch",
+                        description="Export a checkpoint's inference model (eval mode, dynamic "
+                                    "batch, the checkpoint's image size) into a folder with "
+                                    "preprocess.json, then run it and PyTorch on real images "
+                                    "and write parity.json; fails above the tolerance.")
+    xp.add_argument("checkpoint", help=ckpt_help)
+    xp.add_argument("--format", choices=["onnx", "exported", "timm"], default="onnx",
+                    help="onnx: model.onnx (torch.onnx dynamo exporter); exported: model.pt2 "
+                         "(torch.export); timm: backbone.safetensors that timm.create_model "
+                         "loads (timm.json gives the name and arguments)")
+    xp.add_argument("--out", required=True, help="the export folder")
+    xp.add_argument("--images", nargs="+", default=None,
+                    help="parity images (files or folders); default: the test split of a "
+                         "generated CUB-layout dataset")
+    xp.add_argument("--num-images", type=int, default=16, help="parity images used at most")
+    xp.add_argument("--sa-only", action="store_true",
+                    help="DCAL: export the SA branch alone (no rollout / GLCA at inference)")
+    xp.add_argument("--tolerance", type=float, default=None,
+                    help="largest max|exported - PyTorch| / max|PyTorch| per output (default "
+                         "1e-4 for float32)")
+    xp.add_argument("--json", action="store_true", help="print parity.json instead of the "
+                                                         "table")
     ex = sub.add_parser("explain", help="attention pictures of a checkpoint on images",
                         description="Attention pictures: one row per image with the "
                                     "predicted class and its probability, one heat map per "
@@ -429,6 +515,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     fmt = cp.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON (fractions)")
     fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    se = sub.add_parser("search", help="top-k gallery images of query images",
+                        description="Embed images with the index's own model and "
+                                    "preprocessing (index.json) and print their top-k.")
+    _search_args(se)
+    se.add_argument("images", nargs="+", help="image files or folders of images")
+    se.add_argument("-k", type=int, default=10, help="results per image")
+    se.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    se.add_argument("--out", default=None, help="also write the JSON to this file")
+    sv = sub.add_parser("serve", help="a search page and JSON API over an index (FastAPI)",
+                        description="Serve a search page (upload an image or pick a gallery "
+                                    "one; top-k with scores, attention pictures) and its JSON "
+                                    "API (POST /search, GET /health, GET /gallery/{id}; "
+                                    "schema at /docs). The index folder is only read.")
+    _search_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--k-max", type=int, default=100, help="largest k a request may ask")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MB)")
+    sv.add_argument("--max-megapixels", type=float, default=40.0,
+                    help="largest image (width x height / 1e6), checked before decoding")
+    sv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     try:
         from .retrieval.commands import register
     except ModuleNotFoundError as err:  # retrieval pipeline not installed in this build
@@ -478,7 +585,8 @@ def _run(argv: list[str]) -> int:
     if a.command == "eval":
         return _cmd_eval(a, extra)
     handler = {"predict": _cmd_predict, "explain": _cmd_explain, "data": _cmd_data,
-               "demo": _cmd_demo, "compare": _cmd_compare}.get(a.command)
+               "demo": _cmd_demo, "compare": _cmd_compare, "search": _cmd_search,
+               "serve": _cmd_serve, "export": _cmd_export}.get(a.command)
     return handler(a) if handler else a.func(a)
 
 

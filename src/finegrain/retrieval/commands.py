@@ -38,11 +38,24 @@ def cmd_embed(a: argparse.Namespace) -> int:
         dev = str(a.device)
         accelerator = "cpu" if dev == "cpu" else "gpu"
         devices = [int(dev.split(":")[1])] if ":" in dev else 1
-    info = embed_sharded(a.checkpoint, a.dataset, a.root, a.split, a.out,
+    dataset, root = a.dataset, a.root
+    if (a.images is None) == (a.dataset is None):
+        raise InputError("embed: pass --dataset NAME (with --root DIR) or --images DIR | GLOB "
+                         "| list.txt, one of the two")
+    if a.images is not None:  # unlabelled photos: names relative to the folder, labels -1
+        if a.root is not None:
+            raise InputError("embed --images takes the folder, glob or list itself; drop --root")
+        dataset, root = "images", a.images
+    from ..runtime import is_export_folder, load_exported
+    model = meta = None
+    if a.runtime == "onnx" or is_export_folder(a.checkpoint):  # an export folder
+        model, meta = load_exported(a.checkpoint, a.runtime)
+    info = embed_sharded(a.checkpoint, dataset, root, a.split, a.out,
                          image_size=a.image_size, scales=a.scales, batch_size=a.batch_size,
                          num_workers=a.num_workers, amp=a.amp, accelerator=accelerator,
                          devices=_devices(devices), strategy=a.strategy,
-                         num_nodes=a.num_nodes, shard_size=a.shard_size, merge=a.merge)
+                         num_nodes=a.num_nodes, shard_size=a.shard_size, merge=a.merge,
+                         model=model, meta=meta)
     if info["global_zero"]:
         resumed = f", {info['resumed']} of {info['shards']} shards kept" if info["resumed"] \
             else ""
@@ -196,8 +209,18 @@ def register(subparsers) -> None:
         description="Write NAME.npy (float32) + NAME.json descriptors on Lightning's predict "
                     "loop: shards of --shard-size images (NAME.shards/), one process per device "
                     "under DDP, merged at the end; run it again after a kill to resume.")
-    e.add_argument("checkpoint", help="runs/<run>/best.ckpt")
-    e.add_argument("--dataset", required=True, help="roxford5k, rparis6k, revisitop1m, ...")
+    e.add_argument("checkpoint", help="runs/<run>/best.ckpt, or an export folder "
+                                      "(`finegrain export`)")
+    e.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="torch: the checkpoint (or an export folder's torch.export program); "
+                        "onnx: an export folder's model.onnx on ONNX Runtime (CUDA provider "
+                        "when present, else CPU)")
+    e.add_argument("--dataset", default=None, help="roxford5k, rparis6k, revisitop1m, ...")
+    e.add_argument("--images", default=None, metavar="DIR|GLOB|LIST",
+                   help="instead of --dataset: unlabelled images, a folder (recursive), a "
+                        "quoted glob ('photos/**/*.jpg') or a list file (one path a line, "
+                        "relative to it, optionally a label after it); names are relative to "
+                        "the folder, labels -1")
     e.add_argument("--root", default=None, help="dataset root")
     e.add_argument("--split", default="gallery", help="query | gallery | train ...")
     e.add_argument("--out", required=True, help="output NAME (NAME.npy + NAME.json)")

@@ -8,7 +8,9 @@ Layout (``finegrain index build DESCRIPTORS --kind FACTORY --out INDEX``)::
                             "removed": [...]}   (one entry per searchable vector)
         descriptors.json   the JSON of the descriptor file the index was built from
         index.json         manifest: factory, metric, mode, dim, count, search parameters,
-                           model_name, checkpoint_hash, preprocessing, files added later
+                           model_name, checkpoint_hash, preprocessing, files added later,
+                           and where the vectors came from: checkpoint (path), dataset,
+                           split, root (``finegrain search`` / ``serve`` read them)
 
 **Ids.** Every vector gets an integer id when added (0, 1, 2 ... in add order); search results
 carry ids and names, and ``remove`` takes names. How faiss keeps the ids depends on the index:
@@ -34,17 +36,22 @@ checkpoint and preprocessing as the index (``descriptors.check_compatible``) and
 64 vectors per IVF cell (faiss recommends 30-256) and at least 65,536 (``IVF4096``: 262,144 of
 a 1M gallery, not the whole 2 GB); the size used is stored as ``train_size`` in ``index.json``.
 
-**Factory choice** (benchmarks/retrieval.py, table in docs/retrieval.md): ``Flat`` (exact) below
-200k vectors; for 1M-image galleries :data:`LARGE_GALLERY_FACTORY` = ``IVF4096,SQ8`` with
-``nprobe`` 16 (:data:`LARGE_GALLERY_PARAMS`): on 1M x 512 clustered descriptors, 2 CPU cores,
-21x the exact queries/s at recall@100 0.978, a quarter of the flat index's memory. nprobe 4
-was 60x at 0.969 on that data; 16 keeps a margin for less clustered real descriptors.
+**Factory choice** (``--kind auto``, :func:`default_factory`; the ANN tables of
+benchmarks/retrieval.py and their reading in docs/retrieval.md, "Choosing an index"): exact
+``Flat`` below :data:`FLAT_MAX` (200k) vectors, else ``IVF{nlist},PQ{dim/4}x4fs,RFlat`` with
+nlist ~ 4 sqrt(n) (1M: 4096), ``nprobe`` max(256, nlist / 16) and ``k_factor_rf`` 16
+(stored in ``index.json`` and in the index): the fastest setting measured that keeps
+recall@100 >= 0.9 on all three generated distributions (tight clusters, small clusters, no
+clusters), not only on the tightly clustered one (where nprobe 4 suffices but gives recall
+0.29-0.39 on the others at 100k).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from typing import Any, Sequence
 
 import faiss
@@ -59,10 +66,19 @@ __all__ = ["Index", "SearchResult", "LARGE_GALLERY_FACTORY", "LARGE_GALLERY_PARA
 
 FORMAT = "finegrain-index"
 VERSION = 1
-#: Default factory for galleries of ~1M descriptors (benchmarks/retrieval.py, docs/retrieval.md).
-LARGE_GALLERY_FACTORY = "IVF4096,SQ8"
-#: Its search parameters.
-LARGE_GALLERY_PARAMS = {"nprobe": 16}
+#: ``--kind auto`` picks exact search (``Flat``) below this many vectors.
+FLAT_MAX = 200_000
+#: Default factory for 1M 256-d descriptors (``default_factory(1_000_000)``;
+#: benchmarks/retrieval.py, docs/retrieval.md "Choosing an index").
+LARGE_GALLERY_FACTORY = "IVF4096,PQ64x4fs,RFlat"
+#: Its search parameters: IVF cells visited, and shortlist size / k re-scored exactly.
+LARGE_GALLERY_PARAMS = {"nprobe": 256, "k_factor_rf": 16}
+#: IVF cells ``--kind auto`` visits: at least this many ...
+MIN_NPROBE = 256
+#: ... and this share of the cells (the share measured at 1M, kept for larger sets).
+NPROBE_SHARE = 1 / 16
+#: Shortlist of the fast-scan codes re-scored exactly: ``k_factor_rf`` x k.
+K_FACTOR_RF = 16
 #: Default training sample: this many vectors per IVF cell (faiss recommends 30-256) ...
 TRAIN_PER_CELL = 64
 #: ... and at least this many (PQ / SQ encoders, indexes without cells).
@@ -84,9 +100,54 @@ def _is_fast_scan_ivf(index: faiss.Index) -> bool:
     return isinstance(ix, faiss.IndexIVFFastScan)
 
 
-def default_factory(n: int) -> tuple[str, dict[str, int]]:
-    """``("Flat", {})`` below 200k vectors, else the large-gallery factory and parameters."""
-    return ("Flat", {}) if n < 200_000 else (LARGE_GALLERY_FACTORY, dict(LARGE_GALLERY_PARAMS))
+def default_nlist(n: int) -> int:
+    """IVF cells for ``n`` vectors: the power of two nearest ``4 sqrt(n)`` (1M: 4096), at most
+    ``n / 39`` (faiss wants >= 39 training vectors per cell)."""
+    nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+    return max(1, min(nlist, 2 ** int(math.log2(max(n // 39, 1)))))
+
+
+def default_nprobe(nlist: int) -> int:
+    """IVF cells ``--kind auto`` visits: ``max(256, nlist / 16)``, at most ``nlist``."""
+    return min(nlist, max(MIN_NPROBE, round(nlist * NPROBE_SHARE)))
+
+
+def fast_scan_subquantizers(dim: int) -> int:
+    """4-bit sub-quantizers of ``--kind auto``'s fast-scan PQ for ``dim``-d descriptors:
+    ``dim / 4`` (2 bits a dimension, ``dim / 8`` bytes a vector: what was measured at 256-d),
+    or the largest divisor of ``dim`` below that."""
+    return next(m for m in range(max(dim // 4, 1), 0, -1) if dim % m == 0)
+
+
+def default_factory(n: int, dim: int = 256) -> tuple[str, dict[str, int]]:
+    """Index kind and search parameters ``index build --kind auto`` uses for ``n`` vectors.
+
+    ``("Flat", {})`` (exact) below :data:`FLAT_MAX` (200k) vectors; above,
+    ``IVF{nlist},PQ{dim/4}x4fs,RFlat``: IVF with ``nlist`` = :func:`default_nlist` (~4 sqrt(n):
+    2048 up to ~520k, 4096 at 1M) whose 4-bit fast-scan PQ codes (``dim / 8`` bytes) rank
+    ``nprobe`` = :func:`default_nprobe` cells (256 up to 4096 cells, nlist / 16 above), and
+    whose best ``k_factor_rf`` x k (16 x k) are re-scored on the exact float vectors
+    (``RFlat``: memory of the flat index + the codes). :meth:`Index.build` sizes the PQ to the
+    descriptors (:func:`fast_scan_subquantizers`); ``dim`` does it here.
+
+    Chosen from benchmarks/retrieval.py (2026-11-30; 1M x 256, 1,000 held-out queries, 2 CPU
+    threads; tables in docs/retrieval.md): the setting with recall@100 >= 0.9 on all three
+    generated distributions (tight clusters; small clusters of ~16 in a 24-d latent; no
+    clusters) and the largest worst-case speed-up over exact search. At 1M only 9-11% of a
+    query's exact top-100 lie in its own cell on the last two, so nprobe 128 reaches 0.88
+    (small clusters) and 256 is needed; ``IVF4096,SQ8`` at nprobe 256 also holds recall
+    (0.955 / 0.971) but is 5-6x slower; shortlists of 8 x k cap recall at 0.87 without clusters. The
+    former default (``IVF4096,SQ8``, nprobe 16, chosen on tight clusters only) gave recall@100
+    0.64 on the others at 100k. At 100k no index reached 0.9 on all three at 10x exact (best:
+    this kind, nprobe 128, 7.7x), so exact search stays the default below 200k. Sizes between
+    200k and 1M (2048 cells: nprobe 256, 12.5% of the cells) were not measured; their share
+    of cells visited is above the 1M one.
+    """
+    if n < FLAT_MAX:
+        return "Flat", {}
+    nlist = default_nlist(n)
+    return (f"IVF{nlist},PQ{fast_scan_subquantizers(dim)}x4fs,RFlat",
+            {"nprobe": default_nprobe(nlist), "k_factor_rf": K_FACTOR_RF})
 
 
 class SearchResult:
@@ -117,6 +178,18 @@ def _check_unique(d: Descriptors) -> None:
                              f"from a list without duplicates (`finegrain embed` names each "
                              f"image once)")
         seen.add(n)
+
+
+def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """Where the vectors came from, for ``finegrain search`` / ``serve`` to embed queries the
+    same way and show the images: the checkpoint (absolute when it exists from here), the
+    dataset, split and root."""
+    ck = meta.get("checkpoint")
+    if ck and os.path.isfile(ck):
+        ck = os.path.abspath(ck)
+    out = {"checkpoint": ck}
+    out.update({k: meta[k] for k in ("dataset", "split", "root") if meta.get(k) is not None})
+    return out
 
 
 def _inner_kind(index: faiss.Index) -> tuple[str, bool]:
@@ -179,8 +252,11 @@ class Index:
         """
         d = descriptors if isinstance(descriptors, Descriptors) else load_descriptors(descriptors)
         _check_unique(d)
+        auto_params: dict[str, int] = {}  # auto's parameters other than nprobe (k_factor_rf)
         if factory == "auto":
             factory, params = default_factory(len(d))
+            factory = re.sub(r"PQ\d+x4fs", f"PQ{fast_scan_subquantizers(d.dim)}x4fs", factory)
+            auto_params = {k: v for k, v in params.items() if k != "nprobe"}
             if nprobe is not None and "nprobe" not in params:
                 raise InputError(f"--kind auto chose {factory} for {len(d)} vectors (exact: it "
                                  f"has no nprobe); drop --nprobe, or pass --kind "
@@ -217,11 +293,12 @@ class Index:
         else:
             index = faiss.IndexIDMap2(inner)
         pre = {k: d.meta.get(k) for k in ("model_name", "checkpoint_hash", "preprocessing")}
+        pre.update(_provenance(d.meta))
         manifest = {"format": FORMAT, "version": VERSION, "factory": factory, "metric": metric,
                     "mode": mode, "native_remove": native, "dim": d.dim,
                     "train_size": trained_on,
-                    "params": {k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search))
-                               if v is not None},
+                    "params": {**{k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search))
+                                  if v is not None}, **auto_params},
                     **pre, "sources": [d.path]}
         for name, value in manifest["params"].items():  # refuse parameters it does not have
             try:

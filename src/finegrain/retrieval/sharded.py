@@ -281,7 +281,7 @@ def write_manifest(out: str, plan: Sequence[tuple[int, int, int]], expected: dic
             dim = m["dim"]
             shards.append({"path": os.path.relpath(base + ".npy", folder), "count": m["count"]})
     e = dict(expected)
-    extra = {k: e.pop(k) for k in ("dataset", "split", "checkpoint") if k in e}
+    extra = {k: e.pop(k) for k in ("dataset", "split", "checkpoint", "root") if k in e}
     meta = descriptor_meta(len(names), dim, names, labels, e.pop("model_name"),
                            e.pop("checkpoint_hash"), e.pop("preprocessing"), **extra)
     meta.update(format=MANIFEST_FORMAT, shards=shards, skipped=skipped)
@@ -345,8 +345,9 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
     if model is None:
         model, meta, ck_hash = load_checkpoint_model(checkpoint, "cpu")
     else:
-        ck_hash = _hash(checkpoint) if os.path.isfile(checkpoint) else "in-memory"
-        meta = dict(meta or {})
+        meta = dict(meta or {})  # an export folder's records its checkpoint's hash
+        ck_hash = meta.get("checkpoint_hash") or (
+            _hash(checkpoint) if os.path.isfile(checkpoint) else "in-memory")
     model.eval()
     if not scales:
         raise InputError("scales is empty; use (1.0,) for single-scale extraction")
@@ -357,7 +358,8 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
         raise InputError(f"{dataset_name}/{split} has no image; check the dataset root")
     expected = {"model_name": meta["model_name"], "checkpoint_hash": ck_hash,
                 "preprocessing": pre, "dataset": dataset_name, "split": split,
-                "checkpoint": checkpoint, "total": len(ds)}
+                "checkpoint": checkpoint, "total": len(ds),
+                "root": os.path.abspath(root) if root else None}  # finds the images again
     names = sample_names(ds)
     done = finished_shards(out, plan, expected, names)  # foreign shards: refused, every rank
     n_todo = sum(b - a for i, a, b in plan if i not in set(done))

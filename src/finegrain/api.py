@@ -1,0 +1,390 @@
+"""Search an index by image from Python (what ``finegrain search`` and ``finegrain serve`` run).
+
+::
+
+    import finegrain
+    model, transform = finegrain.load("runs/<run>/best.ckpt")   # or an export folder
+    searcher = finegrain.Searcher("gallery.index")
+    for result in searcher.search(["query.jpg"], k=5):
+        print(result)                  # the query, then rank, score, name of each match
+
+:class:`Searcher` embeds images with the index's own model (the checkpoint recorded in the
+index folder, or ``model=``) and preprocessing (``index.json``: longest side, scales, mean,
+std), exactly as ``finegrain embed`` did for the gallery, then searches the faiss index. The
+index folder is only read.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError, MissingFileError
+
+__all__ = ["load", "Searcher", "Hit", "QueryResult", "decode_image_bytes", "ImageTooLarge",
+           "DEFAULT_MAX_PIXELS"]
+
+#: Largest image accepted from bytes (width x height): 40 megapixels.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(InputError):
+    """An image has more pixels than the limit (decoding it would exhaust memory)."""
+
+
+def _is_export(path: str) -> bool:
+    """A folder of ``finegrain export`` (``preprocess.json`` / ``export.json`` in it)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("preprocess.json", "export.json"))
+
+
+def load_with_meta(path: str, device: str = "cpu") -> tuple[Any, dict, str | None]:
+    """``(model, meta, checkpoint hash or None)`` of a checkpoint or an export folder (a folder
+    holding ``preprocess.json``, read by :func:`finegrain.runtime.load_exported`)."""
+    path = os.fspath(path)
+    if _is_export(path):
+        from .runtime import load_exported
+        fn, meta = load_exported(path)
+        return fn, dict(meta), meta.get("checkpoint_hash")
+    from .retrieval.extract import load_checkpoint_model
+    return load_checkpoint_model(path, device)
+
+
+def load(path: str, device: str = "cpu") -> tuple[Any, Any]:
+    """``(model, transform)`` of a checkpoint or an export folder: ``model(batch)`` returns the
+    output dict (``"logits"`` / ``"embedding"``), ``transform(uint8 (3, H, W))`` gives the
+    normalised input of the model's evaluation protocol (``finegrain predict``'s)."""
+    from .cli import _eval_transform
+    model, meta, _ = load_with_meta(path, device)
+    try:
+        return model, _eval_transform(meta)
+    except KeyError as e:
+        raise InputError(f"{path} does not record its preprocessing ({e.args[0]} missing); "
+                         f"export or train it again with this finegrain") from None
+
+
+def decode_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                       what: str = "the upload") -> torch.Tensor:
+    """uint8 (3, H, W) of an encoded image (JPEG, PNG, WebP, GIF, BMP ...).
+
+    The header is read first (Pillow), so an image over ``max_pixels`` is refused before it
+    is decoded; a truncated or corrupt file is refused whole (never half-decoded).
+
+    Raises:
+        InputError: not an image, or truncated / corrupt.
+        ImageTooLarge: more than ``max_pixels`` pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLarge(f"{what} is {w} x {h} = {w * h / 1e6:.1f} megapixels, over "
+                                    f"the limit of {max_pixels / 1e6:.1f}; resize it")
+            im.load()  # decodes everything: a truncated file raises here
+            rgb = np.asarray(im.convert("RGB"))
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{what} has too many pixels (Pillow's decompression-bomb limit); "
+                            f"resize it") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} is not an image (JPEG, PNG, WebP, GIF or BMP expected)"
+                         ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{what} is truncated or corrupt ({e}); send the whole file") from None
+    if rgb.size == 0:
+        raise InputError(f"{what} has no pixels")
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+@dataclass
+class Hit:
+    """One match: its rank (1 = best), index id, image name, score (inner product: cosine for
+    L2-normalised descriptors, higher is closer; squared L2 distance for ``--metric l2``) and
+    label (-1 when unknown)."""
+
+    rank: int
+    id: int
+    name: str
+    score: float
+    label: int = -1
+
+
+@dataclass
+class QueryResult:
+    """The top-k of one query image."""
+
+    query: str
+    hits: list[Hit] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "hits": [asdict(h) for h in self.hits]}
+
+    def __str__(self) -> str:
+        lines = [self.query]
+        lines += [f"  {h.rank:3d}  {h.score:7.4f}  {h.name}" for h in self.hits]
+        return "\n".join(lines)
+
+
+def _find_checkpoint(index_dir: str, manifest: dict, source: dict) -> str:
+    """The checkpoint recorded by the index (or its descriptors): as written, or relative to
+    a folder above the index."""
+    tried = []
+    for ck in (manifest.get("checkpoint"), source.get("checkpoint")):
+        if not ck:
+            continue
+        tried.append(ck)
+        base = os.path.abspath(index_dir)
+        for _ in range(4):
+            base = os.path.dirname(base)
+            if not os.path.isabs(ck):
+                tried.append(os.path.join(base, ck))
+    for p in tried:
+        if os.path.exists(p):
+            return p
+    why = f"its checkpoint {tried[0]} is not found" if tried else "it records no checkpoint"
+    raise MissingFileError(f"{index_dir}: {why}; pass the checkpoint (or export folder) that "
+                           f"'finegrain embed' used: --model CKPT (Python: model=CKPT)")
+
+
+def _image_files(folder: str) -> list[str]:
+    from .data.datasets.images import resolve_images
+    return [p for p, _ in resolve_images(folder)[1]]
+
+
+class Searcher:
+    """Search an index folder by image (module docstring).
+
+    Args:
+        index_dir: a folder of ``finegrain index build``.
+        model: a checkpoint or export folder to embed queries with (default: the checkpoint
+            the index records); its hash must match the index's.
+        device: where the model runs.
+        gallery_root: where the gallery images are, when they moved since ``embed`` (the
+            folder, glob or list of ``embed --images``, or the dataset root).
+    """
+
+    def __init__(self, index_dir: str, model: str | None = None, device: str = "cpu",
+                 gallery_root: str | None = None):
+        from .data.transforms import RetrievalEval
+        from .retrieval.descriptors import DescriptorMismatch
+        from .retrieval.index import Index
+        self.index_dir = index_dir
+        self.index = Index.load(index_dir)
+        man, src = self.index.manifest, self.index.source_meta
+        self.model_path = model or _find_checkpoint(index_dir, man, src)
+        self.model, self.meta, ck_hash = load_with_meta(self.model_path, device)
+        want = man.get("checkpoint_hash")
+        if ck_hash and want not in (None, "in-memory", "untrained") and ck_hash != want:
+            raise DescriptorMismatch(
+                f"{self.model_path} (hash {ck_hash}) is not the checkpoint that embedded "
+                f"{index_dir} (hash {want}): its descriptors would not be comparable; pass "
+                f"--model with the checkpoint that 'finegrain embed' used")
+        pre = man.get("preprocessing") or {}
+        if pre.get("resize") != "longest_side":
+            raise InputError(f"{index_dir}/index.json records no retrieval preprocessing "
+                             f"(resize {pre.get('resize')!r}); build the index from "
+                             f"'finegrain embed' descriptors")
+        self.device = torch.device(device)
+        self.preprocessing = pre
+        self.transform = RetrievalEval(int(pre["image_size"]), tuple(pre["mean"]),
+                                       tuple(pre["std"]))
+        self.scales = [float(s) for s in pre.get("scales", [1.0])]
+        self.gallery_root = gallery_root
+        self._lock = threading.Lock()  # one forward / search at a time (server threads)
+        self._paths: dict[str, str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # ------------------------------------------------------------------ embed / search
+    def _decode(self, item: Any) -> tuple[str, torch.Tensor]:
+        from .data.datasets.base import read_image
+        if torch.is_tensor(item):
+            return "tensor", item
+        if isinstance(item, (bytes, bytearray)):
+            return "bytes", decode_image_bytes(bytes(item))
+        return os.fspath(item), read_image(os.fspath(item))
+
+    def _expand(self, images: Any) -> list[Any]:
+        if isinstance(images, (str, os.PathLike, bytes, bytearray)) or torch.is_tensor(images):
+            images = [images]
+        out = []
+        for item in images:
+            if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
+                files = _image_files(os.fspath(item))
+                if not files:
+                    raise InputError(f"{item}: no image in the folder")
+                out += files
+            else:
+                out.append(item)
+        if not out:
+            raise InputError("search: give at least one image")
+        return out
+
+    def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """(n, D) float32 unit descriptors of images (paths, encoded bytes or uint8 (3, H, W)
+        tensors), with the index's preprocessing and scales."""
+        from .retrieval.extract import _rescale
+        xs = [self.transform(self._decode(i)[1]) for i in self._expand(images)]
+        out = np.zeros((len(xs), int(self.index.manifest["dim"])), dtype=np.float32)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for j, x in enumerate(xs):
+            by_size.setdefault(tuple(x.shape[-2:]), []).append(j)
+        with self._lock, torch.inference_mode():
+            for rows in by_size.values():
+                x = torch.stack([xs[j] for j in rows]).to(self.device)
+                acc = None
+                for s in self.scales:
+                    e = torch.as_tensor(self.model(_rescale(x, s))["embedding"]).float()
+                    e = F.normalize(e, dim=-1)
+                    acc = e if acc is None else acc + e
+                out[rows] = F.normalize(acc, dim=-1).cpu().numpy()
+        if not np.isfinite(out).all():
+            from .errors import nonfinite_outputs
+            raise nonfinite_outputs(self.model_path, int((~np.isfinite(out).all(1)).sum()),
+                                    len(out), "descriptors")
+        return out
+
+    def search_vectors(self, q: np.ndarray, k: int = 10,
+                       query_names: Sequence[str] | None = None) -> list[QueryResult]:
+        """Top-``k`` of (n, D) query descriptors."""
+        if k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        with self._lock:
+            r = self.index.search(np.asarray(q, dtype=np.float32), k)
+        names = query_names or [f"query {i}" for i in range(len(q))]
+        out = []
+        for i, qn in enumerate(names):
+            hits = [Hit(rank=j + 1, id=int(d), name=str(n), score=float(s),
+                        label=int(self.index.labels[self.index._row[int(d)]]))
+                    for j, (d, n, s) in enumerate(zip(r.ids[i], r.names[i], r.scores[i]))
+                    if d >= 0]
+            out.append(QueryResult(qn, hits))
+        return out
+
+    def search(self, images: Any, k: int = 10) -> list[QueryResult]:
+        """Top-``k`` gallery images of each image (a path, a folder, encoded bytes, a uint8
+        tensor, or a list of them), best first."""
+        items = self._expand(images)
+        names = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else f"image {j}"
+                 for j, i in enumerate(items)]
+        return self.search_vectors(self.embed(items), k, names)
+
+    def search_gallery(self, gallery_id: int, k: int = 10) -> QueryResult:
+        """Top-``k`` of a gallery image (its stored vector; the image itself comes first)."""
+        name = self.name_of(gallery_id)
+        try:
+            with self._lock:
+                q = self.index.reconstruct(np.array([gallery_id]))
+        except InputError:  # an index that cannot give its vectors back: embed the file
+            q = self.embed([self._require_path(gallery_id)])
+        return self.search_vectors(q, k, [name])[0]
+
+    # ------------------------------------------------------------------ gallery images
+    def name_of(self, gallery_id: int) -> str:
+        from .errors import UnknownNameError
+        row = self.index._row.get(int(gallery_id))
+        if row is None:
+            raise UnknownNameError(f"no image with id {gallery_id} in {self.index_dir} "
+                                   f"(ids 0..{self.index.next_id - 1}, {len(self)} images)")
+        return self.index.names[row]
+
+    def _gallery_paths(self) -> dict[str, str]:
+        """Image name -> file, from the dataset the index was embedded from (built once)."""
+        if self._paths is not None:
+            return self._paths
+        from .data import build_dataset
+        from .errors import FinegrainError
+        from .retrieval.extract import sample_names
+        man, src = self.index.manifest, self.index.source_meta
+        dataset = man.get("dataset") or src.get("dataset")
+        root = self.gallery_root or man.get("root") or src.get("root")
+        split = man.get("split") or src.get("split") or "gallery"
+        wanted = set(self.index.names)
+        paths: dict[str, str] = {}
+        if dataset:
+            try:
+                ds = build_dataset(dataset, root, split)
+                paths = {n: s.path for n, s in zip(sample_names(ds), ds.samples) if n in wanted}
+            except FinegrainError:
+                paths = {}
+        if not paths and root and os.path.isdir(root):  # names relative to a folder
+            paths = {n: os.path.join(root, n) for n in wanted
+                     if os.path.isfile(os.path.join(root, n))}
+        self._paths = paths
+        return paths
+
+    def gallery_path(self, gallery_id: int) -> str | None:
+        """The image file of a gallery id (None when the images are not found)."""
+        return self._gallery_paths().get(self.name_of(gallery_id))
+
+    def _require_path(self, gallery_id: int) -> str:
+        p = self.gallery_path(gallery_id)
+        if p is None or not os.path.isfile(p):
+            raise MissingFileError(f"the image of gallery id {gallery_id} "
+                                   f"({self.name_of(gallery_id)}) is not found; pass "
+                                   f"--gallery-root with the folder or dataset root it is in")
+        return p
+
+    # ------------------------------------------------------------------ pictures
+    @property
+    def can_explain(self) -> bool:
+        """The model draws its attention (a checkpoint of a method with ``explain``)."""
+        return isinstance(self.model, torch.nn.Module) and hasattr(self.model, "explain")
+
+    @property
+    def can_explain_pair(self) -> bool:
+        """The model draws where one image attends in another (DCAL Re-ID, cross-image)."""
+        return self.can_explain and "pair" in inspect.signature(self.model.explain).parameters
+
+    def _picture(self, draw) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="finegrain-") as tmp:
+            path = os.path.join(tmp, "picture.png")
+            draw(path)
+            with open(path, "rb") as f:
+                return f.read()
+
+    def explain(self, image: Any, title: str = "query") -> bytes:
+        """PNG of the model's attention on an image (``finegrain explain``'s picture)."""
+        from .cli import _eval_transform
+        from .visualize import save_explain
+        if not self.can_explain:
+            raise InputError(f"{self.model_path} has no attention to draw")
+        x = _eval_transform(self.meta)(self._decode(image)[1])[None]
+        with self._lock, torch.no_grad():
+            maps = self.model.explain(x.to(self.device))
+        return self._picture(lambda p: save_explain(x, maps, p, self.meta["mean"],
+                                                    self.meta["std"], titles=[title]))
+
+    def explain_pair(self, image: Any, gallery_id: int, title: str = "query") -> bytes:
+        """PNG of where the query attends in a gallery image, with their cosine similarity
+        (Re-ID / pair-wise models): why these two match."""
+        from .cli import _eval_transform
+        from .visualize import save_explain
+        if not self.can_explain_pair:
+            raise InputError(f"{self.model_path} draws no pair-wise attention (DCAL Re-ID or "
+                             f"cross-image models do)")
+        tf = _eval_transform(self.meta)
+        x = tf(self._decode(image)[1])[None]
+        name = self.name_of(gallery_id)
+        px = tf(self._decode(self._require_path(gallery_id))[1])[None]
+        with self._lock, torch.no_grad():
+            emb = self.model(torch.cat([x, px]).to(self.device)).get("embedding")
+            maps = self.model.explain(x.to(self.device), pair=px.to(self.device))
+        top = f"{title} vs {name}"
+        if emb is not None:
+            top += f": cosine similarity {float(F.cosine_similarity(emb[:1], emb[1:])):.3f}"
+        return self._picture(lambda p: save_explain(x, maps, p, self.meta["mean"],
+                                                    self.meta["std"], titles=[title],
+                                                    pair_images=px, suptitle=top))

@@ -1,0 +1,408 @@
+"""``finegrain export``: a checkpoint as a deployable model folder, checked against PyTorch.
+
+Formats (``--format``):
+
+- ``onnx``: ``model.onnx`` from ``torch.onnx.export(dynamo=True)`` (ONNX Runtime, TensorRT...);
+- ``exported``: ``model.pt2``, a ``torch.export`` program (``torch.export.load``; AOTInductor);
+- ``timm``: ``backbone.safetensors``, the fine-tuned backbone in timm's own key names, loaded by
+  ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **kwargs)``
+  with the ``name`` and ``kwargs`` of ``timm.json`` beside it.
+
+Every method is exported in eval mode with its whole inference path (DCAL's rollout, top-R
+selection and GLCA, or the SA branch alone with ``sa_only``; TASN's attention maps and
+sampler; DALG's window attention and fusion). Cross-image models lose their conditional
+branch, which only training uses: neither the exported model nor the ``weights.safetensors``
+written beside it hold a ``cross.*`` parameter. The batch dimension is dynamic; the image size
+is the checkpoint's (``preprocess.json`` says how to resize, crop and normalise to it).
+
+A folder holds ``model.onnx`` | ``model.pt2`` | ``backbone.safetensors`` + ``timm.json``,
+``weights.safetensors`` + ``model.json`` (the inference model as a finegrain checkpoint),
+``preprocess.json``, ``export.json`` (format, input and output names) and ``parity.json``.
+
+Parity: after every export the written files are loaded back (:mod:`finegrain.runtime`) and
+run on real images (a generated dataset's test split, or the user's), in a batch of one and a
+batch of the rest; per output, max and mean ``|exported - PyTorch|``, the error relative to
+the output's scale (``max |PyTorch|``), top-1 agreement (logits) and nearest-neighbour
+agreement (embeddings). The export fails when a relative error is above :data:`TOLERANCES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import io
+import json
+import os
+import tempfile
+from unittest import mock
+
+import torch
+import torch.nn as nn
+
+from .errors import FinegrainError, InputError, MissingFileError
+
+FORMATS = ("onnx", "exported", "timm")
+MODEL_FILES = {"onnx": "model.onnx", "exported": "model.pt2", "timm": "backbone.safetensors"}
+TOLERANCES = {"float32": 1e-4}
+"""Largest ``max |exported - PyTorch| / max |PyTorch|`` per output, by the exported dtype.
+Exports are float32 (the checkpoint's weights); fp32 kernels differ in summation order only,
+so outputs agree to about 1e-6 of their scale: 1e-4 leaves room for the ops (attention,
+resampling) whose ONNX kernels accumulate differently."""
+INPUT_NAME = "images"
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ParityError(FinegrainError):
+    """An exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+
+class _OutputTuple(nn.Module):
+    """``model(images)``'s dict as a tuple in ``keys`` order (ONNX outputs are positional)."""
+
+    def __init__(self, model: nn.Module, keys: list[str]):
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(images)
+        return tuple(out[k] for k in self.keys)
+
+
+# ---- the inference model ----------------------------------------------------------------
+def inference_model(model: nn.Module, meta: dict) -> tuple[nn.Module, dict]:
+    """An eval-mode copy of ``model`` without its training-only branch, and its ``meta``.
+
+    Cross-image models drop ``cross`` (the conditional embedding: training only, never at test
+    time) and record ``cross_attention=False``, so ``weights.safetensors`` + ``model.json``
+    rebuild exactly this model.
+    """
+    model = copy.deepcopy(model).eval()
+    kwargs = dict(meta.get("model_kwargs") or {})
+    if meta.get("model_name", "").startswith("cross_image_") and \
+            getattr(model, "cross", None) is not None:
+        model.cross = None
+        kwargs["cross_attention"] = False
+    return model, {**meta, "model_kwargs": kwargs}
+
+
+def input_size(meta: dict) -> tuple[int, int]:
+    """(H, W) the model is exported for: the checkpoint's ``img_size``."""
+    s = meta["img_size"]
+    return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+def preprocessing(meta: dict) -> dict:
+    """The evaluation transform of ``meta`` (``finegrain predict``'s) as plain data: the ops in
+    order (resize, crop, scaling to [0, 1], normalisation), then the input layout."""
+    from torchvision.transforms import v2
+
+    from .cli import _eval_transform
+    steps = []
+    for t in _eval_transform(meta).transforms:
+        if isinstance(t, v2.Resize):
+            size = list(t.size) if isinstance(t.size, (list, tuple)) else t.size
+            rule = "shorter_side" if isinstance(size, int) or len(size) == 1 else "exact"
+            steps.append({"op": "resize", "size": size, "rule": rule,
+                          "interpolation": str(getattr(t.interpolation, "value", t.interpolation)),
+                          "antialias": bool(t.antialias)})
+        elif isinstance(t, v2.CenterCrop):
+            steps.append({"op": "center_crop", "size": list(t.size)})
+        elif isinstance(t, v2.ToDtype):
+            steps.append({"op": "to_float", "scale": "uint8 / 255"})
+        elif isinstance(t, v2.Normalize):
+            steps.append({"op": "normalize", "mean": list(t.mean), "std": list(t.std)})
+        else:
+            raise InputError(f"preprocessing: no JSON form for {type(t).__name__}; describe it "
+                             f"in finegrain/export.py:preprocessing")
+    H, W = input_size(meta)
+    return {"task": meta.get("task", "classification"), "steps": steps,
+            "input": {"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB",
+                      "dtype": "float32", "height": H, "width": W, "batch": "dynamic"}}
+
+
+# ---- writing ----------------------------------------------------------------------------
+def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """``aten::sort.stable`` in ONNX: ``TopK`` over the whole axis. ONNX TopK breaks ties by
+    the lower index, i.e. it is a stable sort (TASN's distinct-map grouping relies on it)."""
+    from onnxscript import opset18 as op
+    n = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+    return op.TopK(self, n, axis=dim, largest=descending, sorted=True)
+
+
+def _searchsorted(sorted_sequence, self, out_int32: bool = False, right: bool = False,
+                  side: str | None = None, sorter=None):
+    """``aten::searchsorted.Tensor`` in ONNX (no such op): the insertion index is the count of
+    sorted values below ``self`` (``<=`` for ``right``), exact for a sorted sequence. TASN's
+    inverse CDF is (B, n) x (B, m): the (B, m, n) comparison is small."""
+    from onnxscript import opset18 as op
+    if sorter is not None:
+        raise InputError("ONNX export: searchsorted with a sorter is not supported")
+    right = right or side == "right"
+    seq = op.Unsqueeze(sorted_sequence, op.Constant(value_ints=[-2]))  # (..., 1, n)
+    val = op.Unsqueeze(self, op.Constant(value_ints=[-1]))  # (..., m, 1)
+    below = op.LessOrEqual(seq, val) if right else op.Less(seq, val)  # (..., m, n)
+    count = op.ReduceSum(op.Cast(below, to=7), op.Constant(value_ints=[-1]), keepdims=0)
+    return op.Cast(count, to=6) if out_int32 else count  # INT64 = 7, INT32 = 6
+
+
+def _dynamic_batch() -> tuple[dict]:
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, keys: list[str], path: str) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` (returns the tuple of ``keys``) with a
+    dynamic batch; the exporter's progress lines are kept off stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, dynamic_shapes=_dynamic_batch(),
+            input_names=[INPUT_NAME], output_names=list(keys), verbose=False,
+            custom_translation_table={torch.ops.aten.sort.stable: _sort_stable,
+                                      torch.ops.aten.searchsorted.Tensor: _searchsorted})
+        program.save(path)
+
+
+def write_exported(module: nn.Module, example: torch.Tensor, path: str) -> None:
+    """``torch.export`` program of ``module`` with a dynamic batch, saved as ``.pt2``."""
+    program = torch.export.export(module, (example,), dynamic_shapes=_dynamic_batch())
+    torch.export.save(program, path)
+
+
+def backbone_timm_args(meta: dict) -> tuple[nn.Module, str, dict]:
+    """``(backbone, timm name, timm.create_model kwargs)`` of ``meta``'s model: the model is
+    rebuilt once with ``timm.create_model`` recorded, and the call that made ``.backbone``
+    gives the exact arguments (tiny test configurations, ``dynamic_img_size`` ...)."""
+    import timm
+
+    from .models.registry import create_model
+    calls = []
+    real = timm.create_model
+
+    def record(name, *args, **kwargs):
+        m = real(name, *args, **kwargs)
+        calls.append((m, name, kwargs))
+        return m
+
+    with mock.patch.object(timm, "create_model", record):
+        model = create_model(meta["model_name"], **(meta.get("model_kwargs") or {}))
+    backbone = getattr(model, "backbone", None)
+    for m, name, kwargs in calls:
+        if m is backbone:
+            kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
+            return backbone, name, kwargs
+    raise InputError(f"{meta['model_name']} has no timm backbone (.backbone) to export; "
+                     f"use --format onnx or exported")
+
+
+def write_timm(model: nn.Module, meta: dict, out: str) -> dict:
+    """``backbone.safetensors`` (timm key names, no ``backbone.`` prefix) and ``timm.json``
+    (``model_name``, ``kwargs`` of ``timm.create_model``); returns the ``timm.json`` dict."""
+    from safetensors.torch import save_file
+    _, name, kwargs = backbone_timm_args(meta)
+    sd = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
+    save_file(sd, os.path.join(out, MODEL_FILES["timm"]))
+    info = {"model_name": name, "kwargs": kwargs, "file": MODEL_FILES["timm"],
+            "usage": f"timm.create_model({name!r}, pretrained=True, "
+                     f"pretrained_cfg_overlay=dict(file='{MODEL_FILES['timm']}'), **kwargs)"}
+    with open(os.path.join(out, "timm.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def load_timm_backbone(folder: str) -> nn.Module:
+    """The exported backbone rebuilt by timm alone from ``folder`` (eval mode)."""
+    import timm
+    with open(os.path.join(folder, "timm.json")) as f:
+        info = json.load(f)
+    path = os.path.join(folder, info["file"])
+    return timm.create_model(info["model_name"], pretrained=True,
+                             pretrained_cfg_overlay=dict(file=path), **info["kwargs"]).eval()
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+# ---- parity -----------------------------------------------------------------------------
+def parity_images(meta: dict, images: list[str] | None = None, num_images: int = 16
+                  ) -> tuple[torch.Tensor, str]:
+    """``(normalised batch (N, 3, H, W), where it came from)``. ``images``: files or folders
+    (every image under them, sorted); None: the test split of a generated CUB-layout dataset
+    (``synthetic_fgvc``, written to a temporary folder and read back as JPEG files)."""
+    from .cli import _load_images
+    if images:
+        paths = []
+        for p in images:
+            if os.path.isdir(p):
+                paths += sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
+                                if f.lower().endswith(_IMAGE_EXT))
+            elif os.path.isfile(p):
+                paths.append(p)
+            else:
+                raise MissingFileError(f"--images: {p} not found; pass image files or folders")
+        if not paths:
+            raise InputError(f"--images {' '.join(images)}: no image files (.jpg, .png ...)")
+        paths = paths[:num_images]
+        return _load_images(paths, meta), f"{len(paths)} images from {', '.join(images)}"
+    from .data import build_dataset
+    from .data.synthetic import FGVCConfig, generate_cub
+    per_class = max(1, -(-num_images // 4))
+    cfg = FGVCConfig(num_classes=4, train_per_class=1, test_per_class=per_class,
+                     size=max(96, *input_size(meta)), seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = build_dataset("cub200", generate_cub(tmp, cfg), "test")
+        paths = [s.path for s in ds.samples][:num_images]
+        x = _load_images(paths, meta)
+    return x, f"synthetic_fgvc test split ({len(paths)} generated images, seed 0)"
+
+
+def _nearest(e: torch.Tensor) -> torch.Tensor:
+    """Index of each row's nearest other row by cosine similarity."""
+    e = torch.nn.functional.normalize(e.double().reshape(len(e), -1), dim=1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.argmax(1)
+
+
+def compare_outputs(ref: dict, got: dict, tolerance: float) -> dict:
+    """Per output key: ``max_abs``, ``mean_abs``, ``scale`` (max |ref|), ``rel_max``
+    (max_abs / scale), ``top1_agreement`` (logits) or ``nn_agreement`` (embeddings and
+    features, with >= 2 images), ``passed`` (rel_max <= tolerance)."""
+    res = {}
+    for k, r in ref.items():
+        if k not in got:
+            raise ParityError(f"parity: the exported model has no output {k!r}")
+        r, g = r.detach().double().cpu(), got[k].detach().double().cpu()
+        if r.shape != g.shape:
+            raise ParityError(f"parity: output {k!r} has shape {tuple(g.shape)}, PyTorch's "
+                              f"is {tuple(r.shape)}")
+        d = (r - g).abs()
+        scale = max(float(r.abs().max()), 1e-12)
+        row = {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "scale": scale,
+               "rel_max": float(d.max()) / scale}
+        if k == "logits":
+            row["top1_agreement"] = float((r.argmax(1) == g.argmax(1)).double().mean())
+        elif len(r) >= 2:
+            row["nn_agreement"] = float((_nearest(r) == _nearest(g)).double().mean())
+        row["passed"] = bool(row["rel_max"] <= tolerance and torch.isfinite(g).all())
+        res[k] = row
+    return res
+
+
+def _run_split(fn, x: torch.Tensor) -> dict:
+    """``fn`` on a batch of one, then on the rest (both batch sizes of the dynamic axis)."""
+    parts = [fn(x[:1])] + ([fn(x[1:])] if len(x) > 1 else [])
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
+                 tolerance: float | None = None) -> dict:
+    """Run ``folder``'s exported model (loaded from disk) and ``model`` on ``x``; returns the
+    parity report (see :func:`compare_outputs`)."""
+    tol = TOLERANCES["float32"] if tolerance is None else float(tolerance)
+    with torch.no_grad():
+        if fmt == "timm":
+            timm_model = load_timm_backbone(folder)
+            ref = {"features": model.backbone.forward_features(x)}
+            got = _run_split(lambda b: {"features": timm_model.forward_features(b)}, x)
+        else:
+            from .runtime import load_exported
+            exported, _ = load_exported(folder, "onnx" if fmt == "onnx" else "torch")
+            ref = model(x)
+            got = _run_split(exported, x)
+    outputs = compare_outputs(ref, got, tol)
+    return {"format": fmt, "dtype": "float32", "tolerance": tol,
+            "tolerances": dict(TOLERANCES),
+            "rule": "max |exported - pytorch| / max |pytorch| <= tolerance, per output",
+            "images": len(x), "batches": [1, len(x) - 1] if len(x) > 1 else [1],
+            "outputs": outputs, "passed": all(r["passed"] for r in outputs.values())}
+
+
+# ---- the command ------------------------------------------------------------------------
+def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | None = None,
+           num_images: int = 16, model_overrides: dict | None = None,
+           tolerance: float | None = None) -> dict:
+    """Export ``checkpoint`` to the folder ``out`` as ``fmt`` and check parity on images.
+
+    Args:
+        checkpoint: a finegrain ``.ckpt`` (or ``weights.safetensors`` with its ``model.json``).
+        out: the export folder (created; an earlier export's files are replaced).
+        fmt: ``"onnx"``, ``"exported"`` (``torch.export``) or ``"timm"`` (the backbone).
+        images: parity images (files or folders); None: a generated dataset's test split.
+        num_images: at most this many parity images.
+        model_overrides: inference-time model arguments (DCAL ``{"sa_only": True}``).
+        tolerance: the largest relative error allowed (default ``TOLERANCES["float32"]``).
+
+    Returns:
+        the parity report, also written to ``out/parity.json``.
+
+    Raises:
+        ParityError: an output differs by more than the tolerance (after writing
+            ``parity.json``, which holds the numbers).
+    """
+    from safetensors.torch import save_file
+
+    from .models.registry import load_model
+    from .retrieval.descriptors import checkpoint_hash
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    model, meta = load_model(checkpoint, **(model_overrides or {}))
+    meta = {**meta, "model_kwargs": {**(meta.get("model_kwargs") or {}),
+                                     **(model_overrides or {})}}
+    model, meta = inference_model(model, meta)
+    H, W = input_size(meta)
+    os.makedirs(out, exist_ok=True)
+    for other in set(MODEL_FILES.values()) - {MODEL_FILES[fmt]}:  # an earlier export's
+        if os.path.isfile(os.path.join(out, other)):
+            os.remove(os.path.join(out, other))
+    example = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        keys = sorted(model(example))
+    module = _OutputTuple(model, keys).eval()
+    if fmt == "onnx":
+        write_onnx(module, example, keys, os.path.join(out, MODEL_FILES["onnx"]))
+    elif fmt == "exported":
+        write_exported(module, example, os.path.join(out, MODEL_FILES["exported"]))
+    else:
+        write_timm(model, meta, out)
+        keys = ["features"]
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out, "weights.safetensors"))
+    _write_json(os.path.join(out, "model.json"), meta)
+    _write_json(os.path.join(out, "preprocess.json"), preprocessing(meta))
+    _write_json(os.path.join(out, "export.json"), {
+        "format": fmt, "file": MODEL_FILES[fmt], "input": INPUT_NAME, "outputs": keys,
+        "input_size": [H, W], "dynamic": {"batch": True, "height": False, "width": False},
+        "dtype": "float32", "checkpoint": os.path.abspath(checkpoint),
+        "checkpoint_hash": checkpoint_hash(checkpoint) if os.path.isfile(checkpoint) else None,
+        "model_name": meta["model_name"], "torch": torch.__version__,
+        "model_overrides": dict(model_overrides or {})})
+    x, source = parity_images(meta, images, num_images)
+    report = {**check_parity(out, model, x, fmt, tolerance), "image_source": source,
+              "model_name": meta["model_name"]}
+    _write_json(os.path.join(out, "parity.json"), report)
+    if not report["passed"]:
+        bad = [f"{k} ({r['rel_max']:.2e})" for k, r in report["outputs"].items()
+               if not r["passed"]]
+        raise ParityError(f"{os.path.join(out, 'parity.json')}: the {fmt} export of "
+                          f"{checkpoint} differs from PyTorch above the tolerance "
+                          f"{report['tolerance']:.0e} in {', '.join(bad)}; try --format "
+                          f"{'exported' if fmt == 'onnx' else 'onnx'}, or report it with that "
+                          f"file (--tolerance raises the limit if the numbers are acceptable)")
+    return report
+
+
+def format_parity(report: dict) -> str:
+    """The parity report as a console table."""
+    lines = [f"{report['model_name']} -> {report['format']}: parity on {report['image_source']}"
+             f" (batches {report['batches']}, tolerance {report['tolerance']:.0e} of the "
+             f"output scale)",
+             f"{'output':>10s}  {'max |d|':>9s}  {'mean |d|':>9s}  {'rel max':>9s}  "
+             f"{'agree':>6s}  ok"]
+    for k, r in report["outputs"].items():
+        agree = r.get("top1_agreement", r.get("nn_agreement"))
+        lines.append(f"{k:>10s}  {r['max_abs']:9.2e}  {r['mean_abs']:9.2e}  "
+                     f"{r['rel_max']:9.2e}  {'-' if agree is None else f'{agree:6.1%}':>6s}  "
+                     f"{'yes' if r['passed'] else 'NO'}")
+    return "\n".join(lines)
