@@ -85,7 +85,8 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     (k-reciprocal, ``evaluation.reid.re_rank``); ``visrank``: write the top-``visrank``
     ranked gallery of ``visrank_queries`` queries to ``visrank_out`` (the path is returned
     under ``"visrank"``). ``info``, when given, receives the dataset, root, split and task
-    evaluated."""
+    evaluated. Another ``dataset`` in ``overrides`` drops the training dataset's
+    ``dataset_kwargs`` (pass its own under ``dataset_kwargs``)."""
     import lightning.pytorch as pl
     from .engine import FinegrainDataModule, FinegrainModule
     from .engine.run import quiet_lightning
@@ -109,7 +110,11 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
             "resize_mode": meta.get("resize_mode", "square"),
             "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64,
             "dataset_kwargs": meta.get("dataset_kwargs")}
-    data.update(overrides or {})
+    overrides = dict(overrides or {})
+    if overrides.get("dataset", meta["dataset"]) != meta["dataset"]:
+        # another dataset: the training set's reader arguments are not its arguments
+        data["dataset_kwargs"] = None
+    data.update(overrides)
     dm = FinegrainDataModule(**data)
     if dm.val_set is None:
         raise InputError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, NonFiniteError
-from ..models.registry import create_model
+from ..models.registry import create_model, model_arguments
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -84,6 +84,8 @@ class FinegrainModule(pl.LightningModule):
         model_kwargs: arguments of the model (``img_size``, ``task`` ...); ``num_classes``
             comes from the data.
         num_classes: number of training classes (linked from ``data.num_classes``).
+        img_size: input size (linked from ``data.img_size``), given to models that take an
+            ``img_size`` argument unless ``model_kwargs`` sets one.
         pretrained: weights file to start from (timm / DeiT / torchvision / finegrain); every
             missing or unexpected key is reported.
         pretrained_strict: stop when fewer than half of the model's backbone tensors load
@@ -110,7 +112,8 @@ class FinegrainModule(pl.LightningModule):
     """
 
     def __init__(self, model_name: str, model_kwargs: dict[str, Any] | None = None,
-                 num_classes: int = 0, pretrained: str | None = None,
+                 num_classes: int = 0, img_size: int | list[int] | None = None,
+                 pretrained: str | None = None,
                  pretrained_strict: bool = True, optimizer: str = "adamw",
                  lr: float = 5e-4, weight_decay: float = 0.05, momentum: float = 0.9,
                  nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
@@ -123,6 +126,9 @@ class FinegrainModule(pl.LightningModule):
         kwargs = dict(model_kwargs or {})
         if num_classes:
             kwargs["num_classes"] = num_classes
+        if img_size is not None and "img_size" not in kwargs and \
+                "img_size" in model_arguments(model_name):
+            kwargs["img_size"] = img_size
         # the recipe decides the model's arguments, also when it starts from a finegrain file
         self.model = create_model(model_name, pretrained=pretrained, inherit_kwargs=False,
                                   pretrained_strict=pretrained_strict, **kwargs)

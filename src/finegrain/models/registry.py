@@ -40,6 +40,21 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
+def model_arguments(name: str) -> list[str]:
+    """The arguments of the model class that ``name`` builds (its ``__init__`` parameters,
+    read from the registered function's return annotation); empty when it does not say."""
+    import inspect
+    import typing
+    _check_name(name)
+    try:
+        cls = typing.get_type_hints(_MODELS[name]).get("return")
+    except (NameError, TypeError):  # an annotation that does not resolve
+        return []
+    if not isinstance(cls, type):
+        return []
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
 def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool = True,
                  pretrained_strict: bool = True, **kwargs) -> nn.Module:
     """Build a registered model.
