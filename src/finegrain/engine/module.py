@@ -3,8 +3,8 @@
 The module sums ``out["losses"]`` (the model has already weighted them), logs them and
 ``out["logs"]``, evaluates with ``finegrain.evaluation`` on the task the data declares, and
 stores in every checkpoint what a checkpoint needs to describe itself (``hparams.meta``:
-model name and arguments, class names, input size, normalisation, task, dataset) plus the
-RNG state of the training process, so a resumed run continues exactly.
+model name and arguments, class names, input size, normalisation, task, dataset). Exact
+resume (sampler position, RNG) is :class:`finegrain.engine.resume.ExactResume`'s.
 """
 
 from __future__ import annotations
@@ -61,14 +61,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
 def planned_steps(trainer: pl.Trainer) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a fit: the schedule's length and
     the progress file's total. ``max_steps`` caps the epochs; with ``max_steps`` alone
-    (Lightning then sets ``max_epochs = -1``) the total is ``max_steps``."""
-    dm = getattr(trainer, "datamodule", None)
+    (Lightning then sets ``max_epochs = -1``) the total is ``max_steps``.
+
+    The batches per epoch come from the data module's ``steps_per_epoch()``
+    (:class:`~finegrain.engine.datamodule.FinegrainDataModule`), read from its batch sampler
+    without building a DataLoader."""
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-    # not trainer.estimated_stepping_batches when the data module knows: it builds the train
-    # loader before a resume restores the loader's position, and Lightning then never
-    # restores it
-    batches = dm.steps_per_epoch() if hasattr(dm, "steps_per_epoch") else \
-        int(trainer.estimated_stepping_batches) // (epochs or 1)
+    batches = trainer.datamodule.steps_per_epoch()
     per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
     total = per_epoch * epochs if epochs else None
     if trainer.max_steps and trainer.max_steps > 0:
@@ -138,7 +137,7 @@ class FinegrainModule(pl.LightningModule):
         self.meta: dict[str, Any] = {"model_name": model_name, "model_kwargs": {
             k: v for k, v in kwargs.items() if not k.endswith("pretrained")}}
         self._val_outputs: list[dict] = []
-        self._rng_to_restore: torch.Tensor | None = None
+        self.last_metrics: dict[str, Any] | None = None  # of the last evaluation pass
         self.skipped_steps = 0
         self.nonfinite_outputs = 0  # evaluated images with NaN / inf logits or embedding
 
@@ -155,14 +154,6 @@ class FinegrainModule(pl.LightningModule):
         return self.model(images)
 
     # ---- training ---------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx):
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "train_batch_done"):
-            dm.train_batch_done()  # counted before the checkpoint callbacks of this batch run
-        if self._rng_to_restore is not None:  # resumed: continue the interrupted RNG stream
-            torch.set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
-
     def training_step(self, batch: dict, batch_idx: int):
         skip = self.hparams.nonfinite == "skip"
         # a skipped step must not keep what its forward changed (BatchNorm statistics)
@@ -223,20 +214,12 @@ class FinegrainModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ---- checkpoint: exact resume -----------------------------------------------------
+    # ---- checkpoint: self-description -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finegrain_meta"] = self.meta
-        checkpoint["finegrain_rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["finegrain_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.meta = {**checkpoint.get("finegrain_meta", {}), **self.meta}
-        rng = checkpoint.get("finegrain_rng")
-        if rng is not None:
-            self._rng_to_restore = rng["torch"]
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ---- evaluation -------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -1,12 +1,14 @@
 """``finegrain train``: LightningCLI ``fit`` with the run folder of DESIGN.md.
 
-``runs/<date>-<recipe>/`` holds ``config.yaml`` (resolved), ``metrics.csv``, ``metrics.json``,
-``progress.json`` (step, ETA), ``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and
-at each epoch end), ``best.ckpt``, ``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN`` continues exactly
-from ``RUN/last.ckpt`` (optimizer, scheduler, scaler, RNG, sampler position) and warns naming
-every config key that changed; ``metrics.csv``, ``metrics.json`` and the TensorBoard events keep
-every row logged before the interruption, each step once. ``--init-weights FILE`` only loads
-weights.
+``runs/<date>-<recipe>/`` holds ``config.yaml`` (resolved: ``finegrain train --config
+RUN/config.yaml`` reproduces the run), ``metrics.csv``, ``metrics.json``, ``progress.json``
+(step, ETA), ``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and at each epoch end),
+``best.ckpt``, ``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN``
+reads ``RUN/config.yaml`` first and continues exactly from ``RUN/last.ckpt`` (optimizer,
+scheduler, scaler; RNG and sampler position through
+:class:`~finegrain.engine.resume.ExactResume`), warning with every config key that changed;
+``metrics.csv``, ``metrics.json`` and the TensorBoard events keep every row logged before the
+interruption, each step once. ``--init-weights FILE`` only loads weights.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from ..errors import InputError, MissingFileError
 from .datamodule import FinegrainDataModule
 from .module import FinegrainModule, planned_steps
+from .resume import NOT_RESUMABLE_WARNING, ExactResume
 
 log = logging.getLogger("finegrain")
 
@@ -170,7 +173,7 @@ class RunFolder(Callback):
         self.history: list[dict] = []
 
     def on_validation_end(self, trainer, pl_module):
-        metrics = getattr(pl_module, "last_metrics", None)
+        metrics = pl_module.last_metrics
         if trainer.sanity_checking or metrics is None or not trainer.is_global_zero:
             return
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
@@ -371,6 +374,7 @@ class FinegrainCLI(LightningCLI):
             ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score", mode="max",
                             save_top_k=1, enable_version_counter=False,
                             auto_insert_metric_name=False, save_last=False),
+            ExactResume(),  # before LastCheckpoint: it counts the batch about to be saved
             LastCheckpoint(run_dir, cfg.checkpoint_every),
             RunFolder(run_dir, self.recipe),
             ProgressFile(run_dir),
@@ -457,6 +461,8 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     quiet_lightning()
     with warnings.catch_warnings():
+        # ExactResume restores the sampler position that this warning says is lost
+        warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING)
         if fresh:  # the folder holds only this run's own files
             warnings.filterwarnings("ignore", message=r".*directory .* exists and is not empty")
         return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *argv],
