@@ -246,9 +246,9 @@ def explain_paths(out: str, images: bool, pair: bool) -> tuple[str | None, str |
             os.path.join(out, "explain_pair.png") if pair else None)
 
 
-def _captions(model, x, meta: dict) -> tuple[list[str] | None, "torch.Tensor | None"]:
-    """The predicted class and its probability of each image (classifiers), and the
-    embeddings (models that retrieve)."""
+def _captions(model, x, meta: dict) -> tuple:
+    """(captions, embeddings): the predicted class and its probability of each image
+    (classifiers, else None), and the embeddings (models that retrieve, else None)."""
     import torch
     with torch.no_grad():
         out = model(x)

@@ -124,8 +124,7 @@ def _build(name: str, pretrained: str | None, sd: dict | None, meta: dict | None
 
 def _import_all() -> None:
     """Import the model files so their ``@register_model`` functions run (no I/O)."""
-    from . import classifier  # noqa: F401
-    for mod in ("dcal", "tasn", "dalg", "cross_image"):
+    for mod in ("classifier", "dcal", "tasn", "dalg", "cross_image"):
         try:
             __import__(f"finegrain.models.{mod}")
         except ModuleNotFoundError as e:  # a method file not written yet
