@@ -34,7 +34,8 @@ class FinegrainDataModule(pl.LightningDataModule):
     Args:
         dataset: registry name (``cub200``, ``market1501``, ``synthetic_fgvc`` ...).
         root: dataset root (for ``synthetic_*`` the cache folder; None = default cache).
-        img_size: model input size, int or [H, W] (Re-ID: [256, 128]).
+        img_size: model input size, int or [H, W] (Re-ID: [256, 128]); linked to the
+            model's ``img_size`` (``model.img_size``).
         resize_size: resize before the crop (classification 550 for 448; DML 256 for 224).
         batch_size: training batch per process (P x K for ``sampler: pk``).
         eval_batch_size: evaluation batch (default: ``batch_size``).
