@@ -101,8 +101,8 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     if (rerank or aqe or visrank) and meta.get("task") != "reid":
         raise InputError(f"--rerank, --aqe and --visrank are for Re-ID checkpoints; "
                          f"{checkpoint} is a {meta.get('task')} model")
-    module = FinegrainModule(meta["model_name"], {**meta["model_kwargs"],
-                                                  **(model_overrides or {})})
+    from .models.registry import model_from_meta
+    module = FinegrainModule(model_from_meta(meta, checkpoint, **(model_overrides or {})))
     module.model.load_state_dict(sd)
     module.set_data_meta(meta)
     data = {"dataset": meta["dataset"], "img_size": meta["img_size"],

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from finegrain.engine import train
 from finegrain.engine.resume import NOT_RESUMABLE_WARNING, ExactResume
 from finegrain.engine.run import FinegrainCLI
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 
@@ -23,10 +24,10 @@ def _argv(tmp_path, run_dir, epochs=2):
             "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
             "--trainer.enable_model_summary", "false",
-            "--model.model_name", "vit_tiny_patch16_224",
-            "--model.model_kwargs", json.dumps({**tiny_kwargs("vit_tiny_patch16_224"),
-                                                "drop_path_rate": 0.1}),
-            "--model.lr", "0.003",
+            "--model.model", model_arg("vit_tiny_patch16_224",
+                                       {**tiny_kwargs("vit_tiny_patch16_224"),
+                                        "drop_path_rate": 0.1}),
+            "--model.optimizer.lr", "0.003",
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": cfg}),
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]

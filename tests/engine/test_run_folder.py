@@ -11,6 +11,7 @@ import yaml
 from finegrain.cli import main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
 from finegrain.engine import train
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 CFG = dict(num_classes=4, train_per_class=6, test_per_class=2, size=32, seed=0)
@@ -22,8 +23,8 @@ def _argv(tmp, run_dir, epochs=2):
     return ["--run-dir", str(run_dir), "--trainer.max_epochs", str(epochs),
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
-            "--model.model_name", "vit_tiny_patch16_224", "--model.model_kwargs", json.dumps(TINY),
-            "--model.lr", "0.003",
+            "--model.model", model_arg("vit_tiny_patch16_224", TINY),
+            "--model.optimizer.lr", "0.003",
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": CFG}),
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]
@@ -57,7 +58,9 @@ def test_print_config_is_valid_yaml(run, tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "Unable to serialize" not in out
-    assert yaml.safe_load(out)["model"]["model_name"] == "vit_tiny_patch16_224"
+    model = yaml.safe_load(out)["model"]["model"]
+    assert model["class_path"] == "finegrain.models.classifier.Classifier"
+    assert model["init_args"]["backbone"] == "vit_tiny_patch16_224"
 
 
 def test_resume_alone_continues_the_run(run, tmp_path):
@@ -104,6 +107,25 @@ def test_train_help_lists_the_run_options(capsys):
 def test_img_size_is_linked_from_the_data(run):
     meta = json.load(open(run / "a" / "model.json"))
     assert meta["model_kwargs"]["img_size"] == 32 and meta["img_size"] == 32
+    assert yaml.safe_load(meta["model_config"])["init_args"]["img_size"] == 32
+
+
+def test_checkpoint_stores_the_resolved_model_config_with_the_datas_num_classes(run):
+    import torch
+
+    from finegrain.models import load_model
+    ck = torch.load(run / "a" / "best.ckpt", map_location="cpu", weights_only=True)
+    meta = ck["finegrain_meta"]
+    config = yaml.safe_load(meta["model_config"])
+    assert config["class_path"] == "finegrain.models.classifier.Classifier"
+    assert config["init_args"]["num_classes"] == 4  # linked from the data, not the default
+    assert config["init_args"]["backbone"] == "vit_tiny_patch16_224"
+    assert meta["model_name"] == "vit_tiny_patch16_224"
+    assert "model" not in ck["hyper_parameters"] and "optimizer" not in ck["hyper_parameters"]
+    model, _ = load_model(str(run / "a" / "best.ckpt"))
+    assert model.head.out_features == 4
+    run_cfg = yaml.safe_load(open(run / "a" / "config.yaml"))
+    assert run_cfg["model"]["optimizer"]["init_args"]["lr"] == 0.003
 
 
 def test_eval_on_another_dataset_drops_the_training_reader_arguments(run, capsys):

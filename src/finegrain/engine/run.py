@@ -35,7 +35,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from ..errors import InputError, MissingFileError
 from .datamodule import FinegrainDataModule
-from .module import FinegrainModule, planned_steps
+from .module import DEFAULT_OPTIMIZER, FinegrainModule, planned_steps
 from .resume import NOT_RESUMABLE_WARNING, ExactResume
 
 log = logging.getLogger("finegrain")
@@ -321,8 +321,13 @@ class FinegrainCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser):
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.img_size", "model.img_size")
+        from ..models.registry import list_models
+        list_models()  # imports the model files: their classes are --model.model's choices
+        parser.link_arguments("data.num_classes", "model.model.init_args.num_classes",
+                              apply_on="instantiate")
+        # models without an ``img_size`` argument (TASN) are skipped
+        parser.link_arguments("data.img_size", "model.model.init_args.img_size")
+        parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
         parser.link_arguments("seed_everything", "data.seed")
         parser.add_argument("--resume", type=Optional[str], default=None, metavar="RUN",
                             help="continue the run folder RUN exactly (weights, optimizer, "
@@ -387,8 +392,20 @@ class FinegrainCLI(LightningCLI):
         full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         return yaml.safe_dump(_clean_config(full[self.subcommand]), sort_keys=False)
 
+    def model_config(self) -> dict:
+        """``model.model`` of the config as built: ``class_path`` / ``init_args`` with the
+        ``num_classes`` of the data (linked when instantiating, so not in the parsed
+        config)."""
+        import inspect
+        node = self.config[self.subcommand].model.model
+        init = dict(vars(node.init_args)) if node.get("init_args") is not None else {}
+        if "num_classes" in inspect.signature(type(self.model.model)).parameters:
+            init["num_classes"] = self.datamodule.num_classes
+        return {"class_path": node.class_path, "init_args": init}
+
     def before_fit(self):
         self.datamodule.val_set  # noqa: B018  (builds it: the meta records its query count)
+        self.model.set_model_config(self.model_config())
         self.model.set_data_meta(self.datamodule.meta())
         path = os.path.join(self.run_dir, "config.yaml")
         resolved = self.resolved_config()
@@ -409,7 +426,7 @@ class FinegrainCLI(LightningCLI):
             hp = self.model.hparams
             if not hp.get("pretrained") and not self.resuming:
                 from .report import random_init_warning
-                log.warning(random_init_warning(hp.model_name, self.recipe))
+                log.warning(random_init_warning(self.model.model_name, self.recipe))
 
 
 def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
