@@ -55,6 +55,7 @@ from finegrain.engine import train  # noqa: E402
 from finegrain.engine.datamodule import FinegrainDataModule, _collate  # noqa: E402
 from finegrain.engine.module import param_groups  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
+from finegrain.models.registry import model_arg  # noqa: E402
 
 NUM_CLASSES = 4
 LR, WEIGHT_DECAY = 5e-4, 0.05  # FinegrainModule defaults
@@ -149,9 +150,8 @@ def engine_argv(name: str, args, cache: str, cfg: dict, run_dir: str) -> list[st
             "--trainer.accelerator", "cpu", "--trainer.devices", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
             "--trainer.enable_model_summary", "false",
-            "--model.model_name", name,
-            "--model.model_kwargs", json.dumps(model_kwargs(name, args.img_size)),
-            "--model.lr", str(LR), "--model.weight_decay", str(WEIGHT_DECAY),
+            "--model.model", model_arg(name, model_kwargs(name, args.img_size)),
+            "--model.optimizer.lr", str(LR), "--model.optimizer.weight_decay", str(WEIGHT_DECAY),
             "--data.dataset", "synthetic_fgvc", "--data.root", cache,
             "--data.dataset_kwargs", json.dumps({"config": cfg}), "--data.val_split", "none",
             "--data.img_size", str(args.img_size), "--data.batch_size", str(args.batch),

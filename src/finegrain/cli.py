@@ -97,7 +97,8 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     (k-reciprocal, ``evaluation.reid.re_rank``); ``visrank``: write the top-``visrank``
     ranked gallery of ``visrank_queries`` queries to ``visrank_out`` (the path is returned
     under ``"visrank"``). ``info``, when given, receives the dataset, root, split and task
-    evaluated."""
+    evaluated. Another ``dataset`` in ``overrides`` drops the training dataset's
+    ``dataset_kwargs`` (pass its own under ``dataset_kwargs``)."""
     import lightning.pytorch as pl
     from .engine import FinegrainDataModule, FinegrainModule
     from .engine.run import quiet_lightning
@@ -112,8 +113,8 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     if (rerank or aqe or visrank) and meta.get("task") != "reid":
         raise InputError(f"--rerank, --aqe and --visrank are for Re-ID checkpoints; "
                          f"{checkpoint} is a {meta.get('task')} model")
-    module = FinegrainModule(meta["model_name"], {**meta["model_kwargs"],
-                                                  **(model_overrides or {})})
+    from .models.registry import model_from_meta
+    module = FinegrainModule(model_from_meta(meta, checkpoint, **(model_overrides or {})))
     module.model.load_state_dict(sd)
     module.set_data_meta(meta)
     data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
@@ -121,7 +122,11 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
             "resize_mode": meta.get("resize_mode", "square"),
             "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64,
             "dataset_kwargs": meta.get("dataset_kwargs")}
-    data.update(overrides or {})
+    overrides = dict(overrides or {})
+    if overrides.get("dataset", meta["dataset"]) != meta["dataset"]:
+        # another dataset: the training set's reader arguments are not its arguments
+        data["dataset_kwargs"] = None
+    data.update(overrides)
     dm = FinegrainDataModule(**data)
     if dm.val_set is None:
         raise InputError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"
@@ -253,9 +258,9 @@ def explain_paths(out: str, images: bool, pair: bool) -> tuple[str | None, str |
             os.path.join(out, "explain_pair.png") if pair else None)
 
 
-def _captions(model, x, meta: dict) -> tuple[list[str] | None, "torch.Tensor | None"]:
-    """The predicted class and its probability of each image (classifiers), and the
-    embeddings (models that retrieve)."""
+def _captions(model, x, meta: dict) -> tuple:
+    """(captions, embeddings): the predicted class and its probability of each image
+    (classifiers, else None), and the embeddings (models that retrieve, else None)."""
     import torch
     with torch.no_grad():
         out = model(x)

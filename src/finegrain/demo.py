@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
+from .models.registry import model_config
 from .models.tiny import DEMO_RESNET, DEMO_SIZE, DEMO_VIT
 
 # ---- data (fixed 2026-11-30, before any comparison was run; see docs/demo.md) -------------
@@ -90,11 +91,19 @@ _VIT_KW = {"img_size": DEMO_SIZE, "drop_path_rate": 0.0, "backbone_kwargs": DEMO
 
 def _recipe(model_name: str, model_kwargs: dict, data: dict, epochs: int, lr: float = FINETUNE_LR,
             weight_decay: float = 0.05, family: str | None = None) -> dict:
-    """A plain ``finegrain train`` config; ``family``: the pretrained weights it starts from
-    (recorded under the demo-only key ``init_family``, removed before the file is written)."""
+    """A plain ``finegrain train`` config building what ``create_model(model_name,
+    **model_kwargs)`` builds (``model.model``: its ``class_path`` / ``init_args``; the input
+    size comes from ``data.img_size``, linked); ``family``: the pretrained weights it starts
+    from (recorded under the demo-only key ``init_family``, removed before the file is
+    written)."""
+    model = model_config(model_name, **copy.deepcopy(model_kwargs))
+    size = model["init_args"].pop("img_size", data["img_size"])
+    if size != data["img_size"]:
+        raise ValueError(f"{model_name}: img_size {size} is not data.img_size {data['img_size']}")
     r = {"trainer": {**_TRAINER, "max_epochs": epochs},
-         "model": {"model_name": model_name, "model_kwargs": copy.deepcopy(model_kwargs),
-                   "optimizer": "adamw", "lr": lr, "weight_decay": weight_decay,
+         "model": {"model": model,
+                   "optimizer": {"class_path": "torch.optim.AdamW",
+                                 "init_args": {"lr": lr, "weight_decay": weight_decay}},
                    "warmup_epochs": 1},
          "data": copy.deepcopy(data)}
     if family is not None:
@@ -414,10 +423,10 @@ def run_demo(seeds: int = 1, out: str = "runs/demo", only: list[str] | None = No
             return
         progress.start(label, run_dir)
         init = os.path.join(out, f"pretrain-{fam}", "weights.safetensors")
-        if recipe["model"]["model_name"].startswith("tasn_"):
+        if recipe["model"]["model"]["class_path"].endswith(".TASN"):
             # TASN's attention net is a second ResNet: it starts from the same weights
             recipe = copy.deepcopy(recipe)
-            recipe["model"]["model_kwargs"]["attention_pretrained"] = init
+            recipe["model"]["model"]["init_args"]["attention_pretrained"] = init
         if _finished(recipe, run_dir, seed):  # an earlier demo into the same --out: reuse
             seconds, err, note = 0.0, None, " (finished earlier, reused)"
         else:

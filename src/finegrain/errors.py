@@ -52,4 +52,5 @@ def nonfinite_outputs(checkpoint: str, bad: int, total: int,
     return NonFiniteError(f"{checkpoint} gives NaN / inf {what} for {bad} of {total} images, so "
                           f"nothing was written: its weights diverged in training (learning rate "
                           f"too high?). Use an earlier checkpoint of the run (best.ckpt), or "
-                          f"retrain with a lower --model.lr or with --model.max_grad_norm 1.0")
+                          f"retrain with a lower --model.optimizer.lr or with "
+                          f"--model.max_grad_norm 1.0")

@@ -8,6 +8,7 @@ import pytest
 
 from finegrain.cli import main, predict
 from finegrain.data.synthetic import FGVCConfig, generate_cub
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 CFG = dict(num_classes=4, train_per_class=4, test_per_class=2, size=32, seed=0)
@@ -20,8 +21,7 @@ def run(tmp_path_factory):
     rc = main(["train", "--run-dir", str(tmp / "run"), "--trainer.max_epochs", "1",
                "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
-               "--model.model_name", "vit_tiny_patch16_224",
-               "--model.model_kwargs", json.dumps(TINY),
+               "--model.model", model_arg("vit_tiny_patch16_224", TINY),
                "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp / "cache"),
                "--data.dataset_kwargs", json.dumps({"config": CFG}),
                "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"])

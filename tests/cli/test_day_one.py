@@ -11,6 +11,7 @@ import pytest
 from finegrain.cli import build_parser, main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
 from finegrain.engine.report import recipe_paper_number, recipe_pretrained
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 NAME = "dcal_deit_tiny_patch16_224"
@@ -22,7 +23,9 @@ RECIPE = """# DCAL on a tiny generated set. Paper (FGVC table, top-1 %): baselin
 trainer:
   max_epochs: 2
 model:
-  model_name: {name}
+  model:
+    class_path: finegrain.models.dcal.DCAL
+    init_args: {{backbone: {backbone}}}
   pretrained: null
 """
 
@@ -32,14 +35,14 @@ def _train(tmp, seed: int) -> list[str]:
             "--run-dir", str(tmp / f"run{seed}"), "--seed_everything", str(seed),
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
-            "--model.model_kwargs", json.dumps({**tiny_kwargs(NAME), "task": "fgvc"}),
+            "--model.model", model_arg(NAME, {**tiny_kwargs(NAME), "task": "fgvc"}),
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": CFG}),
             "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"]
 
 
 def test_train_prints_evaluations_summary_and_random_weights_warning(tmp_path, capsys, caplog):
-    (tmp_path / "tiny_dcal.yaml").write_text(RECIPE.format(name=NAME))
+    (tmp_path / "tiny_dcal.yaml").write_text(RECIPE.format(backbone=NAME[len("dcal_"):]))
     assert main(_train(tmp_path, 0)) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run0"
@@ -92,7 +95,7 @@ def test_help_describes_every_option_and_shows_defaults(cmd, capsys):
 
 
 def _two_runs(tmp):
-    (tmp / "tiny_dcal.yaml").write_text(RECIPE.format(name=NAME))
+    (tmp / "tiny_dcal.yaml").write_text(RECIPE.format(backbone=NAME[len("dcal_"):]))
     for seed in (0, 1):
         assert main(_train(tmp, seed)) == 0
     return tmp / "run0", tmp / "run1"

@@ -32,9 +32,10 @@ def test_ablation_arms_differ_from_their_counterpart_in_one_switch():
             elif c.ablation and c.baseline != "baseline":  # one switch inside the method
                 assert len(diff) == 1, (e.name, c.label, diff)
             else:  # against the baseline: the method's own switches, nothing else
-                assert diff and all(k.startswith("model.model_") for k in diff), (e.name, diff)
+                assert diff and all(k.startswith("model.model.") for k in diff), (e.name, diff)
             # same data, same pretrained family, same optimiser for every pair
-            for k in ("data.dataset", "init_family", "model.lr", "model.optimizer"):
+            for k in ("data.dataset", "init_family", "model.optimizer.class_path",
+                      "model.optimizer.init_args.lr"):
                 assert a.get(k) == b.get(k), (e.name, c.label, k)
         assert set(e.ablation_arms) <= set(e.arms)
 

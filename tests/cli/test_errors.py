@@ -14,6 +14,7 @@ import torch
 from finegrain import cli
 from finegrain.cli import main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 CFG = dict(num_classes=4, train_per_class=4, test_per_class=2, size=32, seed=0)
@@ -24,8 +25,7 @@ def _train_argv(run_dir, cache, *extra):
     return ["train", "--run-dir", str(run_dir), "--trainer.max_epochs", "1",
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
-            "--model.model_name", "vit_tiny_patch16_224",
-            "--model.model_kwargs", json.dumps(TINY),
+            "--model.model", model_arg("vit_tiny_patch16_224", TINY),
             "--data.dataset", "synthetic_fgvc", "--data.root", str(cache),
             "--data.dataset_kwargs", json.dumps({"config": CFG}),
             "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
@@ -49,10 +49,52 @@ def _error(capsys) -> str:
 
 
 # ---- train --------------------------------------------------------------------------------
-def test_train_unknown_model_names_it(run, tmp_path, capsys):
-    argv = _train_argv(tmp_path / "r", run / "cache", "--model.model_name", "vit_tiny_pach16_224")
-    assert main(argv) == 2
-    assert "unknown model 'vit_tiny_pach16_224'" in _error(capsys)
+RECIPE_TYPO = """model:
+  model:
+    class_path: finegrain.models.dcal.DCAL
+    init_args: {backbone: deit_tiny_patch16_224, task: fgvc, pcwa: false}
+"""
+
+
+def test_train_misspelled_model_argument_in_a_recipe_is_refused_naming_it(run, tmp_path,
+                                                                          capsys):
+    (tmp_path / "typo.yaml").write_text(RECIPE_TYPO)
+    argv = _train_argv(tmp_path / "r", run / "cache")
+    argv = [argv[0], "--config", str(tmp_path / "typo.yaml"),
+            *[a for a in argv[1:] if not a.startswith(("--model.model", '{"class_path'))]]
+    with pytest.raises(SystemExit) as e:  # refused while parsing: nothing built or trained
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert "Option 'pcwa' is not accepted" in err and "finegrain.models.dcal.DCAL" in err
+    assert "run folder" not in out and not (tmp_path / "r").exists()
+
+
+def test_train_unknown_model_class_is_refused_naming_it(run, tmp_path, capsys):
+    argv = _train_argv(tmp_path / "r", run / "cache", "--model.model",
+                       '{"class_path": "finegrain.models.dcal.DCALL"}')
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "finegrain.models.dcal.DCALL" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_model_help_shows_the_typed_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model.model.help", "finegrain.models.dcal.DCAL"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for arg in ("--model.model.glca {true,false}", "--model.model.pwca {true,false}",
+                "--model.model.backbone BACKBONE", "--model.model.glca_selection"):
+        assert arg in out, arg
+    assert "type: bool, default: True" in out  # typed, with the documented default
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for cls in ("classifier.Classifier", "dcal.DCAL", "tasn.TASN", "dalg.DALG",
+                "cross_image.CrossImageDML"):
+        assert f"finegrain.models.{cls}" in out, cls
 
 
 def test_train_unknown_dataset_names_it(run, tmp_path, capsys):
@@ -84,8 +126,9 @@ def test_train_corrupt_image_names_it(run, tmp_path, capsys):
 
 
 def test_train_nonfinite_loss_names_the_step(run, tmp_path, capsys):
-    argv = _train_argv(tmp_path / "r", run / "cache", "--model.optimizer", "sgd",
-                       "--model.lr", "1e30", "--model.weight_decay", "0")
+    argv = _train_argv(tmp_path / "r", run / "cache", "--model.optimizer", "torch.optim.SGD",
+                       "--model.optimizer.lr", "1e30",
+                       "--model.optimizer.weight_decay", "0")
     assert main(argv) == 2
     err = _error(capsys)
     assert "non-finite loss at epoch 0 step" in err and "--resume" in err

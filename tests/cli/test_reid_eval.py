@@ -9,6 +9,7 @@ import pytest
 
 from finegrain.cli import _reid_distances, _reid_metrics, main
 from finegrain.evaluation.reid import compute_distance, evaluate, re_rank
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 NAME = "dcal_deit_tiny_patch16_224"
@@ -23,7 +24,7 @@ def run(tmp_path_factory):
     assert main(["train", "--run-dir", str(tmp / "run"), "--trainer.max_epochs", "1",
                  "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                  "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary",
-                 "false", "--model.model_name", NAME, "--model.model_kwargs", json.dumps(kw),
+                 "false", "--model.model", model_arg(NAME, kw),
                  "--data.dataset", "synthetic_reid", "--data.root", str(tmp / "cache"),
                  "--data.dataset_kwargs", json.dumps({"config": DATA}),
                  "--data.img_size", "[32, 16]", "--data.batch_size", "8",

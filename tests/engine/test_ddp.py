@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from finegrain.engine import FinegrainDataModule, FinegrainModule
+from finegrain.models import create_model
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 TINY = tiny_kwargs("vit_tiny_patch16_224")
@@ -15,7 +17,8 @@ def _validate(task_ds, cfg, devices, tmp_path, model_kwargs):
     torch.manual_seed(0)
     dm = FinegrainDataModule(task_ds, root=str(tmp_path / "cache"), img_size=[32, 32],
                              batch_size=4, num_workers=0, dataset_kwargs={"config": cfg})
-    module = FinegrainModule("vit_tiny_patch16_224", model_kwargs, num_classes=dm.num_classes)
+    module = FinegrainModule(create_model("vit_tiny_patch16_224", num_classes=dm.num_classes,
+                                          **model_kwargs))
     dm.val_set  # noqa: B018
     module.set_data_meta(dm.meta())
     trainer = pl.Trainer(accelerator="cpu", devices=devices, logger=False,
@@ -56,8 +59,7 @@ def test_ddp_training_two_processes_writes_run_folder(tmp_path):
     train(["--run-dir", str(run), "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
            "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn",
            "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
-           "--model.model_name", "vit_tiny_patch16_224",
-           "--model.model_kwargs", json.dumps(TINY),
+           "--model.model", model_arg("vit_tiny_patch16_224", TINY),
            "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
            "--data.dataset_kwargs", json.dumps({"config": cfg}),
            "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from finegrain import create_model
 from finegrain.cli import main
 from finegrain.data import build_dataset
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import TEST_VIT, tiny_kwargs
 
 FRACTION = 0.05
@@ -72,9 +73,9 @@ def _overfit(tmp_path, cache, name: str, model_kwargs: dict, data: tuple[str, di
             "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
             "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
-            "--model.model_name", name,
-            "--model.model_kwargs", json.dumps({**tiny_kwargs(name), **model_kwargs}),
-            "--model.lr", str(lr), "--model.weight_decay", "0", "--model.scheduler", "cosine",
+            "--model.model", model_arg(name, {**tiny_kwargs(name), **model_kwargs}),
+            "--model.optimizer.lr", str(lr), "--model.optimizer.weight_decay", "0",
+            "--model.scheduler", "cosine",
             "--data.dataset", dataset, "--data.root", str(cache),
             "--data.dataset_kwargs", json.dumps({"config": config}),
             "--data.img_size", "32", "--data.resize_size", "32",

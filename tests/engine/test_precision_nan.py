@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 from finegrain.engine import train
 from finegrain.engine.module import NonFiniteLossError
+from finegrain.models.registry import model_arg
 
 from .test_resume import _argv
 
@@ -63,12 +64,11 @@ class PoisonImages(Callback):
 
 def test_skip_leaves_parameters_and_batchnorm_buffers_unchanged(tmp_path):
     from finegrain.models.tiny import tiny_kwargs
-    import json
     run = tmp_path / "run"
     poison = PoisonImages(1)
     cli = train(_argv(tmp_path, run, epochs=1, extra=[
-        "--model.model_name", "resnet18", "--model.model_kwargs",
-        json.dumps(tiny_kwargs("resnet18")), "--model.nonfinite", "skip"]), callbacks=[poison])
+        "--model.model", model_arg("resnet18", tiny_kwargs("resnet18")),
+        "--model.nonfinite", "skip"]), callbacks=[poison])
     assert any(k.endswith("running_mean") for k in poison.before), "needs a BatchNorm model"
     assert poison.changed == [], f"a skipped step changed {poison.changed[:5]}"
     assert cli.model.skipped_steps == 1

@@ -9,6 +9,7 @@ import sys
 
 
 from finegrain.cli import main
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 NAME = "dcal_deit_tiny_patch16_224"
@@ -22,7 +23,7 @@ def _args(run_dir, cache) -> list[str]:
     return ["train", "--run-dir", str(run_dir), "--trainer.max_epochs", "2",
                "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
-               "--model.model_name", NAME, "--model.model_kwargs", json.dumps(kw),
+                "--model.model", model_arg(NAME, kw),
                "--data.dataset", "synthetic_reid", "--data.root", str(cache),
                "--data.dataset_kwargs", json.dumps({"config": DATA}),
                "--data.img_size", "[32, 16]", "--data.batch_size", "8",

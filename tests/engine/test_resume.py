@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from finegrain.engine import train
 from finegrain.models import create_model, load_model
+from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 
@@ -20,11 +21,11 @@ def _argv(tmp_path, run_dir, epochs=3, extra=()):
             "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
             "--trainer.enable_model_summary", "false",
-            "--model.model_name", "vit_tiny_patch16_224",
             # drop path on: a resumed run must replay its random draws too
-            "--model.model_kwargs", json.dumps({**tiny_kwargs("vit_tiny_patch16_224"),
-                                                "drop_path_rate": 0.1}),
-            "--model.lr", "0.003", "--model.warmup_epochs", "1",
+            "--model.model", model_arg("vit_tiny_patch16_224",
+                                       {**tiny_kwargs("vit_tiny_patch16_224"),
+                                        "drop_path_rate": 0.1}),
+            "--model.optimizer.lr", "0.003", "--model.warmup_epochs", "1",
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": cfg}),
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0",
@@ -79,8 +80,9 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path):
 def test_resume_with_changed_config_warns_naming_keys(tmp_path):
     run = tmp_path / "run"
     train(_argv(tmp_path, run, epochs=1))
-    with pytest.warns(UserWarning, match=r"model\.lr"):
-        train(["--resume", str(run), *_argv(tmp_path, run, epochs=2, extra=["--model.lr", "0.001"])[2:]])
+    with pytest.warns(UserWarning, match=r"model\.optimizer\.init_args\.lr"):
+        train(["--resume", str(run),
+               *_argv(tmp_path, run, epochs=2, extra=["--model.optimizer.lr", "0.001"])[2:]])
 
 
 def test_resume_missing_run_names_the_file(tmp_path):

@@ -23,7 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from finegrain import create_model, list_models
-from finegrain.models.cross_image import CrossAttentionLayer, conditional_rerank
+from finegrain.models.cross_image import CrossAttentionLayer, CrossImageDML, conditional_rerank
+from finegrain.models.registry import registry_name
 from finegrain.models.tiny import TEST_RESNET
 from finegrain.models.weights import load_pretrained
 
@@ -544,12 +545,14 @@ def _cond_loss_trajectory(recipe: dict, steps: int = 40, **override) -> list[flo
     settings; groups built by the engine's configure_optimizers) on one fixed batch."""
     from finegrain.engine.module import FinegrainModule
     model_cfg = recipe["model"]
-    kw = {**model_cfg["model_kwargs"], "embedding_dim": 32, "num_heads": 4, "attn_dim": 32,
-          "backbone_kwargs": TEST_RESNET}
-    hp = {k: v for k, v in model_cfg.items() if k not in ("model_name", "model_kwargs",
-                                                            "pretrained")}
+    kw = {**model_cfg["model"]["init_args"], "backbone": "resnet18", "embedding_dim": 32,
+          "num_heads": 4, "attn_dim": 32, "backbone_kwargs": TEST_RESNET}
+    opt = model_cfg["optimizer"]
+    opt_cls = getattr(torch.optim, opt["class_path"].rsplit(".", 1)[1])
+    hp = {k: v for k, v in model_cfg.items() if k not in ("model", "optimizer", "pretrained")}
     torch.manual_seed(0)
-    module = FinegrainModule(model_name="cross_image_resnet18", model_kwargs=kw,
+    module = FinegrainModule(CrossImageDML(**kw),
+                             optimizer=lambda params: opt_cls(params, **opt["init_args"]),
                              **{**hp, **override})
     # 10 steps per epoch (warm-up 10 steps), a long run: the first steps of a real schedule
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(steps_per_epoch=lambda: 10),
@@ -579,7 +582,8 @@ def test_recipe_learning_rates_make_the_conditional_loss_fall():
     the conditional loss on a fixed generated batch falls clearly in 40 steps; with the whole
     model at the backbone's 1e-5 (the recipes before) it barely moves."""
     recipe = yaml.safe_load((RECIPES / "cub_resnet50.yaml").read_text())
-    assert recipe["model"]["head_lr_mult"] * recipe["model"]["lr"] == pytest.approx(1e-4)
+    lr = recipe["model"]["optimizer"]["init_args"]["lr"]
+    assert recipe["model"]["head_lr_mult"] * lr == pytest.approx(1e-4)
     traj = _cond_loss_trajectory(recipe)
     flat = _cond_loss_trajectory(recipe, head_lr_mult=1.0)
     first, last = traj[0], float(np.mean(traj[-5:]))
@@ -602,11 +606,13 @@ def test_recipes_name_registered_models_and_twins_differ_only_in_the_branch():
     assert len(recipes) == 16
     for path in recipes:
         cfg = yaml.safe_load(path.read_text())
-        assert cfg["model"]["model_name"] in list_models("cross_image*"), path.name
+        name, _ = registry_name(cfg["model"]["model"])
+        assert name in list_models("cross_image*"), path.name
         assert cfg["data"]["sampler"] == "pk" and cfg["data"]["num_instances"] == 2
         if path.stem.endswith("_baseline"):
             twin = yaml.safe_load((folder / f"{path.stem[:-9]}.yaml").read_text())
-            kw, kw_twin = cfg["model"].pop("model_kwargs"), twin["model"].pop("model_kwargs")
+            kw = cfg["model"]["model"].pop("init_args")
+            kw_twin = twin["model"]["model"].pop("init_args")
             assert kw.pop("cross_attention") is False and kw_twin.pop("cross_attention") is True
             branch = ("depth", "num_heads", "attn_dim", "hierarchy", "query_residual")
             assert {k: v for k, v in kw_twin.items() if k not in branch} == kw

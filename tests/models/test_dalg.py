@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from finegrain import create_model, list_models
 from finegrain.models.dalg import (DALG, CrossAttentionFusion, OrthogonalFusion,
                                    SpatialAttention2d, WindowAttentionBlock)
+from finegrain.models.registry import registry_name
 
 TINY = dict(depth=4, embed_dim=64, num_heads=4, patch_size=8)
 
@@ -229,17 +230,18 @@ def test_recipes_build_and_twins_differ_only_in_the_branches():
                                          "gldv2_vit_small", "gldv2_vit_small_baseline"}
     for path in recipes:
         cfg = yaml.safe_load(path.read_text())
-        assert cfg["model"]["model_name"] in list_models("dalg*"), path.name
+        name, kw = registry_name(cfg["model"]["model"])
+        assert name in list_models("dalg*"), path.name
         assert cfg["data"]["dataset"] == "gldv2" and cfg["data"]["img_size"] == 512
-        assert cfg["model"]["optimizer"] == "sgd" and cfg["model"]["lr"] == 0.01
-        kw = dict(cfg["model"]["model_kwargs"])
+        opt = cfg["model"]["optimizer"]
+        assert opt["class_path"] == "torch.optim.SGD" and opt["init_args"]["lr"] == 0.01
         # the recipe's arguments build the model (tiny backbone to stay fast)
-        model = create_model(cfg["model"]["model_name"], num_classes=3,
+        model = create_model(name, num_classes=3,
                              **{**kw, "img_size": 64, "backbone_kwargs": TINY})
         assert model.embedding_dim == 512 and model.head.s == 30.0 and model.head.m == 0.15
         if path.stem.endswith("_baseline"):
             twin = yaml.safe_load((folder / f"{path.stem[:-9]}.yaml").read_text())
-            kw_twin = dict(twin["model"]["model_kwargs"])
+            kw_twin = registry_name(twin["model"]["model"])[1]
             assert (kw.pop("local"), kw.pop("fusion")) == ("none", "none")
             assert (kw_twin.pop("local"), kw_twin.pop("fusion")) == ("window_attention",
                                                                      "cross_attention")
@@ -247,7 +249,8 @@ def test_recipes_build_and_twins_differ_only_in_the_branches():
             assert {k: v for k, v in kw_twin.items() if k not in local_only} == kw
             for key in ("model", "data", "trainer"):
                 a, b = dict(cfg[key]), dict(twin[key])
-                a.pop("model_kwargs", None), b.pop("model_kwargs", None)
+                if key == "model":
+                    a["model"] = b["model"] = None
                 assert a == b, (path.name, key)
 
 

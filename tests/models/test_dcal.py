@@ -20,6 +20,7 @@ from finegrain.models import dcal as dcal_mod
 from finegrain.models.dcal import (DCAL, GlobalLocalCrossAttention, attention_rollout_class_row,
                                    num_selected, pwca_attention, random_derangement,
                                    select_top_patches)
+from finegrain.models.registry import registry_name
 from finegrain.models.weights import load_pretrained
 
 TINY = dict(depth=3, embed_dim=32, num_heads=2, patch_size=8)
@@ -647,22 +648,25 @@ def test_recipes_are_valid_and_twinned():
     for stem, r in by_stem.items():
         text = (RECIPES[0].parent / f"{stem}.yaml").read_text()
         assert "2205.02151" in text or "baseline twin" in text, stem
-        assert r["model"]["model_name"] in names, stem
+        assert r["model"]["model"]["class_path"] == "finegrain.models.dcal.DCAL", stem
+        assert registry_name(r["model"]["model"])[0] in names, stem
         assert set(r["model"]) <= module_args, stem
-        assert set(r["model"]["model_kwargs"]) <= dcal_args, stem
+        init = r["model"]["model"]["init_args"]
+        assert set(init) <= dcal_args, stem
         assert set(r["data"]) <= data_args, stem
         get_dataset_class(r["data"]["dataset"])
-        assert r["model"]["model_kwargs"]["img_size"] == r["data"]["img_size"], stem
-        reid = r["model"]["model_kwargs"]["task"] == "reid"
+        assert "img_size" not in init, stem  # linked from data.img_size
+        reid = init["task"] == "reid"
+        opt, lr = r["model"]["optimizer"], r["model"]["optimizer"]["init_args"]["lr"]
         if reid:
-            assert r["model"]["optimizer"] == "sgd" and r["model"]["lr"] == 0.008, stem
+            assert opt["class_path"] == "torch.optim.SGD" and lr == 0.008, stem
             assert r["data"]["sampler"] == "pk" and r["data"]["batch_size"] == 64, stem
         else:
-            assert r["model"]["lr"] == pytest.approx(5e-4 / 512 * r["data"]["batch_size"]), stem
+            assert lr == pytest.approx(5e-4 / 512 * r["data"]["batch_size"]), stem
             assert (r["data"]["img_size"], r["data"]["resize_size"]) == (448, 550), stem
         if not stem.endswith("_baseline"):
             twin = by_stem[f"{stem}_baseline"]
-            mk = dict(twin["model"]["model_kwargs"])
+            mk = dict(twin["model"]["model"]["init_args"])
             assert mk.pop("glca") is False and mk.pop("pwca") is False, stem
-            assert mk == r["model"]["model_kwargs"], stem
+            assert mk == init, stem
             assert {**twin, "model": None} == {**r, "model": None}, stem

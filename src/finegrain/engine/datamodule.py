@@ -1,9 +1,10 @@
 """The one LightningDataModule: a registered dataset, its task's transforms and samplers.
 
-Training batches come from a resumable batch sampler (``finegrain.data.samplers``) through a
-DataLoader that Lightning sees as stateful: a mid-epoch checkpoint stores ``(epoch, batches
-trained)`` and a resumed run skips exactly those batches. Evaluation shards samples across
-DDP ranks without padding (the module gathers them back in dataset order).
+Training batches come from a resumable batch sampler (``finegrain.data.samplers``,
+:attr:`FinegrainDataModule.train_batch_sampler`); :class:`finegrain.engine.resume.ExactResume`
+gives it the position of a mid-epoch checkpoint, and a resumed run skips exactly the batches
+trained. Evaluation shards samples across DDP ranks without padding (the module gathers them
+back in dataset order).
 """
 
 from __future__ import annotations
@@ -20,24 +21,6 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from ..errors import InputError
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader whose position in the epoch is checkpointed (Lightning ``_Stateful``)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trained = 0  # batches of the current epoch that completed a training step
-
-    def __iter__(self):
-        self.trained = self.batch_sampler._skip
-        return super().__iter__()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.batch_sampler.epoch, "consumed": self.trained}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.load_state_dict(state)
-
-
 def _collate(items: list[dict]) -> dict:
     return {"image": torch.stack([it["image"] for it in items]),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
@@ -51,7 +34,8 @@ class FinegrainDataModule(pl.LightningDataModule):
     Args:
         dataset: registry name (``cub200``, ``market1501``, ``synthetic_fgvc`` ...).
         root: dataset root (for ``synthetic_*`` the cache folder; None = default cache).
-        img_size: model input size, int or [H, W] (Re-ID: [256, 128]).
+        img_size: model input size, int or [H, W] (Re-ID: [256, 128]); linked to the
+            model's ``img_size`` (``model.img_size``).
         resize_size: resize before the crop (classification 550 for 448; DML 256 for 224).
         batch_size: training batch per process (P x K for ``sampler: pk``).
         eval_batch_size: evaluation batch (default: ``batch_size``).
@@ -92,7 +76,7 @@ class FinegrainDataModule(pl.LightningDataModule):
         self._train = None
         self._val = None
         self._num_query = 0
-        self._train_loader: ResumableLoader | None = None
+        self._train_sampler = None
 
     # ---- datasets ---------------------------------------------------------------------
     def _build(self, split: str, train: bool):
@@ -163,23 +147,27 @@ class FinegrainDataModule(pl.LightningDataModule):
             raise InputError(f"data.sampler {hp.sampler!r}: choose random or pk")
         return bs
 
+    @property
+    def train_batch_sampler(self):
+        """The resumable batch sampler of training on this rank, one for the whole fit (built
+        before any DataLoader, so a resume can set its position first)."""
+        rank, world = self._rank()
+        bs = self._train_sampler
+        if bs is None or (bs.rank, bs.world_size) != (rank, world):
+            self._train_sampler = bs = self._batch_sampler()
+        return bs
+
     def steps_per_epoch(self) -> int:
-        """Training batches per epoch on this rank (without building a DataLoader: Lightning's
-        ``estimated_stepping_batches`` would build it before a resume restores its position)."""
-        return len(self._batch_sampler())
+        """Training batches per epoch on this rank, without building a DataLoader."""
+        return len(self.train_batch_sampler)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        bs = self._batch_sampler()
-        self._train_loader = ResumableLoader(
-            SeededDataset(self.train_set), batch_sampler=bs, num_workers=hp.num_workers,
-            collate_fn=_collate, persistent_workers=hp.num_workers > 0,
+        return DataLoader(
+            SeededDataset(self.train_set), batch_sampler=self.train_batch_sampler,
+            num_workers=hp.num_workers, collate_fn=_collate,
+            persistent_workers=hp.num_workers > 0,
             generator=torch.Generator().manual_seed(hp.seed))
-        return self._train_loader
-
-    def train_batch_done(self) -> None:
-        if self._train_loader is not None:
-            self._train_loader.trained += 1
 
     def val_dataloader(self) -> DataLoader | list:
         ds = self.val_set

@@ -1,10 +1,12 @@
-"""The one LightningModule: any registered model, trained through its output dict.
+"""The one LightningModule: any finegrain model, trained through its output dict.
 
-The module sums ``out["losses"]`` (the model has already weighted them), logs them and
-``out["logs"]``, evaluates with ``finegrain.evaluation`` on the task the data declares, and
-stores in every checkpoint what a checkpoint needs to describe itself (``hparams.meta``:
-model name and arguments, class names, input size, normalisation, task, dataset) plus the
-RNG state of the training process, so a resumed run continues exactly.
+The model and the optimizer are injected (LightningCLI's ``class_path`` / ``init_args``:
+``model.model``, ``model.optimizer``). The module sums ``out["losses"]`` (the model has already
+weighted them), logs them and ``out["logs"]``, evaluates with ``finegrain.evaluation`` on the
+task the data declares, and stores in every checkpoint what a checkpoint needs to describe
+itself (``finegrain_meta``: the model's resolved config as YAML text, its registered name and
+arguments, class names, input size, normalisation, task, dataset). Exact resume (sampler
+position, RNG) is :class:`finegrain.engine.resume.ExactResume`'s.
 """
 
 from __future__ import annotations
@@ -16,9 +18,19 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn as nn
+from lightning.pytorch.cli import OptimizerCallable
 
 from ..errors import InputError, NonFiniteError
-from ..models.registry import create_model
+from ..models.registry import FinegrainModel
+
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW",
+                     "init_args": {"lr": 5e-4, "weight_decay": 0.05}}
+"""``model.optimizer`` when a recipe names none."""
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW, lr 5e-4, weight decay 0.05 (:data:`DEFAULT_OPTIMIZER`)."""
+    return torch.optim.AdamW(params, **DEFAULT_OPTIMIZER["init_args"])
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -61,14 +73,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
 def planned_steps(trainer: pl.Trainer) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a fit: the schedule's length and
     the progress file's total. ``max_steps`` caps the epochs; with ``max_steps`` alone
-    (Lightning then sets ``max_epochs = -1``) the total is ``max_steps``."""
-    dm = getattr(trainer, "datamodule", None)
+    (Lightning then sets ``max_epochs = -1``) the total is ``max_steps``.
+
+    The batches per epoch come from the data module's ``steps_per_epoch()``
+    (:class:`~finegrain.engine.datamodule.FinegrainDataModule`), read from its batch sampler
+    without building a DataLoader."""
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-    # not trainer.estimated_stepping_batches when the data module knows: it builds the train
-    # loader before a resume restores the loader's position, and Lightning then never
-    # restores it
-    batches = dm.steps_per_epoch() if hasattr(dm, "steps_per_epoch") else \
-        int(trainer.estimated_stepping_batches) // (epochs or 1)
+    batches = trainer.datamodule.steps_per_epoch()
     per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
     total = per_epoch * epochs if epochs else None
     if trainer.max_steps and trainer.max_steps > 0:
@@ -77,26 +88,26 @@ def planned_steps(trainer: pl.Trainer) -> tuple[int, int]:
 
 
 class FinegrainModule(pl.LightningModule):
-    """Train / evaluate a registered finegrain model.
+    """Train / evaluate a finegrain model.
 
     Args:
-        model_name: registry name (``finegrain.list_models()``), e.g. ``dcal_deit_tiny_patch16_224``.
-        model_kwargs: arguments of the model (``img_size``, ``task`` ...); ``num_classes``
-            comes from the data.
-        num_classes: number of training classes (linked from ``data.num_classes``).
+        model: the model, a class of ``finegrain.models`` with its typed arguments
+            (recipes: ``class_path: finegrain.models.dcal.DCAL`` + ``init_args``;
+            ``--model.model.help finegrain.models.dcal.DCAL`` lists them). ``num_classes``
+            and ``img_size`` come from the data (linked). From Python:
+            ``FinegrainModule(finegrain.create_model(name, ...))``.
+        optimizer: the optimizer (``class_path`` / ``init_args``, default AdamW, lr 5e-4,
+            weight decay 0.05), called with the parameter groups: backbone vs. new parts,
+            decay vs. none (its ``lr`` and ``weight_decay`` are the backbone's; see
+            ``head_lr_mult``).
         pretrained: weights file to start from (timm / DeiT / torchvision / finegrain); every
             missing or unexpected key is reported.
         pretrained_strict: stop when fewer than half of the model's backbone tensors load
             from ``pretrained`` (another architecture's file); False goes on anyway.
-        optimizer: ``adamw`` or ``sgd``.
-        lr: peak learning rate (after warm-up).
-        weight_decay: decay of the weight matrices (1-d params and the model's
-            ``no_weight_decay()`` names are excluded).
-        momentum: SGD momentum.
-        nesterov: SGD Nesterov momentum.
-        betas: AdamW betas.
         scheduler: ``cosine`` (per step, to ``min_lr``), ``step`` (x ``gamma`` at
-            ``milestones`` epochs) or ``constant``.
+            ``milestones`` epochs) or ``constant``. The schedule stays a module argument (not
+            an ``LRSchedulerCallable``): its warm-up and cosine need the planned step count,
+            which only the trainer knows.
         warmup_epochs: linear warm-up length in epochs (may be fractional).
         min_lr: final learning rate of the cosine schedule.
         milestones: epochs of the step schedule.
@@ -109,34 +120,44 @@ class FinegrainModule(pl.LightningModule):
             parameter and buffer (BatchNorm statistics) as it was.
     """
 
-    def __init__(self, model_name: str, model_kwargs: dict[str, Any] | None = None,
-                 num_classes: int = 0, pretrained: str | None = None,
-                 pretrained_strict: bool = True, optimizer: str = "adamw",
-                 lr: float = 5e-4, weight_decay: float = 0.05, momentum: float = 0.9,
-                 nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, model: FinegrainModel, optimizer: OptimizerCallable | None = None,
+                 pretrained: str | None = None, pretrained_strict: bool = True,
                  scheduler: str = "cosine", warmup_epochs: float = 0.0, min_lr: float = 0.0,
                  milestones: list[int] | None = None, gamma: float = 0.1,
                  max_grad_norm: float | None = None, head_lr_mult: float = 1.0,
                  nonfinite: str = "raise"):
         super().__init__()
-        self.save_hyperparameters()
-        kwargs = dict(model_kwargs or {})
-        if num_classes:
-            kwargs["num_classes"] = num_classes
-        # the recipe decides the model's arguments, also when it starts from a finegrain file
-        self.model = create_model(model_name, pretrained=pretrained, inherit_kwargs=False,
-                                  pretrained_strict=pretrained_strict, **kwargs)
-        # what a checkpoint needs to describe itself; stored beside (not in) the hparams,
-        # which LightningCLI feeds back as arguments on resume
-        # (weight-file paths are not part of the model: a checkpoint must rebuild anywhere)
-        self.meta: dict[str, Any] = {"model_name": model_name, "model_kwargs": {
-            k: v for k, v in kwargs.items() if not k.endswith("pretrained")}}
+        # the model and the optimizer are objects: checkpoints keep their configs as text
+        # (meta["model_config"]), so they load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.model = model
+        self.optimizer = optimizer
+        if pretrained is not None:
+            # the recipe decides the model's arguments, also when it starts from a finegrain file
+            from ..models.weights import load_pretrained
+            load_pretrained(model, pretrained, strict=pretrained_strict)
+        # what a checkpoint needs to describe itself; stored beside (not in) the hparams
+        self.meta: dict[str, Any] = {}
+        config = getattr(model, "finegrain_config", None)
+        if config is not None:  # built by the registry (or rebuilt from a checkpoint)
+            self.set_model_config(config)
         self._val_outputs: list[dict] = []
-        self._rng_to_restore: torch.Tensor | None = None
+        self.last_metrics: dict[str, Any] | None = None  # of the last evaluation pass
         self.skipped_steps = 0
         self.nonfinite_outputs = 0  # evaluated images with NaN / inf logits or embedding
 
     # ---- self-description -------------------------------------------------------------
+    def set_model_config(self, config: dict) -> None:
+        """Record the model's resolved config (``class_path`` / ``init_args``, the real
+        ``num_classes`` included): ``model_config`` (YAML text) and the registered
+        ``model_name`` / ``model_kwargs`` that build the same model."""
+        from ..models.registry import config_meta
+        self.meta = {**self.meta, **config_meta(config)}
+
+    @property
+    def model_name(self) -> str:
+        return self.meta.get("model_name") or type(self.model).__name__
+
     def set_data_meta(self, meta: dict) -> None:
         """Record the data side (classes, input size, normalisation, task, dataset)."""
         self.meta = {**self.meta, **meta}
@@ -149,14 +170,6 @@ class FinegrainModule(pl.LightningModule):
         return self.model(images)
 
     # ---- training ---------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx):
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "train_batch_done"):
-            dm.train_batch_done()  # counted before the checkpoint callbacks of this batch run
-        if self._rng_to_restore is not None:  # resumed: continue the interrupted RNG stream
-            torch.set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
-
     def training_step(self, batch: dict, batch_idx: int):
         skip = self.hparams.nonfinite == "skip"
         # a skipped step must not keep what its forward changed (BatchNorm statistics)
@@ -167,9 +180,9 @@ class FinegrainModule(pl.LightningModule):
         if not torch.isfinite(loss):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
             msg = (f"non-finite loss at epoch {self.current_epoch} step {self.global_step}: "
-                   f"{', '.join(bad)}; lower model.lr, set model.max_grad_norm, or use "
-                   f"trainer.precision=bf16-mixed instead of 16-mixed. last.ckpt holds the last "
-                   f"good state (resume with --resume)")
+                   f"{', '.join(bad)}; lower model.optimizer.init_args.lr, set "
+                   f"model.max_grad_norm, or use trainer.precision=bf16-mixed instead of "
+                   f"16-mixed. last.ckpt holds the last good state (resume with --resume)")
             if skip:
                 with torch.no_grad():
                     for n, b in self.model.named_buffers():
@@ -193,16 +206,14 @@ class FinegrainModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model, hp.lr, hp.weight_decay, hp.head_lr_mult)
-        if hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        elif hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        else:
-            raise InputError(f"model.optimizer {hp.optimizer!r}: choose adamw or sgd")
+        make = self.optimizer or default_optimizer
+        # the optimizer's own lr / weight_decay are the backbone's: read them off a probe
+        probe = make([nn.Parameter(torch.zeros(1))]).defaults
+        lr, wd = float(probe["lr"]), float(probe.get("weight_decay", 0.0))
+        opt = make(param_groups(self.model, lr, wd, hp.head_lr_mult))
         per_epoch, total = planned_steps(self.trainer)
         warm = int(hp.warmup_epochs * per_epoch)
-        ratio = hp.min_lr / hp.lr if hp.lr else 0.0
+        ratio = hp.min_lr / lr if lr else 0.0
 
         def factor(step: int) -> float:
             if step < warm:
@@ -217,20 +228,12 @@ class FinegrainModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ---- checkpoint: exact resume -----------------------------------------------------
+    # ---- checkpoint: self-description -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finegrain_meta"] = self.meta
-        checkpoint["finegrain_rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["finegrain_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.meta = {**checkpoint.get("finegrain_meta", {}), **self.meta}
-        rng = checkpoint.get("finegrain_rng")
-        if rng is not None:
-            self._rng_to_restore = rng["torch"]
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ---- evaluation -------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -1,12 +1,14 @@
 """``finegrain train``: LightningCLI ``fit`` with the run folder of DESIGN.md.
 
-``runs/<date>-<recipe>/`` holds ``config.yaml`` (resolved), ``metrics.csv``, ``metrics.json``,
-``progress.json`` (step, ETA), ``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and
-at each epoch end), ``best.ckpt``, ``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN`` continues exactly
-from ``RUN/last.ckpt`` (optimizer, scheduler, scaler, RNG, sampler position) and warns naming
-every config key that changed; ``metrics.csv``, ``metrics.json`` and the TensorBoard events keep
-every row logged before the interruption, each step once. ``--init-weights FILE`` only loads
-weights.
+``runs/<date>-<recipe>/`` holds ``config.yaml`` (resolved: ``finegrain train --config
+RUN/config.yaml`` reproduces the run), ``metrics.csv``, ``metrics.json``, ``progress.json``
+(step, ETA), ``last.ckpt`` (atomic, every ``--checkpoint-every`` steps and at each epoch end),
+``best.ckpt``, ``weights.safetensors`` + ``model.json`` and ``curves.png``. ``--resume RUN``
+reads ``RUN/config.yaml`` first and continues exactly from ``RUN/last.ckpt`` (optimizer,
+scheduler, scaler; RNG and sampler position through
+:class:`~finegrain.engine.resume.ExactResume`), warning with every config key that changed;
+``metrics.csv``, ``metrics.json`` and the TensorBoard events keep every row logged before the
+interruption, each step once. ``--init-weights FILE`` only loads weights.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import datetime as _dt
 import json
 import logging
 import os
+import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +35,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from ..errors import InputError, MissingFileError
 from .datamodule import FinegrainDataModule
-from .module import FinegrainModule, planned_steps
+from .module import DEFAULT_OPTIMIZER, FinegrainModule, planned_steps
+from .resume import NOT_RESUMABLE_WARNING, ExactResume
 
 log = logging.getLogger("finegrain")
 
@@ -169,7 +173,7 @@ class RunFolder(Callback):
         self.history: list[dict] = []
 
     def on_validation_end(self, trainer, pl_module):
-        metrics = getattr(pl_module, "last_metrics", None)
+        metrics = pl_module.last_metrics
         if trainer.sanity_checking or metrics is None or not trainer.is_global_zero:
             return
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
@@ -248,50 +252,171 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def changed_keys(old: dict, new: dict,
-                 ignore: tuple[str, ...] = ("ckpt_path", "trainer.logger", "trainer.callbacks",
-                                            "trainer.default_root_dir", "config")) -> list[str]:
+RUN_KEYS = ("ckpt_path", "config", "resume", "init_weights", "run_dir", "runs_root",
+            "checkpoint_every", "trainer.logger", "trainer.callbacks", "trainer.default_root_dir")
+"""Keys of the resolved config that locate or manage a run, not what it computes."""
+
+
+def changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = RUN_KEYS) -> list[str]:
     """Dotted keys whose values differ between two resolved configs."""
     a, b = _flatten(old), _flatten(new)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if not k.startswith(ignore) and a.get(k) != b.get(k)]
 
 
-class FinegrainCLI(LightningCLI):
-    """LightningCLI with ``num_classes`` linked from the data and the data meta recorded in the
-    model's checkpoints."""
+def read_run_config(run_dir: str) -> str:
+    """The resolved ``config.yaml`` of a run folder as YAML text, ready to parse again: the
+    keys that located that run (``ckpt_path``, ``resume``, ``run_dir`` ...) are cleared, and
+    so are the placeholders older versions wrote for logger / callback instances
+    (``- Unable to serialize instance <...>``)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise MissingFileError(f"--resume {run_dir}: {path} not found; pass the run folder of "
+                               f"an earlier `finegrain train` (it holds config.yaml and last.ckpt)")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: not a finegrain train config (a YAML mapping); restore it "
+                         f"from a copy or pass the recipe with --config")
+    return yaml.safe_dump(_clean_config(cfg), sort_keys=False)
 
-    def __init__(self, *args, run_dir: str, resuming: bool, recipe: str | None = None,
-                 **kwargs):
-        self.run_dir, self.resuming, self.recipe = run_dir, resuming, recipe
+
+def _unserializable(v: Any) -> bool:
+    if isinstance(v, list):
+        return any(_unserializable(x) for x in v)
+    return isinstance(v, str) and v.startswith("Unable to serialize instance")
+
+
+def _clean_config(cfg: dict) -> dict:
+    """``cfg`` without run locations (``ckpt_path``, ``resume``, ``init_weights``, ``run_dir``,
+    ``config``) and without placeholders of instances."""
+    cfg = dict(cfg)
+    for k in ("ckpt_path", "resume", "init_weights", "run_dir", "config", "__path__"):
+        cfg.pop(k, None)
+    trainer = dict(cfg.get("trainer") or {})
+    for k in ("logger", "callbacks", "default_root_dir"):
+        if k in trainer and (_unserializable(trainer[k]) or k == "default_root_dir"):
+            trainer[k] = None
+    if "trainer" in cfg:
+        cfg["trainer"] = trainer
+    return cfg
+
+
+class FinegrainCLI(LightningCLI):
+    """LightningCLI ``fit`` with the run folder: ``num_classes`` and ``img_size`` linked from
+    the data, the run options of ``finegrain train`` (``--resume``, ``--init-weights``,
+    ``--checkpoint-every``, ``--run-dir``, ``--runs-root``) in its parser and ``--help``, and
+    the run's loggers and callbacks added when the trainer is built (so that the resolved
+    ``config.yaml`` holds only values: fed back with ``--config`` it reproduces the run).
+
+    ``recipe``: the last ``--config`` file (names the run folder); ``callbacks``: added to the
+    run's own (tests, notebooks)."""
+
+    def __init__(self, *args, recipe: str | None = None,
+                 callbacks: list[Callback] | None = None, **kwargs):
+        self.recipe, self.extra_callbacks = recipe, list(callbacks or [])
+        self.run_dir: str | None = None
+        self.resuming = False
+        self.keep_before: int | None = None
         super().__init__(*args, **kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI replaces the model's arguments by the checkpoint's hyper-parameters when
-        # resuming; keep what the user asked for, to name every key that changed
-        sub = self.config.get("subcommand")
-        if sub:
-            self.asked = yaml.safe_load(self._parser(sub).dump(self.config[sub], skip_none=False))
-        super()._parse_ckpt_path()
-
     def add_arguments_to_parser(self, parser):
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        from ..models.registry import list_models
+        list_models()  # imports the model files: their classes are --model.model's choices
+        parser.link_arguments("data.num_classes", "model.model.init_args.num_classes",
+                              apply_on="instantiate")
+        # models without an ``img_size`` argument (TASN) are skipped
+        parser.link_arguments("data.img_size", "model.model.init_args.img_size")
+        parser.set_defaults({"model.optimizer": DEFAULT_OPTIMIZER})
         parser.link_arguments("seed_everything", "data.seed")
+        parser.add_argument("--resume", type=Optional[str], default=None, metavar="RUN",
+                            help="continue the run folder RUN exactly (weights, optimizer, "
+                                 "scheduler, RNG, sampler position) from RUN/last.ckpt, with "
+                                 "RUN/config.yaml as the first config: `--resume RUN` alone "
+                                 "continues it; later options change it (a warning names "
+                                 "every changed key)")
+        parser.add_argument("--init-weights", type=Optional[str], default=None, metavar="FILE",
+                            help="start from these weights only (a finegrain .ckpt / "
+                                 "weights.safetensors, or a timm / DeiT / torchvision file): "
+                                 "sets model.pretrained; nothing else of that run is kept")
+        parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                            help="write last.ckpt (atomically) every N optimizer steps and at "
+                                 "each epoch end (0: epoch ends only)")
+        parser.add_argument("--run-dir", type=Optional[str], default=None, metavar="DIR",
+                            help="the run folder (default: RUNS_ROOT/<date>-<recipe>)")
+        parser.add_argument("--runs-root", type=str, default="runs", metavar="RUNS_ROOT",
+                            help="where new run folders are made")
+
+    def before_instantiate_classes(self):
+        cfg = self.config[self.subcommand]
+        self.resuming = bool(cfg.resume)
+        if self.resuming:
+            self.run_dir = cfg.resume
+            last = os.path.join(self.run_dir, "last.ckpt")
+            self.keep_before = resume_step(last)
+            cfg.ckpt_path = last
+        else:
+            self.run_dir = cfg.run_dir or run_dir_for(self.recipe, cfg.runs_root)
+        if cfg.init_weights:
+            cfg.model.pretrained = cfg.init_weights
+        os.makedirs(self.run_dir, exist_ok=True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The trainer of the config, plus the run folder's loggers and callbacks."""
+        cfg = self.config_init[self.subcommand]
+        trainer, run_dir = cfg.get("trainer") or {}, self.run_dir
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = [
+                RunCSVLogger(run_dir, self.keep_before),
+                # resumed: TensorBoard hides the events of the steps replayed from here
+                TensorBoardLogger(run_dir, name="tensorboard", version="",
+                                  **({} if self.keep_before is None else
+                                     {"purge_step": self.keep_before}))]
+        if trainer.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = run_dir
+        user = trainer.get("callbacks") or []
+        kwargs["callbacks"] = [
+            ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score", mode="max",
+                            save_top_k=1, enable_version_counter=False,
+                            auto_insert_metric_name=False, save_last=False),
+            ExactResume(),  # before LastCheckpoint: it counts the batch about to be saved
+            LastCheckpoint(run_dir, cfg.checkpoint_every),
+            RunFolder(run_dir, self.recipe),
+            ProgressFile(run_dir),
+            *(user if isinstance(user, list) else [user]), *self.extra_callbacks]
+        return super().instantiate_trainer(**kwargs)
+
+    def resolved_config(self) -> str:
+        """The resolved ``fit`` config as YAML, without run locations (see
+        :func:`read_run_config`): ``finegrain train --config`` of it reproduces the run."""
+        full = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        return yaml.safe_dump(_clean_config(full[self.subcommand]), sort_keys=False)
+
+    def model_config(self) -> dict:
+        """``model.model`` of the config as built: ``class_path`` / ``init_args`` with the
+        ``num_classes`` of the data (linked when instantiating, so not in the parsed
+        config)."""
+        import inspect
+        node = self.config[self.subcommand].model.model
+        init = dict(vars(node.init_args)) if node.get("init_args") is not None else {}
+        if "num_classes" in inspect.signature(type(self.model.model)).parameters:
+            init["num_classes"] = self.datamodule.num_classes
+        return {"class_path": node.class_path, "init_args": init}
 
     def before_fit(self):
         self.datamodule.val_set  # noqa: B018  (builds it: the meta records its query count)
+        self.model.set_model_config(self.model_config())
         self.model.set_data_meta(self.datamodule.meta())
         path = os.path.join(self.run_dir, "config.yaml")
-        resolved = self._parser("fit").dump(self.config["fit"], skip_none=False)
+        resolved = self.resolved_config()
         if self.resuming and os.path.isfile(path):
             with open(path) as f:
-                old = yaml.safe_load(f) or {}
-            asked = getattr(self, "asked", None) or yaml.safe_load(resolved) or {}
-            diff = changed_keys(old, asked)
+                old = _clean_config(yaml.safe_load(f) or {})
+            diff = changed_keys(old, yaml.safe_load(resolved) or {})
             if diff:
                 warnings.warn(f"resuming {self.run_dir} with a changed config: "
-                              f"{', '.join(diff)}; model.* arguments and the optimizer and "
-                              f"scheduler states (learning rates included) come from last.ckpt",
+                              f"{', '.join(diff)}; the weights and the optimizer and scheduler "
+                              f"states (learning rates included) come from last.ckpt",
                               stacklevel=1)
         if self.trainer.is_global_zero:  # the resolved config, whatever the loggers
             with open(path, "w") as f:
@@ -301,12 +426,19 @@ class FinegrainCLI(LightningCLI):
             hp = self.model.hparams
             if not hp.get("pretrained") and not self.resuming:
                 from .report import random_init_warning
-                log.warning(random_init_warning(hp.model_name, self.recipe))
+                log.warning(random_init_warning(self.model.model_name, self.recipe))
 
 
 def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
-    """``runs/<date>-<recipe>`` (a ``-2``, ``-3`` ... suffix when it exists)."""
+    """``runs/<date>-<recipe>`` (a ``-2``, ``-3`` ... suffix when it exists). A run folder's
+    own ``config.yaml`` names the new run after that folder's recipe."""
     recipe = os.path.splitext(os.path.basename(config))[0] if config else "run"
+    if config and os.path.basename(config) == "config.yaml" and \
+            os.path.isfile(os.path.join(os.path.dirname(config), "metrics.json")):
+        with open(os.path.join(os.path.dirname(config), "metrics.json")) as f:
+            origin = json.load(f).get("recipe")
+        if origin:
+            recipe = os.path.splitext(os.path.basename(origin))[0]
     base = os.path.join(runs_root, f"{_dt.date.today().isoformat()}-{recipe}")
     path, i = base, 1
     while os.path.exists(path):
@@ -317,66 +449,61 @@ def run_dir_for(config: str | None, runs_root: str = "runs") -> str:
 
 def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None) -> FinegrainCLI:
     """Run ``finegrain train`` in-process; returns the CLI (``.trainer``, ``.model``,
-    ``.run_dir``). ``callbacks`` are added to the run's own (tests, notebooks)."""
+    ``.run_dir``). ``callbacks`` are added to the run's own (tests, notebooks).
+
+    ``--resume RUN`` puts ``RUN/config.yaml`` before everything else on the command line, so
+    ``--resume RUN`` alone continues the run and later options change it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", "-c", action="append", default=[])
     pre.add_argument("--resume", default=None)
-    pre.add_argument("--init-weights", dest="init_weights", default=None)
-    pre.add_argument("--run-dir", dest="run_dir", default=None)
-    pre.add_argument("--runs-root", dest="runs_root", default="runs")
-    pre.add_argument("--checkpoint-every", dest="every", type=int, default=50)
-    known, rest = pre.parse_known_args(argv)
-    rest = [a for c in known.config for a in ("--config", c)] + rest
+    known, _ = pre.parse_known_args(argv)
+    recipe = known.config[-1] if known.config else None
+    fresh = True
     if known.resume:
-        run_dir = known.resume
-        last = os.path.join(run_dir, "last.ckpt")
+        last = os.path.join(known.resume, "last.ckpt")
         if not os.path.isfile(last):
-            raise MissingFileError(f"--resume {run_dir}: {last} not found; pass the run "
+            raise MissingFileError(f"--resume {known.resume}: {last} not found; pass the run "
                                    f"folder of an earlier `finegrain train`")
-        keep_before = resume_step(last)
-        # first: LightningCLI applies the checkpoint's hyper-parameters where --ckpt_path
-        # stands, so what the user passes after it (a new lr ...) must come later to win
-        rest = ["--ckpt_path", last] + rest
+        resume_step(last)  # a truncated file is named before anything starts
+        argv = ["--config", read_run_config(known.resume), *argv]
+        recipe = recipe or _run_recipe(known.resume)
     else:
-        keep_before = None
-        run_dir = known.run_dir or run_dir_for(known.config[-1] if known.config else None,
-                                               known.runs_root)
-    if known.init_weights:
-        rest += ["--model.pretrained", known.init_weights]
-    fresh = not any(os.path.exists(os.path.join(run_dir, f))
-                    for f in ("metrics.csv", "last.ckpt", "best.ckpt"))
-    os.makedirs(run_dir, exist_ok=True)
-    defaults = {
-        "default_root_dir": run_dir,
-        "use_distributed_sampler": False,  # our samplers shard by rank themselves
-        "logger": [RunCSVLogger(run_dir, keep_before),
-                   # resumed: TensorBoard hides the events of the steps replayed from here
-                   TensorBoardLogger(run_dir, name="tensorboard", version="",
-                                     **({} if keep_before is None else
-                                        {"purge_step": keep_before}))],
-        "callbacks": [ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score",
-                                      mode="max", save_top_k=1, enable_version_counter=False,
-                                      auto_insert_metric_name=False, save_last=False),
-                      LastCheckpoint(run_dir, known.every),
-                      RunFolder(run_dir, known.config[-1] if known.config else None),
-                      ProgressFile(run_dir),
-                      *(callbacks or [])],
-    }
+        run_dir = _pre_run_dir(argv)
+        fresh = run_dir is None or not any(
+            os.path.exists(os.path.join(run_dir, f))
+            for f in ("metrics.csv", "last.ckpt", "best.ckpt"))
     # we pass `finegrain train`'s own argv as args: LightningCLI's "args and sys.argv" warning
     # is for a different mistake
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     quiet_lightning()
     with warnings.catch_warnings():
-        # the run's own loggers are instances jsonargparse cannot write into config.yaml
-        warnings.filterwarnings("ignore", message=r"\s*Unable to serialize instance")
-        if fresh or known.resume:  # the folder holds only this run's own files
+        # ExactResume restores the sampler position that this warning says is lost
+        warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING)
+        if fresh:  # the folder holds only this run's own files
             warnings.filterwarnings("ignore", message=r".*directory .* exists and is not empty")
-        return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *rest],
-                            run_dir=run_dir, resuming=bool(known.resume),
-                            recipe=known.config[-1] if known.config else None,
-                            seed_everything_default=0, trainer_defaults=defaults,
+        return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *argv],
+                            recipe=recipe, callbacks=callbacks,
+                            seed_everything_default=0,
+                            trainer_defaults={"use_distributed_sampler": False},
                             save_config_callback=None,
                             auto_configure_optimizers=False)
+
+
+def _pre_run_dir(argv: list[str]) -> str | None:
+    """``--run-dir`` of the command line, when given."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--run-dir", dest="run_dir", default=None)
+    return pre.parse_known_args(argv)[0].run_dir
+
+
+def _run_recipe(run_dir: str) -> str | None:
+    """The recipe a run folder came from (``metrics.json``), if recorded."""
+    path = os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("recipe")
+    return None
 
 
 class _NoAdvert(logging.Filter):

@@ -111,7 +111,8 @@ def build_dml_loss(name: str = "multi_similarity", embedding_dim: int | None = N
         if embedding_dim is None or num_classes is None:
             raise ValueError(f"loss {name!r} learns one proxy per class: pass embedding_dim "
                              f"and num_classes (the number of training classes, e.g. "
-                             f"model_kwargs: {{num_classes: 100}} for cub200_dml)")
+                             f"num_classes=100 for cub200_dml; `finegrain train` links it "
+                             f"from data.num_classes)")
         if distance is not None:
             raise ValueError(f"loss {name!r} compares with its proxies by cosine; drop "
                              f"distance={distance!r}")

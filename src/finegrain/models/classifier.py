@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..losses.triplet import batch_hard_triplet
-from .registry import register_model
+from .registry import FinegrainModel, build, register_model
 
 
-class Classifier(nn.Module):
+class Classifier(FinegrainModel):
     """A timm backbone with its own head, following the model output contract.
 
     Args:
@@ -102,7 +102,7 @@ class Classifier(nn.Module):
 
 
 def _create_classifier(backbone: str, **kwargs) -> Classifier:
-    return Classifier(backbone=backbone, **kwargs)
+    return build(Classifier, backbone=backbone, **kwargs)
 
 
 @register_model

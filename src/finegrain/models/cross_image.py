@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from ..losses.dml import PAIR_LOSSES, build_embedding_loss, build_similarity_loss
-from .registry import register_model
+from .registry import FinegrainModel, build, register_model
 
 POOLS = ("avg", "max", "avgmax", "token")
 
@@ -277,7 +277,7 @@ class ConditionalEmbedding(nn.Module):
         return (c_ab, c_ba, attn_ab, attn_ba) if return_attn else (c_ab, c_ba)
 
 
-class CrossImageDML(nn.Module):
+class CrossImageDML(FinegrainModel):
     """A timm backbone -> pool -> linear -> L2 embedding, trained with cross-image attention.
 
     ``model(images)`` -> ``{"embedding": z}`` (B, E). ``model(images, targets=y)`` in training
@@ -604,7 +604,7 @@ def conditional_rerank(model: CrossImageDML, q_tokens: torch.Tensor, db_tokens,
 
 
 def _create_cross_image(backbone: str, **kwargs) -> CrossImageDML:
-    return CrossImageDML(backbone=backbone, **kwargs)
+    return build(CrossImageDML, backbone=backbone, **kwargs)
 
 
 @register_model

@@ -54,7 +54,7 @@ from timm.models.swin_transformer import WindowAttention, window_partition, wind
 from torch.utils.checkpoint import checkpoint
 
 from ..losses.arcface import ArcFaceHead
-from .registry import register_model
+from .registry import FinegrainModel, build, register_model
 
 __all__ = ["DALG", "WindowAttentionBlock", "SpatialAttention2d", "CrossAttentionFusion",
            "OrthogonalFusion", "window_padding_mask"]
@@ -215,7 +215,7 @@ class OrthogonalFusion(nn.Module):
 
 
 # --------------------------------------------------------------------------- model
-class DALG(nn.Module):
+class DALG(FinegrainModel):
     """DALG retrieval model (see the module docstring for the forward order and readings).
 
     Args:
@@ -401,7 +401,7 @@ class DALG(nn.Module):
 
 # --------------------------------------------------------------------------- registry
 def _create_dalg(backbone: str, **kwargs) -> DALG:
-    return DALG(backbone=backbone, **kwargs)
+    return build(DALG, backbone=backbone, **kwargs)
 
 
 @register_model

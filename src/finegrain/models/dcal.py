@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from ..losses.triplet import batch_hard_triplet
 from ..losses.uncertainty import UncertaintyWeighting
-from .registry import register_model
+from .registry import FinegrainModel, build, register_model
 
 __all__ = ["DCAL", "GlobalLocalCrossAttention", "attention_rollout_class_row",
            "num_selected", "pwca_attention", "random_derangement", "select_top_patches"]
@@ -261,7 +261,7 @@ def random_derangement(n: int, device: torch.device | str | None = None) -> torc
 # The model
 # --------------------------------------------------------------------------------------------
 
-class DCAL(nn.Module):
+class DCAL(FinegrainModel):
     """SA + GLCA + PWCA on a timm ViT, following the model output contract.
 
     ``model(images)`` returns ``"logits"`` (B, num_classes) with ``softmax(logits)`` the mean of
@@ -646,7 +646,7 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def _create_dcal(backbone: str, **kwargs) -> DCAL:
-    return DCAL(backbone=backbone, **kwargs)
+    return build(DCAL, backbone=backbone, **kwargs)
 
 
 @register_model

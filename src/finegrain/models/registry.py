@@ -8,15 +8,125 @@ the model and, if ``pretrained`` is given, loads weights through
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import fnmatch
-from typing import Callable
+import importlib
+from typing import Any, Callable
 
 import torch.nn as nn
 
 from ..errors import FinegrainError, InputError, UnknownNameError
 
+
+
+class FinegrainModel(nn.Module):
+    """Base of the models a recipe names (``model.model.class_path``) and a checkpoint
+    rebuilds: :class:`~finegrain.models.classifier.Classifier`,
+    :class:`~finegrain.models.dcal.DCAL`, :class:`~finegrain.models.tasn.TASN`,
+    :class:`~finegrain.models.dalg.DALG`,
+    :class:`~finegrain.models.cross_image.CrossImageDML`. It adds nothing to ``nn.Module``:
+    it marks the classes whose typed ``__init__`` arguments are a model's config (and keeps
+    ``finegrain train --help`` to them rather than every ``nn.Module``)."""
+
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_DRY_RUN = contextvars.ContextVar("finegrain_registry_dry_run", default=False)
+ALLOWED_PREFIX = "finegrain.models."
+"""Classes a stored model config may name: a checkpoint can never name an arbitrary class."""
+
+
+def build(cls: type[nn.Module], **init_args) -> nn.Module:
+    """``cls(**init_args)``, remembering its config (``model.finegrain_config``: ``class_path``
+    and ``init_args``). Every ``_create_*`` builder ends here, so a registered name also
+    resolves to the typed config that ``finegrain train`` recipes spell out
+    (:func:`model_config`)."""
+    config = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    if _DRY_RUN.get():
+        return config  # type: ignore[return-value]  (model_config: no weights built)
+    model = cls(**init_args)
+    model.finegrain_config = config
+    return model
+
+
+def model_config(name: str, **kwargs) -> dict[str, Any]:
+    """The typed config a registered name builds (``{"class_path": ..., "init_args": ...}``)
+    without building it: ``model_config("dcal_deit_tiny_patch16_224", glca=False)`` gives
+    ``finegrain.models.dcal.DCAL`` with ``backbone: deit_tiny_patch16_224, glca: false``. The
+    ``model.model`` of a ``finegrain train`` recipe."""
+    _check_name(name)
+    token = _DRY_RUN.set(True)
+    try:
+        config = _MODELS[name](**kwargs)
+    finally:
+        _DRY_RUN.reset(token)
+    if not isinstance(config, dict):
+        raise TypeError(f"registered model {name!r} does not build through registry.build")
+    return {"class_path": config["class_path"], "init_args": dict(config["init_args"])}
+
+
+def model_arg(name: str, kwargs: dict | None = None) -> str:
+    """``--model.model`` of ``finegrain train`` for a registered name, as JSON:
+    ``["--model.model", model_arg("vit_tiny_patch16_224", {"task": "fgvc"})]``."""
+    import json
+    return json.dumps(_plain(model_config(name, **(kwargs or {}))))
+
+
+def resolve_class(class_path: str, what: str = "model config") -> type[nn.Module]:
+    """The model class ``class_path`` names: a :class:`FinegrainModel` under ``finegrain.models``
+    (:class:`~finegrain.errors.InputError` otherwise: a file never picks arbitrary code)."""
+    module, _, qualname = str(class_path).rpartition(".")
+    if not str(class_path).startswith(ALLOWED_PREFIX) or not module:
+        raise InputError(f"{what}: class_path {class_path!r} is not a finegrain model class "
+                         f"(only classes under {ALLOWED_PREFIX}* are built from files)")
+    try:
+        cls = getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError):
+        raise InputError(f"{what}: class_path {class_path!r} not found") from None
+    if not (isinstance(cls, type) and issubclass(cls, FinegrainModel)) or cls is FinegrainModel:
+        raise InputError(f"{what}: class_path {class_path!r} is not a finegrain model class "
+                         f"(a FinegrainModel subclass)")
+    return cls
+
+
+def registry_name(config: dict) -> tuple[str, dict] | None:
+    """``(registered name, its kwargs)`` that builds ``config`` (a registered name is
+    ``Class(backbone=<suffix>, ...)``; the shortest such name), or None."""
+    init = dict(config.get("init_args") or {})
+    backbone = init.pop("backbone", None)
+    if backbone is None:
+        return None
+    for name in sorted((n for n in list_models() if n.endswith(str(backbone))), key=len):
+        c = model_config(name)
+        if c["class_path"] == config["class_path"] and \
+                c["init_args"].get("backbone") == backbone:
+            return name, init
+    return None
+
+
+def _plain(v: Any) -> Any:
+    """YAML-safe values (tuples as lists)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def config_meta(config: dict) -> dict[str, Any]:
+    """What a checkpoint stores about its model: ``model_config`` (YAML text of
+    ``class_path`` / ``init_args``, weight-file paths left out: a checkpoint rebuilds
+    anywhere) and, for older readers (retrieval, ``create_model(pretrained=file)``), the
+    registered ``model_name`` and ``model_kwargs`` that build the same model (the class path
+    as ``model_name`` when no registered name does)."""
+    import yaml
+    init = {k: _plain(v) for k, v in (config.get("init_args") or {}).items()
+            if not k.endswith("pretrained")}
+    config = {"class_path": config["class_path"], "init_args": init}
+    found = registry_name(config)
+    name, kwargs = found if found else (config["class_path"], init)
+    return {"model_name": name, "model_kwargs": kwargs,
+            "model_config": yaml.safe_dump(config, sort_keys=False)}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -38,6 +148,21 @@ def list_models(pattern: str | None = None) -> list[str]:
 def is_model(name: str) -> bool:
     _import_all()
     return name in _MODELS
+
+
+def model_arguments(name: str) -> list[str]:
+    """The arguments of the model class that ``name`` builds (its ``__init__`` parameters,
+    read from the registered function's return annotation); empty when it does not say."""
+    import inspect
+    import typing
+    _check_name(name)
+    try:
+        cls = typing.get_type_hints(_MODELS[name]).get("return")
+    except (NameError, TypeError):  # an annotation that does not resolve
+        return []
+    if not isinstance(cls, type):
+        return []
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
 
 def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool = True,
@@ -97,8 +222,8 @@ def _build(name: str, pretrained: str | None, sd: dict | None, meta: dict | None
         if isinstance(e, TypeError) and "argument" not in str(e):
             raise
         raise InputError(f"{name}: {e}; fix that key of the model's arguments "
-                         f"(model.model_kwargs; the recipes under recipes/ show valid ones)"
-                         ) from e
+                         f"(`finegrain train --model.model.help "
+                         f"{model_config(name)['class_path']}` lists them)") from e
     model.finegrain_name = name
     model.finegrain_kwargs = dict(kwargs)
     if pretrained is not None:
@@ -109,8 +234,7 @@ def _build(name: str, pretrained: str | None, sd: dict | None, meta: dict | None
 
 def _import_all() -> None:
     """Import the model files so their ``@register_model`` functions run (no I/O)."""
-    from . import classifier  # noqa: F401
-    for mod in ("dcal", "tasn", "dalg", "cross_image"):
+    for mod in ("classifier", "dcal", "tasn", "dalg", "cross_image"):
         try:
             __import__(f"finegrain.models.{mod}")
         except ModuleNotFoundError as e:  # a method file not written yet
@@ -122,12 +246,44 @@ def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, dict]:
     """Rebuild a trained model from a finegrain ``.ckpt`` (or ``weights.safetensors`` with its
     ``model.json``) alone; returns ``(model in eval mode, meta)``.
 
-    ``meta`` holds ``model_name``, ``model_kwargs``, ``class_names``, ``img_size``, ``mean``,
-    ``std``, ``task`` and ``dataset``: everything ``eval`` / ``predict`` / ``embed`` need.
+    ``meta`` holds ``model_config`` (YAML: ``class_path`` / ``init_args``; checkpoints
+    older than it: ``model_name`` / ``model_kwargs`` alone, rebuilt through the registry),
+    ``class_names``, ``img_size``, ``mean``, ``std``, ``task`` and ``dataset``: everything
+    ``eval`` / ``predict`` / ``embed`` need. ``kwargs`` override stored model arguments
+    (inference-time switches such as DCAL's ``sa_only``). The class a ``model_config`` names
+    must live under ``finegrain.models``.
     """
     from .weights import load_checkpoint_meta, read_weights
     sd, meta = read_weights(checkpoint)
     if meta is None:
         load_checkpoint_meta(checkpoint)  # raises, naming what is missing
-    _check_name(meta["model_name"])
-    return _build(meta["model_name"], checkpoint, sd, meta, kwargs).eval(), meta
+    model = model_from_meta(meta, checkpoint, **kwargs)
+    from .weights import load_pretrained
+    load_pretrained(model, checkpoint, state_dict=sd)
+    return model.eval(), meta
+
+
+def model_from_meta(meta: dict, source: str = "checkpoint", **kwargs) -> nn.Module:
+    """A freshly initialised model as a checkpoint's ``meta`` describes it (no weights):
+    from ``model_config`` when stored, else (older checkpoints) from the registry's
+    ``model_name`` / ``model_kwargs``. ``kwargs`` override stored arguments."""
+    text = meta.get("model_config")
+    if not text:
+        _check_name(meta["model_name"])
+        return _build(meta["model_name"], None, None, meta, kwargs)
+    import yaml
+    config = yaml.safe_load(text) if isinstance(text, str) else text
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise InputError(f"{source}: model_config is not a class_path / init_args mapping")
+    cls = resolve_class(config["class_path"], f"{source}: model_config")
+    init = {**(config.get("init_args") or {}), **kwargs}
+    try:
+        model = cls(**init)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise InputError(f"{source}: {config['class_path']}: {e}") from e
+    model.finegrain_config = {"class_path": config["class_path"], "init_args": init}
+    model.finegrain_name = meta.get("model_name")
+    model.finegrain_kwargs = {**(meta.get("model_kwargs") or {}), **kwargs}
+    return model

@@ -92,7 +92,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..losses.distillation import soft_cross_entropy_distillation
-from .registry import register_model
+from .registry import FinegrainModel, build, register_model
 
 log = logging.getLogger("finegrain")
 
@@ -434,7 +434,7 @@ def attention_sample(images: torch.Tensor, attention: torch.Tensor,
 # 3. Part-net, master-net and feature distiller (paper Sec. 3.3, spec §3)
 # ---------------------------------------------------------------------------------------------
 
-class TASN(nn.Module):
+class TASN(FinegrainModel):
     """Trilinear Attention Sampling Network.
 
     Training: the attention net maps the image (resized to ``attention_size``) to c part maps;
@@ -669,7 +669,7 @@ class TASN(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def _create_tasn(backbone: str, **kwargs) -> TASN:
-    return TASN(backbone=backbone, **kwargs)
+    return build(TASN, backbone=backbone, **kwargs)
 
 
 @register_model
