@@ -303,7 +303,10 @@ def test_offline_hub_tag_fails_fast_with_the_fix(run, tmp_path, capsys, monkeypa
     import socket
     import time
 
+    calls = []
+
     def offline(*a, **k):
+        calls.append(a)
         raise OSError("Network is unreachable")
     monkeypatch.setattr(socket, "create_connection", offline)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -311,7 +314,10 @@ def test_offline_hub_tag_fails_fast_with_the_fix(run, tmp_path, capsys, monkeypa
     argv = _train_argv(tmp_path / "r", run / "cache", "--model.pretrained",
                        "timm/vit_tiny_patch16_224.augreg_in21k")
     assert main(argv) == 2
-    assert time.time() - t0 < 20
+    # fast = no retry loop: at most a couple of connection attempts (the wall-clock bound is
+    # loose because a loaded CI machine is slow to build the run, not to give up)
+    assert len(calls) <= 2, calls
+    assert time.time() - t0 < 120
     assert "local file" in _error(capsys)
 
 

@@ -245,8 +245,10 @@ def register(subparsers) -> None:
     b = isub.add_parser("build", help="index a descriptor file")
     b.add_argument("descriptors", help="descriptor NAME (NAME.npy + NAME.json)")
     b.add_argument("--kind", default="Flat",
-                   help="faiss factory string: Flat (exact), IVF4096,SQ8 (1M galleries), "
-                        "HNSW32, IVF4096,PQ64x4fs,RFlat ...; 'auto' picks by size")
+                   help="faiss factory string: Flat (exact), IVF4096,PQ64x4fs,RFlat, IVF4096,SQ8, "
+                        "HNSW32 ...; 'auto' picks by size: Flat below 200k vectors, else "
+                        "IVF{~4 sqrt(n)},PQ{D/4}x4fs,RFlat at nprobe 256 (recall@100 >= 0.9 "
+                        "on three generated distributions: docs/retrieval.md)")
     b.add_argument("--out", required=True, help="index folder")
     b.add_argument("--metric", default="ip", choices=("ip", "l2"))
     b.add_argument("--train-size", type=int, default=None,
