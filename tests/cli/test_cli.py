@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from finegrain.cli import main, predict
+from finegrain.cli import main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
+from finegrain.inference import predict
 from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
