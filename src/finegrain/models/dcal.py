@@ -305,6 +305,8 @@ class DCAL(FinegrainModel):
             ``num_heads``, ``patch_size`` ... for tiny test / demo models).
     """
 
+    pairwise_explain = True  # explain(images, pair=...): PWCA attention over the pair
+
     def __init__(self, backbone: str = "deit_tiny_patch16_224", num_classes: int = 1000,
                  img_size: int | tuple[int, int] | None = None, task: str = "fgvc",
                  top_ratio: float | None = None, glca: bool = True, pwca: bool = True,
@@ -590,8 +592,6 @@ class DCAL(FinegrainModel):
         if getattr(pe, "dynamic_img_size", False):
             return tuple(pe.dynamic_feat_size(tuple(images.shape[-2:])))
         return tuple(pe.grid_size)
-
-    pairwise_explain = True
 
     @torch.no_grad()
     def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None
