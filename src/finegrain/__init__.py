@@ -5,12 +5,17 @@ __version__ = "0.1.0"
 
 from .models import create_model, list_models  # noqa: E402
 
-__all__ = ["create_model", "list_models", "load", "Searcher", "__version__"]
+__all__ = ["create_model", "list_models", "load", "Searcher", "predict", "evaluate_checkpoint",
+           "explain", "__version__"]
 
 
 def __getattr__(name: str):
-    """``finegrain.load`` and ``finegrain.Searcher`` (:mod:`finegrain.api`), imported on use."""
+    """``finegrain.load`` and ``finegrain.Searcher`` (:mod:`finegrain.api`), ``predict``,
+    ``evaluate_checkpoint`` and ``explain`` (:mod:`finegrain.inference`), imported on use."""
     if name in ("load", "Searcher"):
         from . import api
         return getattr(api, name)
+    if name in ("predict", "evaluate_checkpoint", "explain"):
+        from . import inference
+        return getattr(inference, name)
     raise AttributeError(f"module 'finegrain' has no attribute {name!r}")

@@ -16,7 +16,6 @@ index folder is only read.
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 import tempfile
@@ -63,10 +62,10 @@ def load(path: str, device: str = "cpu") -> tuple[Any, Any]:
     """``(model, transform)`` of a checkpoint or an export folder: ``model(batch)`` returns the
     output dict (``"logits"`` / ``"embedding"``), ``transform(uint8 (3, H, W))`` gives the
     normalised input of the model's evaluation protocol (``finegrain predict``'s)."""
-    from .cli import _eval_transform
+    from .inference import eval_transform
     model, meta, _ = load_with_meta(path, device)
     try:
-        return model, _eval_transform(meta)
+        return model, eval_transform(meta)
     except KeyError as e:
         raise InputError(f"{path} does not record its preprocessing ({e.args[0]} missing); "
                          f"export or train it again with this finegrain") from None
@@ -346,7 +345,7 @@ class Searcher:
     @property
     def can_explain_pair(self) -> bool:
         """The model draws where one image attends in another (DCAL Re-ID, cross-image)."""
-        return self.can_explain and "pair" in inspect.signature(self.model.explain).parameters
+        return self.can_explain and bool(getattr(self.model, "pairwise_explain", False))
 
     def _picture(self, draw) -> bytes:
         with tempfile.TemporaryDirectory(prefix="finegrain-") as tmp:
@@ -357,11 +356,11 @@ class Searcher:
 
     def explain(self, image: Any, title: str = "query") -> bytes:
         """PNG of the model's attention on an image (``finegrain explain``'s picture)."""
-        from .cli import _eval_transform
+        from .inference import eval_transform
         from .visualize import save_explain
         if not self.can_explain:
             raise InputError(f"{self.model_path} has no attention to draw")
-        x = _eval_transform(self.meta)(self._decode(image)[1])[None]
+        x = eval_transform(self.meta)(self._decode(image)[1])[None]
         with self._lock, torch.no_grad():
             maps = self.model.explain(x.to(self.device))
         return self._picture(lambda p: save_explain(x, maps, p, self.meta["mean"],
@@ -370,12 +369,12 @@ class Searcher:
     def explain_pair(self, image: Any, gallery_id: int, title: str = "query") -> bytes:
         """PNG of where the query attends in a gallery image, with their cosine similarity
         (Re-ID / pair-wise models): why these two match."""
-        from .cli import _eval_transform
+        from .inference import eval_transform
         from .visualize import save_explain
         if not self.can_explain_pair:
             raise InputError(f"{self.model_path} draws no pair-wise attention (DCAL Re-ID or "
                              f"cross-image models do)")
-        tf = _eval_transform(self.meta)
+        tf = eval_transform(self.meta)
         x = tf(self._decode(image)[1])[None]
         name = self.name_of(gallery_id)
         px = tf(self._decode(self._require_path(gallery_id))[1])[None]

@@ -1,4 +1,5 @@
-"""The ``finegrain`` command (also ``python -m finegrain``).
+"""The ``finegrain`` command (also ``python -m finegrain``): it parses arguments and prints
+results; the work is library code (:mod:`finegrain.inference` for predict / eval / explain).
 
 ``train`` is LightningCLI ``fit`` (YAML recipes, dotted overrides, ``--print_config``); the
 other subcommands are plain argparse and run in-process (``main(argv)`` returns the exit code).
@@ -13,64 +14,14 @@ import os
 import sys
 import traceback
 
-from .errors import EXIT_USER_ERROR, FinegrainError, InputError, nonfinite_outputs, one_paragraph
+from .errors import EXIT_USER_ERROR, FinegrainError, InputError, one_paragraph
 
 log = logging.getLogger("finegrain")
 
 
 # ---- predict ----------------------------------------------------------------------------
-def _eval_transform(meta: dict):
-    from .data.transforms import build_transform
-    task = meta.get("task", "classification")
-    if task == "retrieval":  # a batch of pictures: a plain resize, not the longest side
-        task = "reid"
-    return build_transform(task, False, meta["img_size"],
-                           meta.get("resize_size"), tuple(meta["mean"]), tuple(meta["std"]),
-                           resize_mode=meta.get("resize_mode", "square"))
-
-
-def _load_images(paths: list[str], meta: dict):
-    import torch
-    from .data.datasets.base import read_image
-    tf = _eval_transform(meta)
-    return torch.stack([tf(read_image(p)) for p in paths])
-
-
-def predict(checkpoint: str, images: list[str], topk: int = 5,
-            runtime: str = "torch") -> list[dict]:
-    """Top-k class names and probabilities for each image (``softmax(logits)``).
-    ``checkpoint``: a finegrain checkpoint or an export folder (``finegrain export``), run by
-    ``runtime``: ``"torch"`` (the checkpoint, or the folder's ``torch.export`` program) or
-    ``"onnx"`` (the folder's ``model.onnx`` on ONNX Runtime)."""
-    import torch
-    from .runtime import is_export_folder, load_exported
-    if is_export_folder(checkpoint):
-        model, meta = load_exported(checkpoint, runtime)
-    elif runtime == "onnx":
-        raise InputError(f"--runtime onnx runs an export folder, and {checkpoint} is not one: "
-                         f"run `finegrain export {checkpoint} --format onnx --out DIR`, then "
-                         f"`finegrain predict DIR ... --runtime onnx`")
-    else:
-        from .models.registry import load_model
-        model, meta = load_model(checkpoint)
-    task = meta.get("task", "classification")
-    if task != "classification":
-        raise InputError(f"{checkpoint} is a {task} model: its classes are the training "
-                         f"identities, not answers about new images; compare images by their "
-                         f"embeddings instead (`finegrain embed`, then `finegrain index search`)")
-    names = meta.get("class_names") or [str(i) for i in range(10 ** 6)]
-    with torch.no_grad():
-        probs = model(_load_images(images, meta))["logits"].float().softmax(-1)
-    bad = int((~torch.isfinite(probs).all(1)).sum())
-    if bad:
-        raise nonfinite_outputs(checkpoint, bad, len(images), "probabilities")
-    k = min(topk, probs.shape[1])
-    p, i = probs.topk(k, dim=1)
-    return [{"image": img, "top": [{"class": names[int(c)], "index": int(c), "prob": float(q)}
-                                   for q, c in zip(p[b], i[b])]} for b, img in enumerate(images)]
-
-
 def _cmd_predict(a) -> int:
+    from .inference import predict
     res = predict(a.checkpoint, a.images, a.topk, a.runtime)
     if a.json:
         print(json.dumps(res, indent=1))
@@ -83,112 +34,6 @@ def _cmd_predict(a) -> int:
 
 
 # ---- eval -------------------------------------------------------------------------------
-def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
-                        devices: int | str = 1, accelerator: str = "auto",
-                        progress: bool = True, model_overrides: dict | None = None,
-                        rerank: bool = False, aqe: int = 0, visrank: int = 0,
-                        visrank_out: str | None = None, visrank_queries: int = 8,
-                        info: dict | None = None) -> dict:
-    """Evaluate a checkpoint on its dataset's evaluation split (same code path as training,
-    DDP-exact); returns the metrics (fractions in [0, 1]). ``overrides``:
-    ``FinegrainDataModule`` arguments (``root`` ...); ``model_overrides``: inference-time
-    model arguments (DCAL ``sa_only``, ``glca_selection``) that leave the weights unchanged.
-    Re-ID only: ``aqe`` (alpha-QE with the top ``aqe`` gallery matches, then) ``rerank``
-    (k-reciprocal, ``evaluation.reid.re_rank``); ``visrank``: write the top-``visrank``
-    ranked gallery of ``visrank_queries`` queries to ``visrank_out`` (the path is returned
-    under ``"visrank"``). ``info``, when given, receives the dataset, root, split and task
-    evaluated. Another ``dataset`` in ``overrides`` drops the training dataset's
-    ``dataset_kwargs`` (pass its own under ``dataset_kwargs``)."""
-    import lightning.pytorch as pl
-    from .engine import FinegrainDataModule, FinegrainModule
-    from .engine.run import quiet_lightning
-    from .models.weights import load_checkpoint_meta, read_weights
-    quiet_lightning()
-    sd, meta = read_weights(checkpoint)  # one read: weights (``model.`` stripped) and meta
-    if meta is None:
-        load_checkpoint_meta(checkpoint)  # raises, naming what is missing
-    if meta.get("task") == "retrieval":
-        raise InputError(f"{checkpoint} is a retrieval model: evaluate it with `finegrain "
-                         f"retrieval eval {checkpoint} --dataset NAME --root DIR`")
-    if (rerank or aqe or visrank) and meta.get("task") != "reid":
-        raise InputError(f"--rerank, --aqe and --visrank are for Re-ID checkpoints; "
-                         f"{checkpoint} is a {meta.get('task')} model")
-    from .models.registry import model_from_meta
-    module = FinegrainModule(model_from_meta(meta, checkpoint, **(model_overrides or {})))
-    module.model.load_state_dict(sd)
-    module.set_data_meta(meta)
-    data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
-            "resize_size": meta.get("resize_size"), "mean": tuple(meta["mean"]),
-            "resize_mode": meta.get("resize_mode", "square"),
-            "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64,
-            "dataset_kwargs": meta.get("dataset_kwargs")}
-    overrides = dict(overrides or {})
-    if overrides.get("dataset", meta["dataset"]) != meta["dataset"]:
-        # another dataset: the training set's reader arguments are not its arguments
-        data["dataset_kwargs"] = None
-    data.update(overrides)
-    dm = FinegrainDataModule(**data)
-    if dm.val_set is None:
-        raise InputError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"
-                         f"time evaluation; use `finegrain retrieval eval`")
-    module.set_data_meta({"num_query": dm._num_query})
-    if info is not None:
-        hp = dm.hparams
-        info.update(dataset=hp.dataset, root=hp.root, task=dm.task,
-                    split=hp.val_split or ("query+gallery" if dm._num_query else "test"))
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, devices=devices,
-                         accelerator=accelerator, use_distributed_sampler=False,
-                         enable_model_summary=False, enable_progress_bar=progress)
-    trainer.validate(module, datamodule=dm, verbose=False)
-    if module.nonfinite_outputs:
-        raise nonfinite_outputs(checkpoint, module.nonfinite_outputs, len(dm.val_set))
-    res = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
-    if (rerank or aqe or visrank) and trainer.is_global_zero:
-        out = getattr(module, "last_outputs", None)
-        dist = _reid_distances(out, dm._num_query, aqe, rerank)
-        if rerank or aqe:
-            res = _reid_metrics(dist, out, dm._num_query)
-        if visrank:
-            from .visualize import save_visrank
-            q_set, g_set = dm.val_set.datasets
-            res["visrank"] = save_visrank(
-                dist, [s.path for s in q_set.samples], [s.path for s in g_set.samples],
-                out["label"][:dm._num_query], out["label"][dm._num_query:],
-                out["camid"][:dm._num_query], out["camid"][dm._num_query:],
-                visrank_out or "visrank.png", topk=visrank, num_queries=visrank_queries)
-    return res
-
-
-def _reid_distances(out: dict, nq: int, aqe: int = 0, rerank: bool = False):
-    """(Q, G) cosine distances of a Re-ID evaluation pass, after alpha-QE with the top ``aqe``
-    gallery matches (``retrieval.postprocess.alpha_query_expansion``, as fast-reid's
-    ``aqe``) and k-reciprocal re-ranking (``evaluation.reid.re_rank``)."""
-    import numpy as np
-    from .evaluation.reid import compute_distance, re_rank
-    e = out["embedding"].astype(np.float32)
-    q, g = e[:nq], e[nq:]
-    dist = compute_distance(q, g, "cosine").numpy()
-    if aqe:
-        from .retrieval.postprocess import alpha_query_expansion
-        top = np.argsort(dist, axis=1, kind="stable")[:, :aqe]  # (Q, n)
-        q = alpha_query_expansion(q, g[top], n=aqe)
-        dist = compute_distance(q, g, "cosine").numpy()
-    if rerank:
-        dist = re_rank(dist, compute_distance(q, q, "cosine").numpy(),
-                       compute_distance(g, g, "cosine").numpy())
-    return dist
-
-
-def _reid_metrics(dist, out: dict, nq: int) -> dict:
-    """The training-time Re-ID metric keys (mAP, mINP, R1, R5, R10) of a distance matrix."""
-    from .evaluation.reid import evaluate
-    y, c = out["label"], out["camid"]
-    res = evaluate(dist, y[:nq], y[nq:], c[:nq], c[nq:])
-    cmc = res.pop("cmc")
-    res.update({f"R{k}": float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)})
-    return {k: float(v) for k, v in res.items()}
-
-
 def _overrides(extra: list[str]) -> tuple[dict, dict]:
     """``--data.<name> VALUE`` and ``--model.<name> VALUE`` pairs -> (data, model) dicts."""
     out: dict[str, dict] = {"data": {}, "model": {}}
@@ -212,6 +57,7 @@ def _overrides(extra: list[str]) -> tuple[dict, dict]:
 
 def _cmd_eval(a, extra) -> int:
     # the progress bar writes to stdout: off when stdout carries JSON
+    from .inference import evaluate_checkpoint
     data, model = _overrides(extra)
     vis_out, info = None, {}
     if a.visrank:
@@ -243,90 +89,9 @@ def _cmd_eval(a, extra) -> int:
 
 
 # ---- explain ----------------------------------------------------------------------------
-_PICTURE_EXT = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
-
-
-def explain_paths(out: str, images: bool, pair: bool) -> tuple[str | None, str | None]:
-    """Where ``explain`` writes: ``out`` is a picture file (``.png`` ...) or a folder; with
-    both images and a pair, the pair's picture is ``<out stem>_pair<ext>`` (file) or
-    ``explain_pair.png`` (folder). Returns (images' picture, pair's picture)."""
-    stem, ext = os.path.splitext(out)
-    if ext.lower() in _PICTURE_EXT and not os.path.isdir(out):
-        return (out if images else None,
-                (f"{stem}_pair{ext}" if images else out) if pair else None)
-    return (os.path.join(out, "explain.png") if images else None,
-            os.path.join(out, "explain_pair.png") if pair else None)
-
-
-def _captions(model, x, meta: dict) -> tuple:
-    """(captions, embeddings): the predicted class and its probability of each image
-    (classifiers, else None), and the embeddings (models that retrieve, else None)."""
-    import torch
-    with torch.no_grad():
-        out = model(x)
-    emb = out.get("embedding")
-    if meta.get("task", "classification") != "classification" or "logits" not in out:
-        return None, emb
-    names = meta.get("class_names") or []
-    p, i = out["logits"].float().softmax(-1).max(-1)
-    return [f"{names[int(c)] if int(c) < len(names) else int(c)}: {100 * float(q):.1f}%"
-            for q, c in zip(p, i)], emb
-
-
-def explain_all(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
-                loaded: tuple | None = None) -> list[str]:
-    """Write the model's attention pictures (``model.explain``): one picture of ``images`` (a
-    row each, with the predicted class and its probability) and, with ``pair = [A, B]``, one
-    of where A attends in B (with their cosine similarity where the model embeds). ``out``:
-    a picture file or a folder (:func:`explain_paths`). Returns the paths written.
-    ``loaded``: the ``(model, meta)`` of ``checkpoint`` when the caller already has them."""
-    import torch
-    from .models.registry import load_model
-    from .visualize import save_explain
-    model, meta = loaded if loaded is not None else load_model(checkpoint)
-    if not hasattr(model, "explain"):
-        raise InputError(f"{meta['model_name']} has no attention to explain (plain baseline); "
-                         f"use a DCAL, TASN, DALG or cross-image checkpoint")
-    if pair and len(pair) != 2:
-        raise InputError("--pair takes two images: A B")
-    if not images and not pair:
-        raise InputError("explain: give one or more images, or --pair A B")
-    img_path, pair_path = explain_paths(out, bool(images), bool(pair))
-    written = []
-    if images:
-        x = _load_images(images, meta)
-        caps, _ = _captions(model, x, meta)
-        with torch.no_grad():
-            maps = model.explain(x)
-        written.append(save_explain(x, maps, img_path, meta["mean"], meta["std"],
-                                    titles=[os.path.basename(p) for p in images],
-                                    captions=caps))
-    if pair:
-        x, px = _load_images([pair[0]], meta), _load_images([pair[1]], meta)
-        caps, emb = _captions(model, torch.cat([x, px]), meta)
-        top = None
-        if emb is not None:
-            sim = float(torch.nn.functional.cosine_similarity(emb[:1].float(), emb[1:].float()))
-            top = f"{os.path.basename(pair[0])} vs {os.path.basename(pair[1])}: " \
-                  f"cosine similarity {sim:.3f}"
-        elif caps:
-            top = f"{os.path.basename(pair[1])}: {caps[1]}"
-        with torch.no_grad():
-            maps = model.explain(x, pair=px)
-        written.append(save_explain(x, maps, pair_path, meta["mean"], meta["std"],
-                                    titles=[os.path.basename(pair[0])], pair_images=px,
-                                    captions=caps[:1] if caps else None, suptitle=top))
-    return written
-
-
-def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
-            loaded: tuple | None = None) -> str:
-    """:func:`explain_all` for one picture (``images`` or ``pair``); returns its path."""
-    return explain_all(checkpoint, images, out, pair, loaded)[0]
-
-
 def _cmd_explain(a) -> int:
-    for path in explain_all(a.checkpoint, a.images, a.out, a.pair):
+    from .inference import explain
+    for path in explain(a.checkpoint, a.images, a.out, a.pair):
         print(path)
     return 0
 

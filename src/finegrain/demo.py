@@ -296,7 +296,7 @@ def _test_size(entry: DemoEntry) -> int:
 
 
 def _explain_picture(entry: DemoEntry, run_dir: str, out_png: str) -> str | None:
-    from .cli import explain
+    from .inference import explain
     from .data.registry import build_dataset
     from .models.registry import load_model
     ckpt = os.path.join(run_dir, "last.ckpt")
@@ -311,9 +311,9 @@ def _explain_picture(entry: DemoEntry, run_dir: str, out_png: str) -> str | None
         gallery = build_dataset(data["dataset"], data.get("root"), "gallery", **kw)
         q = ds.samples[0]
         match = next(s.path for s in gallery.samples if s.label == q.label and s.camid != q.camid)
-        return explain(ckpt, [], out_png, pair=[q.path, match], loaded=(model, meta))
+        return explain(ckpt, [], out_png, pair=[q.path, match], loaded=(model, meta))[0]
     paths = [s.path for s in ds.samples[:: max(1, len(ds) // 4)][:4]]
-    return explain(ckpt, paths, out_png, loaded=(model, meta))
+    return explain(ckpt, paths, out_png, loaded=(model, meta))[0]
 
 
 class _Progress:

@@ -97,9 +97,9 @@ def preprocessing(meta: dict) -> dict:
     order (resize, crop, scaling to [0, 1], normalisation), then the input layout."""
     from torchvision.transforms import v2
 
-    from .cli import _eval_transform
+    from .inference import eval_transform
     steps = []
-    for t in _eval_transform(meta).transforms:
+    for t in eval_transform(meta).transforms:
         if isinstance(t, v2.Resize):
             size = list(t.size) if isinstance(t.size, (list, tuple)) else t.size
             rule = "shorter_side" if isinstance(size, int) or len(size) == 1 else "exact"
@@ -230,7 +230,7 @@ def parity_images(meta: dict, images: list[str] | None = None, num_images: int =
     """``(normalised batch (N, 3, H, W), where it came from)``. ``images``: files or folders
     (every image under them, sorted); None: the test split of a generated CUB-layout dataset
     (``synthetic_fgvc``, written to a temporary folder and read back as JPEG files)."""
-    from .cli import _load_images
+    from .inference import load_images
     if images:
         paths = []
         for p in images:
@@ -244,7 +244,7 @@ def parity_images(meta: dict, images: list[str] | None = None, num_images: int =
         if not paths:
             raise InputError(f"--images {' '.join(images)}: no image files (.jpg, .png ...)")
         paths = paths[:num_images]
-        return _load_images(paths, meta), f"{len(paths)} images from {', '.join(images)}"
+        return load_images(paths, meta), f"{len(paths)} images from {', '.join(images)}"
     from .data import build_dataset
     from .data.synthetic import FGVCConfig, generate_cub
     per_class = max(1, -(-num_images // 4))
@@ -253,7 +253,7 @@ def parity_images(meta: dict, images: list[str] | None = None, num_images: int =
     with tempfile.TemporaryDirectory() as tmp:
         ds = build_dataset("cub200", generate_cub(tmp, cfg), "test")
         paths = [s.path for s in ds.samples][:num_images]
-        x = _load_images(paths, meta)
+        x = load_images(paths, meta)
     return x, f"synthetic_fgvc test split ({len(paths)} generated images, seed 0)"
 
 

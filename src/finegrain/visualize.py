@@ -9,6 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .models.explain import AttentionMap
+
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(B, 3, H, W) normalised tensor -> (B, H, W, 3) float array in [0, 1]."""
@@ -24,25 +26,37 @@ def _upsample(m: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
     return torch.nn.functional.interpolate(m, size=hw, mode=mode, **kw)[0, 0].numpy()
 
 
-def save_explain(images: torch.Tensor, outputs: dict[str, torch.Tensor], path: str,
+def unit_scale(m: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each map of (B, h, w) to [0, 1] (a constant map becomes 0): how every
+    attention map is drawn."""
+    m = m.detach().float()
+    lo = m.flatten(1).amin(1)[:, None, None]
+    hi = m.flatten(1).amax(1)[:, None, None]
+    return (m - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def save_explain(images: torch.Tensor, maps: Sequence[AttentionMap], path: str,
                  mean: Sequence[float], std: Sequence[float],
                  titles: Sequence[str] | None = None, pair_images: torch.Tensor | None = None,
                  captions: Sequence[str] | None = None, suptitle: str | None = None) -> str:
-    """Grid: one row per image; the input, then every map of ``outputs`` as a heat-map overlay
-    (maps (B, h, w) in [0, 1], with a colour bar) and every ``*_image`` entry as an image.
-    Maps whose name starts with ``pair`` are drawn over ``pair_images``. ``captions``: one
-    line under each input's title (the predicted class and its probability); ``suptitle``: a
-    line above the grid (for pairs, their similarity)."""
+    """Grid: one row per image; the input (and ``pair_images``' image), then every map of
+    ``model.explain`` (:class:`~finegrain.models.explain.AttentionMap`): a heat map min-max
+    scaled per image to [0, 1] (one colour bar) over the image it belongs to (``image="pair"``:
+    ``pair_images``), or a picture drawn as is. ``captions``: one line under each input's
+    title (the predicted class and its probability); ``suptitle``: a line above the grid (for
+    pairs, their similarity)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if any(m.image == "pair" for m in maps) and pair_images is None:
+        raise ValueError("a map belongs to the pair image: pass pair_images")
     imgs = denormalize(images, mean, std)
     pimgs = denormalize(pair_images, mean, std) if pair_images is not None else None
-    keys = list(outputs)
-    B, cols = len(imgs), 1 + len(keys) + (pimgs is not None)
+    B, cols = len(imgs), 1 + len(maps) + (pimgs is not None)
     fig, axes = plt.subplots(B, cols, figsize=(2.4 * cols + 0.6, 2.6 * B + 0.3 * bool(suptitle)),
                              squeeze=False)
+    scaled = [None if m.is_picture else unit_scale(m.map) for m in maps]
     heat = None
     for b in range(B):
         ax = axes[b, 0]
@@ -56,17 +70,16 @@ def save_explain(images: torch.Tensor, outputs: dict[str, torch.Tensor], path: s
             axes[b, c].imshow(pimgs[b])
             axes[b, c].set_title("pair image", fontsize=8)
             c += 1
-        for k in keys:
+        for m, v in zip(maps, scaled):
             ax = axes[b, c]
-            v = outputs[k][b]
-            if k.endswith("_image"):
-                ax.imshow(denormalize(v[None], mean, std)[0])
+            if v is None:
+                ax.imshow(denormalize(m.map[b][None], mean, std)[0])
             else:
-                base = pimgs[b] if (k.startswith("pair") and pimgs is not None) else imgs[b]
+                base = pimgs[b] if m.image == "pair" else imgs[b]
                 ax.imshow(base)
-                heat = ax.imshow(_upsample(v, base.shape[:2]), cmap="jet", alpha=0.5, vmin=0,
+                heat = ax.imshow(_upsample(v[b], base.shape[:2]), cmap="jet", alpha=0.5, vmin=0,
                                  vmax=1)
-            ax.set_title(k, fontsize=8)
+            ax.set_title(m.name + (" (pair)" if m.image == "pair" else ""), fontsize=8)
             c += 1
     for ax in axes.flat:
         ax.axis("off")

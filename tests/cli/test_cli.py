@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from finegrain.cli import main, predict
+from finegrain.cli import main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
+from finegrain.inference import predict
 from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
@@ -77,3 +78,20 @@ def test_python_dash_m_help():
                          text=True, check=True).stdout
     for cmd in ("train", "eval", "predict", "explain", "data", "demo"):
         assert cmd in out
+
+
+def test_library_calls_live_in_finegrain_inference():
+    """The Python API offers the commands' calls; nothing imports upward from the CLI."""
+    import pathlib
+    import re
+
+    import finegrain
+    from finegrain import cli, inference
+    for name in ("predict", "evaluate_checkpoint", "explain"):
+        assert getattr(finegrain, name) is getattr(inference, name)
+        assert name in finegrain.__all__ and not hasattr(cli, name)
+    src = pathlib.Path(finegrain.__file__).parent
+    upward = [str(p.relative_to(src)) for p in src.rglob("*.py")
+              if p.name not in ("cli.py", "__main__.py")
+              and re.search(r"from (\.+|finegrain\.)cli import", p.read_text())]
+    assert upward == []

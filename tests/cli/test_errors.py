@@ -10,10 +10,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import finegrain
 from finegrain import cli
 from finegrain.cli import main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
+from finegrain.errors import UnknownNameError
 from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
@@ -174,6 +177,50 @@ def test_a_bug_keeps_its_traceback(run, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_predict", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["predict", str(run / "run" / "last.ckpt"), "x.jpg"])
+
+
+@pytest.mark.parametrize("raised", [KeyError("a missing key"), ValueError("a bad value")])
+def test_builtin_errors_are_bugs_not_messages(run, monkeypatch, raised):
+    """Only our own error types become one line: a KeyError / ValueError of a bug keeps its
+    traceback (finegrain.errors' classes derive from them, not the other way round)."""
+    def boom(a):
+        raise raised
+    monkeypatch.setattr(cli, "_cmd_predict", boom)
+    with pytest.raises(type(raised)):
+        main(["predict", str(run / "run" / "last.ckpt"), "x.jpg"])
+
+
+def test_our_error_is_one_line_and_exit_code_2(run, monkeypatch, capsys):
+    def refuse(a):
+        raise UnknownNameError("no class 'x' in this checkpoint:\nuse one of a, b")
+    monkeypatch.setattr(cli, "_cmd_predict", refuse)
+    assert main(["predict", str(run / "run" / "last.ckpt"), "x.jpg"]) == 2
+    assert _error(capsys) == "error: no class 'x' in this checkpoint: use one of a, b"
+
+
+# ---- explain --pair on a model without a pair-wise map ---------------------------------------
+@pytest.mark.parametrize("name", ["tasn_resnet18", "dalg_deit_tiny_patch16_224"])
+def test_explain_pair_without_a_pairwise_map_is_one_line(name, tmp_path, capsys):
+    torch.manual_seed(0)
+    kwargs = {**tiny_kwargs(name), "num_classes": 4}
+    model = finegrain.create_model(name, **kwargs)
+    task = "retrieval" if name.startswith("dalg") else "classification"
+    meta = {"model_name": name, "model_kwargs": kwargs, "mean": [0.5] * 3, "std": [0.5] * 3,
+            "img_size": 32, "task": task, "dataset": "images",
+            "class_names": []}
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "finegrain_meta": meta, "hyper_parameters": {"meta": meta}}, ckpt)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(img)
+    out = tmp_path / "pics"
+    assert main(["explain", str(ckpt), "--pair", str(img), str(img), "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert "--pair" in err and "pair-wise" in err and name in err
+    assert not out.exists()  # nothing written
+    # its own pictures are drawn (maps and, for TASN, the sampled images)
+    assert main(["explain", str(ckpt), str(img), "--out", str(out)]) == 0
+    assert (out / "explain.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---- weights that do not fit ---------------------------------------------------------------

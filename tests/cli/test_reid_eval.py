@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from finegrain.cli import _reid_distances, _reid_metrics, main
+from finegrain.cli import main
 from finegrain.evaluation.reid import compute_distance, evaluate, re_rank
+from finegrain.inference import reid_distances, reid_metrics
 from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
@@ -62,18 +63,18 @@ def test_reid_postprocessing_equals_the_evaluation_functions():
     nq = 6
     q, g = e[:nq], e[nq:]
     d0 = compute_distance(q, g, "cosine").numpy()
-    np.testing.assert_allclose(_reid_distances(out, nq), d0)
+    np.testing.assert_allclose(reid_distances(out, nq), d0)
     rr = re_rank(d0, compute_distance(q, q, "cosine").numpy(),
                  compute_distance(g, g, "cosine").numpy())
-    np.testing.assert_allclose(_reid_distances(out, nq, rerank=True), rr)
+    np.testing.assert_allclose(reid_distances(out, nq, rerank=True), rr)
     ref = evaluate(rr, out["label"][:nq], out["label"][nq:], out["camid"][:nq],
                    out["camid"][nq:])
-    got = _reid_metrics(rr, out, nq)
+    got = reid_metrics(rr, out, nq)
     assert got["mAP"] == pytest.approx(ref["mAP"]) and got["R1"] == pytest.approx(ref["cmc"][0])
     # alpha-QE with n = 1: q' = normalize(q + max(s, 0)^3 g_top1)
     top = np.argsort(d0, axis=1, kind="stable")[:, 0]
     s = np.maximum((q * g[top]).sum(1, keepdims=True), 0) ** 3
     qe = q + s * g[top]
     qe /= np.linalg.norm(qe, axis=1, keepdims=True)
-    np.testing.assert_allclose(_reid_distances(out, nq, aqe=1),
+    np.testing.assert_allclose(reid_distances(out, nq, aqe=1),
                                compute_distance(qe, g, "cosine").numpy(), atol=1e-6)

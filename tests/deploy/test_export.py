@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from finegrain import create_model, list_models
-from finegrain.cli import main, predict
+from finegrain.cli import main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
 from finegrain.export import ParityError, compare_outputs, export
+from finegrain.inference import predict
 from finegrain.models.registry import load_model
 from finegrain.models.tiny import family, tiny_kwargs
 from finegrain.runtime import load_exported

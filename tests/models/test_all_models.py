@@ -25,6 +25,8 @@ import pytest
 import torch
 
 from finegrain import create_model, list_models
+from finegrain.errors import InputError
+from finegrain.models.explain import AttentionMap
 from finegrain.models.tiny import family, tiny_input_size, tiny_kwargs
 
 NUM_CLASSES = 4
@@ -225,3 +227,32 @@ def test_eval_is_independent_of_the_batch(case):
                                            msg=lambda m: f"{name} {k}, image {i} alone: {m}")
                 torch.testing.assert_close(mixed[k][2], full[k][i], rtol=1e-4, atol=1e-5,
                                            msg=lambda m: f"{name} {k}, image {i} mixed: {m}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_explain_returns_raw_named_maps_of_their_image(case):
+    """One explain contract (``finegrain.models.explain``): ``explain(images, pair=None)``
+    returns :class:`AttentionMap` s, raw (the drawing scales them), each over the image it
+    belongs to; ``pair`` works exactly where ``pairwise_explain`` says so."""
+    name, kw = case
+    model = _build(name, kw).eval()
+    x, p = _images(name, 2), _images(name, 2, seed=1)
+    try:
+        out = model.explain(x)
+    except InputError:  # a plain CNN classifier has no attention to show
+        assert family(name) == "classifier" and "resnet" in name, name
+        return
+    assert isinstance(out, list) and all(isinstance(m, AttentionMap) for m in out)
+    assert all(m.image == "query" for m in out)
+    for m in out:
+        assert m.map.shape[0] == 2 and m.map.ndim in (3, 4) and torch.isfinite(m.map).all()
+        v = m.map.flatten(1)
+        if not m.is_picture and v.unique().numel() > 2:  # not a 0/1 selection mask
+            scaled = (v.amin(1) == 0) & (v.amax(1) == 1)
+            assert not scaled.all(), f"{m.name} looks min-max scaled: models return raw maps"
+    if model.pairwise_explain:
+        paired = model.explain(x, pair=p)
+        assert any(m.image == "pair" for m in paired)
+    else:
+        with pytest.raises(InputError, match="pair-wise"):
+            model.explain(x, pair=p)

@@ -23,7 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from finegrain import create_model, list_models
+from finegrain.errors import InputError
 from finegrain.models.cross_image import CrossAttentionLayer, CrossImageDML, conditional_rerank
+from finegrain.models.explain import AttentionMap
 from finegrain.models.registry import registry_name
 from finegrain.models.tiny import TEST_RESNET
 from finegrain.models.weights import load_pretrained
@@ -367,31 +369,73 @@ def test_timm_backbone_weights_load_by_key_name(tmp_path):
 
 @pytest.mark.parametrize("hierarchy", ["stack", "mutual"])
 @pytest.mark.parametrize("name", ["cross_image_resnet18", "cross_image_deit_tiny_patch16_224"])
-def test_explain_maps_are_in_unit_range(name, hierarchy):
+def test_explain_maps_are_tagged_with_their_image(name, hierarchy):
     model = _model(name, hierarchy=hierarchy).eval()
+    assert model.pairwise_explain
     x, p = _images(2), _images(2)
-    maps = model.explain(x, pair=p)
+    out = model.explain(x, pair=p)
+    assert all(isinstance(m, AttentionMap) for m in out)
+    maps = {m.name: m.map for m in out}
     h = 1 if "resnet" in name else 4
     assert {"activation", "cross_attention", "cross_attention_layer0",
             "cross_attention_layer1", "cross_attention_reverse"} <= set(maps)
     for m in maps.values():
-        assert m.shape[0] == 2 and m.ndim == 3 and m.min() >= 0 and m.max() <= 1
+        assert m.shape[0] == 2 and m.ndim == 3 and torch.isfinite(m).all()
     assert maps["cross_attention"].shape == (2, h, h)
-    assert "self_attention" in model.explain(x)
-    assert set(_model(name, cross_attention=False).explain(x)) == {"activation"}
+    # the reverse map is image b's query over pair b's tokens: it lies over the pair image
+    assert {m.name for m in out if m.image == "pair"} == {"cross_attention_reverse"}
+    assert [m.name for m in model.explain(x)] == ["activation", "self_attention"]
+    baseline = _model(name, cross_attention=False)
+    assert not baseline.pairwise_explain
+    assert [m.name for m in baseline.explain(x)] == ["activation"]
+    with pytest.raises(InputError, match="pair-wise"):
+        baseline.explain(x, pair=p)
+
+
+def test_explain_reverse_map_is_drawn_over_the_pair_image(tmp_path, monkeypatch):
+    """The reverse map (image b's query over pair b's tokens) is tagged as the pair's and
+    ``save_explain`` overlays it on the pair image, every other map on the query image."""
+    from finegrain import visualize
+    model = _model("cross_image_deit_tiny_patch16_224").eval()
+    x, p = _images(1), torch.full((1, 3, 32, 32), 2.0)  # the pair image: a flat, bright one
+    out = model.explain(x, pair=p)
+    rev = next(m for m in out if m.name == "cross_attention_reverse")
+    assert rev.image == "pair" and rev.map.shape == (1, 4, 4)
+    drawn = []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.axes
+    orig = matplotlib.axes.Axes.imshow
+
+    def spy(ax, arr, *a, **kw):
+        drawn.append((np.asarray(arr).copy(), kw.get("cmap")))
+        return orig(ax, arr, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    visualize.save_explain(x, out, str(tmp_path / "pair.png"), (0.5,) * 3, (0.5,) * 3,
+                           pair_images=p)
+    pair_base = visualize.denormalize(p, (0.5,) * 3, (0.5,) * 3)[0]
+    query_base = visualize.denormalize(x, (0.5,) * 3, (0.5,) * 3)[0]
+    # every heat map is drawn over a base picture; the one before the reverse map's heat map
+    # is the pair image
+    heat_idx = [i for i, d in enumerate(drawn) if d[1] == "jet"]
+    assert len(heat_idx) == len(out)
+    for m, i in zip(out, heat_idx):
+        name, base = m.name, drawn[i - 1][0]
+        want = pair_base if name == "cross_attention_reverse" else query_base
+        np.testing.assert_allclose(base, want)
 
 
 def test_explain_cross_attention_is_the_pair_query_over_image_tokens():
     """Where image b is looked at when conditioned on pair b: recompute it by hand."""
     model = _model("cross_image_deit_tiny_patch16_224").eval()
     x, p = _images(2), _images(2)
-    maps = model.explain(x, pair=p)
+    maps = {m.name: m.map for m in model.explain(x, pair=p)}
     with torch.no_grad():
         kv = model.cross.token_proj(model.patch_tokens(model.forward_features(x)))
         q = model.cross.query_proj(model.forward_head(model.forward_features(p)))[:, None]
         _, attn = model.cross.layers[0](q, kv, return_attn=True)  # (B, H, 1, N)
-    a = attn.mean(1)[:, 0]
-    a = (a - a.amin(1, keepdim=True)) / (a.amax(1, keepdim=True) - a.amin(1, keepdim=True))
+    a = attn.mean(1)[:, 0]  # raw: the model does not scale it
     torch.testing.assert_close(maps["cross_attention_layer0"], a.reshape(2, 4, 4))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.errors import InputError
 from finegrain import create_model, list_models
 from finegrain.models.dalg import (DALG, CrossAttentionFusion, OrthogonalFusion,
                                    SpatialAttention2d, WindowAttentionBlock)
@@ -200,13 +201,20 @@ def test_local_block_and_invalid_combinations():
         tiny(local_block=9)
 
 
-def test_explain_maps_in_unit_range():
+def test_explain_maps_are_raw_and_of_the_query():
     model = tiny().eval()
-    maps = model.explain(torch.randn(2, 3, 64, 40))
-    assert set(maps) == {"spatial_attention", "fusion_attention"}
-    for m in maps.values():
-        assert m.shape == (2, 8, 5) and m.min() >= 0 and m.max() <= 1 + 1e-6
-    assert tiny(local="none", fusion="none").eval().explain(torch.randn(1, 3, 32, 32)) == {}
+    x = torch.randn(2, 3, 64, 40)
+    out = model.explain(x)
+    assert [m.name for m in out] == ["spatial_attention", "fusion_attention"]
+    for m in out:
+        assert m.image == "query" and m.map.shape == (2, 8, 5) and torch.isfinite(m.map).all()
+    with torch.no_grad():
+        raw = model.forward_features(x)["spatial_attention"][:, 0]
+    torch.testing.assert_close(out[0].map, raw)  # not min-max scaled
+    assert tiny(local="none", fusion="none").eval().explain(torch.randn(1, 3, 32, 32)) == []
+    assert not model.pairwise_explain
+    with pytest.raises(InputError, match="pair-wise"):
+        model.explain(x, pair=x)
 
 
 def test_pretrained_backbone_file_loads_into_backbone(tmp_path):

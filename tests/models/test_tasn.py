@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finegrain.errors import InputError
 from finegrain.models import create_model, list_models
 from finegrain.models.tasn import (TASN, AttentionNet, attention_grid, attention_sample,
                                    detail_map, distinct_maps_mask, inverse_cdf, max_marginals,
@@ -706,21 +707,23 @@ def test_explain_maps_and_images():
     model = tiny_tasn().train()
     images = torch.randn(2, 3, 40, 40)
     stats = model.attention.bn.running_mean.clone()
-    ex = model.explain(images)
+    out = model.explain(images)
     assert model.training and torch.equal(stats, model.attention.bn.running_mean)
     model.eval()
+    assert not model.pairwise_explain and all(m.image == "query" for m in out)
+    ex = {m.name: m.map for m in out}
     assert ex["structure"].shape == ex["detail"].shape == (2, 40, 40)
     assert ex["structure_image"].shape == ex["detail_image"].shape == (2, 3, 32, 32)
-    for k in ("structure", "detail"):
-        assert ex[k].min() >= 0 and ex[k].max() <= 1 and ex[k].amax((1, 2)).eq(1).all()
-    again = model.explain(images)
+    assert [m.is_picture for m in out] == [False, False, True, True]
+    again = {m.name: m.map for m in model.explain(images)}
     torch.testing.assert_close(ex["detail_image"], again["detail_image"])  # seeded draw
     with torch.no_grad():
         maps, _ = model.attention_maps(images)
-    fixed = model.explain(images, channel=3)["detail"]
+    fixed = {m.name: m.map for m in model.explain(images, channel=3)}["detail"]
     ref = F.interpolate(maps[:, 3:4], (40, 40), mode="bilinear")[:, 0]
-    lo, hi = ref.amin((1, 2), keepdim=True), ref.amax((1, 2), keepdim=True)
-    torch.testing.assert_close(fixed, (ref - lo) / (hi - lo))
+    torch.testing.assert_close(fixed, ref)  # raw: the model does not scale it
+    with pytest.raises(InputError, match="pair-wise"):
+        model.explain(images, pair=images)
 
 
 @pytest.mark.parametrize("name", list_models("tasn*"))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..losses.triplet import batch_hard_triplet
+from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
 
@@ -75,9 +76,11 @@ class Classifier(FinegrainModel):
 
 
     @torch.no_grad()
-    def explain(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """ViT backbones: the class token's attention over the patches in the last block
-        (head mean), as a (B, h, w) map in [0, 1]."""
+    def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None
+                ) -> list[AttentionMap]:
+        """ViT backbones: ``cls_attention``, the class token's attention over the patches in
+        the last block (head mean), (B, h, w), raw. No pair-wise map."""
+        check_pair(self, pair)
         blocks = getattr(self.backbone, "blocks", None)
         if blocks is None:
             raise InputError(f"{type(self.backbone).__name__} has no attention to show; explain "
@@ -96,9 +99,7 @@ class Classifier(FinegrainModel):
         a = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1).mean(1)  # (B, N, N)
         prefix = getattr(self.backbone, "num_prefix_tokens", 1)
         h, w = self.backbone.patch_embed.grid_size
-        m = a[:, 0, prefix:].reshape(B, h, w)
-        m = m - m.amin((1, 2), keepdim=True)
-        return {"cls_attention": m / m.amax((1, 2), keepdim=True).clamp_min(1e-12)}
+        return [AttentionMap("cls_attention", a[:, 0, prefix:].reshape(B, h, w))]
 
 
 def _create_classifier(backbone: str, **kwargs) -> Classifier:

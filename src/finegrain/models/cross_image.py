@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from ..losses.dml import PAIR_LOSSES, build_embedding_loss, build_similarity_loss
+from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
 POOLS = ("avg", "max", "avgmax", "token")
@@ -472,39 +473,47 @@ class CrossImageDML(FinegrainModel):
         return out
 
     # -- pictures and re-ranking ---------------------------------------------------------------
+    @property
+    def pairwise_explain(self) -> bool:
+        """``explain`` draws pairs when the conditional (cross-attention) branch is on."""
+        return self.cross is not None
+
     @torch.no_grad()
     def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
-        """Maps (B, h, w) in [0, 1] on the token grid.
+                ) -> list[AttentionMap]:
+        """Raw maps (B, h, w) on the token grid.
 
         ``activation``: token feature norms. With the conditional branch and no ``pair``:
         ``self_attention``, where image b's own embedding looks in image b (c_{b|b}). With
         ``pair`` (B, 3, H', W'): ``cross_attention`` = where ``images[b]`` is looked at when
         conditioned on ``pair[b]`` (pair b's query over image b's tokens, last layer, mean over
         heads), ``cross_attention_layer{l}`` for each layer, and ``cross_attention_reverse``
-        (B, h', w'): image b's query over pair b's tokens.
+        (B, h', w'), tagged ``image="pair"``: image b's query over pair b's tokens.
         """
+        check_pair(self, pair)
         feats, (h, w) = self._tokens(images)
         patches = self.patch_tokens(feats)  # (B, N, C)
         B = images.shape[0]
-        maps = {"activation": _unit(patches.float().norm(dim=-1)).reshape(B, h, w)}
+        maps = [AttentionMap("activation", patches.float().norm(dim=-1).reshape(B, h, w))]
         if self.cross is None:
             return maps
         z = self.forward_head(feats)  # (B, E)
         if pair is None:  # c_{b|b}: image b read by its own embedding
             _, _, attns, _ = self.cross.pairs(patches, patches[:, None], z, z[:, None],
                                               return_attn=True)
-            maps["self_attention"] = _unit(attns[-1].float().mean(1)[:, 0]).reshape(B, h, w)
+            maps.append(AttentionMap("self_attention",
+                                     attns[-1].float().mean(1)[:, 0].reshape(B, h, w)))
             return maps
         feats_p, (hp, wp) = self._tokens(pair)
         z_p = self.forward_head(feats_p)  # (B, E)
         _, _, attns, attns_r = self.cross.pairs(patches, self.patch_tokens(feats_p)[:, None],
                                                 z, z_p[:, None], return_attn=True)
-        for layer, a in enumerate(attns):  # (B, H, 1, N): c_{b|pair b} over image b
-            maps[f"cross_attention_layer{layer}"] = _unit(a.float().mean(1)[:, 0]).reshape(B, h, w)
-        maps["cross_attention"] = maps[f"cross_attention_layer{len(attns) - 1}"]
-        reverse = _unit(attns_r[-1].float().mean(2)[:, 0])  # (B, 1, H, N') -> (B, N')
-        maps["cross_attention_reverse"] = reverse.reshape(B, hp, wp)
+        layers = [a.float().mean(1)[:, 0].reshape(B, h, w) for a in attns]  # (B, H, 1, N)
+        maps.append(AttentionMap("cross_attention", layers[-1]))  # c_{b|pair b} over image b
+        maps += [AttentionMap(f"cross_attention_layer{layer}", m)
+                 for layer, m in enumerate(layers)]
+        reverse = attns_r[-1].float().mean(2)[:, 0]  # (B, 1, H, N') -> (B, N')
+        maps.append(AttentionMap("cross_attention_reverse", reverse.reshape(B, hp, wp), "pair"))
         return maps
 
     @torch.no_grad()
@@ -540,13 +549,6 @@ def _no_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each row of (B, N) to [0, 1]."""
-    lo = x.amin(dim=1, keepdim=True)
-    hi = x.amax(dim=1, keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(1e-12)
 
 
 def _similarity_logs(sim: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

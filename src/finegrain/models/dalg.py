@@ -54,6 +54,7 @@ from timm.models.swin_transformer import WindowAttention, window_partition, wind
 from torch.utils.checkpoint import checkpoint
 
 from ..losses.arcface import ArcFaceHead
+from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
 __all__ = ["DALG", "WindowAttentionBlock", "SpatialAttention2d", "CrossAttentionFusion",
@@ -375,28 +376,25 @@ class DALG(FinegrainModel):
         return names
 
     @torch.no_grad()
-    def explain(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Attention maps on the token grid, each (B, h, w) scaled to [0, 1] per image.
+    def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None
+                ) -> list[AttentionMap]:
+        """Raw attention maps (B, h, w) on the token grid. No pair-wise map.
 
         ``spatial_attention``: the local branch's softplus attention ``a``;
         ``fusion_attention``: the cross-attention of ``f_g`` over the local tokens, mean over
         heads (only with ``fusion="cross_attention"``). Empty for the global-only baseline.
         """
+        check_pair(self, pair)
         feats = self.forward_features(images)
-        maps: dict[str, torch.Tensor] = {}
+        maps = []
         if "spatial_attention" in feats:
-            maps["spatial_attention"] = feats["spatial_attention"][:, 0]  # (B, h, w)
+            maps.append(AttentionMap("spatial_attention",
+                                     feats["spatial_attention"][:, 0].float()))  # (B, h, w)
         if isinstance(self.fusion, CrossAttentionFusion):
             B, _, h, w = feats["local"].shape
             _, attn = self.fusion.attend(feats["global"], feats["local"])  # (B, nh, hw)
-            maps["fusion_attention"] = attn.mean(1).view(B, h, w)
-        out = {}
-        for name, m in maps.items():
-            m = m.float()
-            lo = m.flatten(1).min(1).values[:, None, None]
-            hi = m.flatten(1).max(1).values[:, None, None]
-            out[name] = (m - lo) / (hi - lo).clamp_min(1e-12)
-        return out
+            maps.append(AttentionMap("fusion_attention", attn.float().mean(1).view(B, h, w)))
+        return maps
 
 
 # --------------------------------------------------------------------------- registry

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from ..losses.triplet import batch_hard_triplet
 from ..losses.uncertainty import UncertaintyWeighting
+from .explain import AttentionMap
 from .registry import FinegrainModel, build, register_model
 
 __all__ = ["DCAL", "GlobalLocalCrossAttention", "attention_rollout_class_row",
@@ -303,6 +304,8 @@ class DCAL(FinegrainModel):
         backbone_kwargs: extra ``timm.create_model`` arguments (``depth``, ``embed_dim``,
             ``num_heads``, ``patch_size`` ... for tiny test / demo models).
     """
+
+    pairwise_explain = True  # explain(images, pair=...): PWCA attention over the pair
 
     def __init__(self, backbone: str = "deit_tiny_patch16_224", num_classes: int = 1000,
                  img_size: int | tuple[int, int] | None = None, task: str = "fgvc",
@@ -591,19 +594,20 @@ class DCAL(FinegrainModel):
         return tuple(pe.grid_size)
 
     @torch.no_grad()
-    def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None) -> dict:
-        """Heat maps (B, h, w) in [0, 1] over the patch grid.
+    def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None
+                ) -> list[AttentionMap]:
+        """Raw maps (B, h, w) over the patch grid.
 
         Args:
             images: (B, 3, H, W) in the model's input normalisation.
             pair: optional (B, 3, H, W) distractors: image ``b`` is paired with ``pair[b]``.
 
         Returns:
-            ``"rollout"``: class-token rollout over the patches (blocks 1..L-1, Eq. 3),
-            min-max scaled; ``"glca_selected"`` (GLCA on): 1 on the R selected patches;
-            with ``pair``: ``"pair_attention"``: the head-mean attention of I1's class token
-            over I2's patch tokens in the last PWCA block (the I2 part of the concatenated
-            softmax), min-max scaled.
+            ``rollout``: class-token rollout over the patches (blocks 1..L-1, Eq. 3);
+            ``glca_selected`` (GLCA on): 1 on the R selected patches, 0 elsewhere; with
+            ``pair``: ``pair_attention`` (``image="pair"``, it lies over ``pair``): the
+            head-mean attention of I1's class token over I2's patch tokens in the last PWCA
+            block (the I2 part of the concatenated softmax).
         """
         was_training = self.training
         self.eval()
@@ -620,25 +624,20 @@ class DCAL(FinegrainModel):
                 pairs = (idx, idx + B)
             f = self.forward_features(images, pairs=pairs, rollout=True,
                                       pair_probs=pair is not None)
-            maps = {"rollout": _minmax(f["rollout"][:B, 1:]).reshape(B, h, w)}
+            maps = [AttentionMap("rollout", f["rollout"][:B, 1:].float().reshape(B, h, w))]
             if "selected" in f:
                 sel = f["selected"][:B]  # (B, R)
                 mask = torch.zeros(B, h * w, device=images.device)
-                maps["glca_selected"] = mask.scatter_(1, sel, 1.0).reshape(B, h, w)
+                maps.append(AttentionMap("glca_selected",
+                                         mask.scatter_(1, sel, 1.0).reshape(B, h, w)))
             if pair is not None:
                 p = f["pair_probs"].float().mean(dim=1)  # (B, T, 2T) head mean
                 T = p.shape[1]
                 on_i2 = p[:, 0, T + 1:]  # class token of I1 -> patches of I2, (B, N)
-                maps["pair_attention"] = _minmax(on_i2).reshape(B, h, w)
+                maps.append(AttentionMap("pair_attention", on_i2.reshape(B, h, w), "pair"))
             return maps
         finally:
             self.train(was_training)
-
-
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-row min-max scaling of (B, N) to [0, 1] (a constant row becomes 0)."""
-    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
-    return ((x - lo) / (hi - lo).clamp_min(1e-12)).float()
 
 
 # --------------------------------------------------------------------------------------------

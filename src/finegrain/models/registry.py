@@ -27,7 +27,11 @@ class FinegrainModel(nn.Module):
     :class:`~finegrain.models.dalg.DALG`,
     :class:`~finegrain.models.cross_image.CrossImageDML`. It adds nothing to ``nn.Module``:
     it marks the classes whose typed ``__init__`` arguments are a model's config (and keeps
-    ``finegrain train --help`` to them rather than every ``nn.Module``)."""
+    ``finegrain train --help`` to them rather than every ``nn.Module``), and says whether
+    ``explain`` takes a ``pair`` (:mod:`finegrain.models.explain`)."""
+
+    pairwise_explain: bool = False
+    """``explain(images, pair=...)`` draws a pair-wise map (DCAL, cross-image attention)."""
 
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}

@@ -92,6 +92,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..losses.distillation import soft_cross_entropy_distillation
+from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
 log = logging.getLogger("finegrain")
@@ -620,22 +621,24 @@ class TASN(FinegrainModel):
 
     # -- pictures --------------------------------------------------------------------------------
     @torch.no_grad()
-    def explain(self, images: torch.Tensor, channel: int | None = None,
-                seed: int = 0) -> dict[str, torch.Tensor]:
-        """Attention maps and sampled images for drawing.
+    def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None, *,
+                channel: int | None = None, seed: int = 0) -> list[AttentionMap]:
+        """Attention maps and sampled images for drawing. No pair-wise map.
 
         Args:
             images: (B, 3, H, W) images in the model's input normalisation.
+            pair: not supported (an :class:`~finegrain.errors.InputError` when given).
             channel: part map used for the detail stream; None draws one per image (among the
                 distinct maps) with a ``torch.Generator`` seeded by ``seed``.
             seed: seed of that draw (the pictures are reproducible).
 
         Returns:
-            ``structure`` and ``detail``: (B, H, W) maps in [0, 1] (per-image min-max of the
-            maps the sampler uses); ``structure_image`` and ``detail_image``:
-            (B, 3, h_s, w_s) sampled images, in the input normalisation. Runs in eval mode
-            (BatchNorm statistics untouched) and restores the previous mode.
+            ``structure`` and ``detail``: (B, H, W) raw maps (the maps the sampler uses);
+            ``structure_image`` and ``detail_image``: (B, 3, h_s, w_s) sampled images, in the
+            input normalisation. Runs in eval mode (BatchNorm statistics untouched) and
+            restores the previous mode.
         """
+        check_pair(self, pair)
         was_training = self.training
         self.eval()
         try:
@@ -644,7 +647,7 @@ class TASN(FinegrainModel):
             self.train(was_training)
 
     def _explain(self, images: torch.Tensor, channel: int | None,
-                 seed: int) -> dict[str, torch.Tensor]:
+                 seed: int) -> list[AttentionMap]:
         maps, _ = self.attention_maps(images)  # (B, c, h, w)
         structure = self.structure_attention(maps, images)  # (B, H, W)
         if channel is None:
@@ -653,15 +656,9 @@ class TASN(FinegrainModel):
         else:
             part = maps[:, channel]
         detail = self._to_image(part, images)
-
-        def unit(a: torch.Tensor) -> torch.Tensor:
-            lo = a.flatten(1).amin(1)[:, None, None]
-            hi = a.flatten(1).amax(1)[:, None, None]
-            return (a - lo) / (hi - lo).clamp_min(1e-12)
-
-        return {"structure": unit(structure), "detail": unit(detail),
-                "structure_image": self._sample(images, structure),
-                "detail_image": self._sample(images, detail)}
+        return [AttentionMap("structure", structure), AttentionMap("detail", detail),
+                AttentionMap("structure_image", self._sample(images, structure)),
+                AttentionMap("detail_image", self._sample(images, detail))]
 
 
 # ---------------------------------------------------------------------------------------------
