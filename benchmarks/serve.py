@@ -49,7 +49,7 @@ def build_demo_index(folder: str) -> tuple[str, str, list[str]]:
     from finegrain.data.synthetic_landmarks import generate_landmarks
     from finegrain.models.tiny import tiny_kwargs
     from finegrain.retrieval.index import Index
-    from finegrain.retrieval.pipeline import retrieval_eval
+    from finegrain.retrieval.pipeline import ExtractOptions, PictureOptions, retrieval_eval
 
     root = generate_landmarks(os.path.join(folder, "data"))
     name = "dalg_vit_tiny_r_s16_p8_224"
@@ -64,7 +64,8 @@ def build_demo_index(folder: str) -> tuple[str, str, list[str]]:
     ckpt = os.path.join(run, "last.ckpt")
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "finegrain_meta": meta, "hyper_parameters": {"meta": meta}}, ckpt)
-    retrieval_eval(ckpt, "synthetic_landmarks", root, out=run, picture="none", progress=False)
+    retrieval_eval(ckpt, "synthetic_landmarks", root, out=run,
+                   extract=ExtractOptions(progress=False), picture=PictureOptions("none"))
     index = os.path.join(folder, "gallery.index")
     Index.build(os.path.join(run, "gallery")).save(index)
     queries = [s.path for s in build_dataset("synthetic_landmarks", root, "query").samples]

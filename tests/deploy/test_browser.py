@@ -79,7 +79,7 @@ def demo_server(tmp_path_factory):
 
     from finegrain.data import build_dataset
     from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmarks
-    from finegrain.retrieval.pipeline import retrieval_eval
+    from finegrain.retrieval.pipeline import ExtractOptions, PictureOptions, retrieval_eval
     from finegrain.serve import create_app
 
     from .helpers import DALG, write_checkpoint
@@ -90,8 +90,8 @@ def demo_server(tmp_path_factory):
     run = tmp / "dalg-method-seed0"
     run.mkdir()
     ck = write_checkpoint(run / "last.ckpt", DALG, "retrieval", model_kwargs={"img_size": 64})
-    retrieval_eval(ck, "synthetic_landmarks", root, out=str(run), picture="none",
-                   progress=False)
+    retrieval_eval(ck, "synthetic_landmarks", root, out=str(run),
+                   extract=ExtractOptions(progress=False), picture=PictureOptions("none"))
     index = str(tmp / "gallery.index")
     assert run_retrieval(["index", "build", str(run / "gallery"), "--out", index]) == 0
     app = create_app(index, gallery_root=root)

@@ -6,7 +6,7 @@ import pytest
 
 from finegrain.errors import InputError
 from finegrain.evaluation import revisited
-from finegrain.retrieval.pipeline import rank_database, rank_positions
+from finegrain.retrieval.pipeline import PostprocessOptions, rank_database, rank_positions
 from finegrain.retrieval.search import blockwise_knn, knn
 
 
@@ -60,11 +60,12 @@ def test_blockwise_positions_equal_the_in_memory_ranking(data, kw):
     """Tiny blocks over [gallery, memory-mapped distractors] vs one in-memory array."""
     queries, gallery, distractors, gnd = data
     whole = np.concatenate([gallery, np.asarray(distractors)])
-    ranks = rank_database(queries, whole, block_size=1 << 20, **kw)  # one block, all rows
+    post = PostprocessOptions(**kw)
+    ranks = rank_database(queries, whole, post, block_size=1 << 20)  # one block, all rows
     labelled = [np.unique(np.concatenate([g["easy"], g["hard"], g["junk"]]).astype(np.int64))
                 for g in gnd]
-    top, pos = rank_positions(queries, [gallery, distractors], labelled, k=50, block_size=97,
-                              **kw)
+    top, pos = rank_positions(queries, [gallery, distractors], labelled, k=50, post=post,
+                              block_size=97)
     np.testing.assert_array_equal(top, ranks[:50].T)
     where = np.argsort(ranks, axis=0)
     for i, t in enumerate(labelled):

@@ -129,7 +129,7 @@ def test_index_search_and_retrieval_eval_rank_alike_with_aqe_and_rerank(setup):
     code path), and takes --aqe-n / --rerank-k."""
     from finegrain.data import build_dataset
     from finegrain.evaluation.revisited import evaluate
-    from finegrain.retrieval.pipeline import rank_database
+    from finegrain.retrieval.pipeline import PostprocessOptions, rank_database
     tmp, root, ck, _, _ = setup
     for split, name in (("query", "q3"), ("gallery", "db3")):
         assert main(["embed", ck, "--dataset", "synthetic_landmarks", "--root", root,
@@ -140,11 +140,11 @@ def test_index_search_and_retrieval_eval_rank_alike_with_aqe_and_rerank(setup):
     flags = ["--aqe", "--aqe-n", "3", "--rerank", "--rerank-k", "10"]
     assert main(["index", "search", ix, str(tmp / "q3"), "-k", "10", *flags, "--out", out]) == 0
     searched = [r["names"] for r in json.loads(open(out).read())["queries"]]
-    ranks = rank_database(np.asarray(q.vectors), np.asarray(db.vectors), aqe=True, aqe_n=3,
-                          rerank=True, rerank_k=10)
+    ranks = rank_database(np.asarray(q.vectors), np.asarray(db.vectors),
+                          PostprocessOptions(aqe=True, aqe_n=3, rerank=True, rerank_k=10))
     assert searched == [[db.names[j] for j in ranks[:10, i]] for i in range(len(q))]
-    plain = rank_database(np.asarray(q.vectors), np.asarray(db.vectors), rerank=True,
-                          rerank_k=10)
+    plain = rank_database(np.asarray(q.vectors), np.asarray(db.vectors),
+                          PostprocessOptions(rerank=True, rerank_k=10))
     assert not np.array_equal(ranks, plain)  # the expansion reaches the re-ranking
     assert main(["retrieval", "eval", "--dataset", "synthetic_landmarks", "--root", root,
                  "--queries", str(tmp / "q3"), "--gallery", str(tmp / "db3"), *flags,
@@ -152,4 +152,5 @@ def test_index_search_and_retrieval_eval_rank_alike_with_aqe_and_rerank(setup):
     report = json.loads((tmp / "ev3" / "retrieval.json").read_text())
     gnd = build_dataset("synthetic_landmarks", root, "query").gnd
     assert report["metrics"] == evaluate(ranks, gnd)
-    assert report["aqe"]["n"] == 3 and report["rerank"]["k"] == 10
+    assert report["aqe"] == {"n": 3, "alpha": 3.0}
+    assert report["rerank"] == {"k": 10, "k1": 20, "k2": 6, "lambda": 0.3}  # as used

@@ -94,3 +94,19 @@ def test_remove_from_ivf_fast_scan_index(tmp_path):
     refined = str(tmp_path / "rf.index")  # the refine stage keeps vectors: reconstruct works
     Index.build(name, "IVF16,PQ8x4fs,RFlat").save(refined)
     np.testing.assert_array_equal(Index.load(refined).reconstruct(np.array([5])), db[5:6])
+
+
+def test_index_folder_and_bare_index_are_built_alike(tmp_path):
+    """``Index.build`` and ``search.build_index`` share one builder: same sample, same
+    training, same search parameters, same results."""
+    from finegrain.retrieval.search import build_index
+    path, x = _desc(tmp_path / "db", 1200)
+    folder = Index.build(path, "IVF16,Flat", train_size=700, nprobe=4, seed=3)
+    bare = build_index(x, "IVF16,Flat", train_size=700, nprobe=4, seed=3)
+    c1 = faiss.extract_index_ivf(folder.index).quantizer.reconstruct_n(0, 16)
+    c2 = faiss.extract_index_ivf(bare).quantizer.reconstruct_n(0, 16)
+    np.testing.assert_array_equal(c1, c2)
+    assert folder.manifest["train_size"] == 700
+    assert faiss.extract_index_ivf(bare).nprobe == 4
+    r = folder.search(x[:5], 10)
+    np.testing.assert_array_equal(r.ids, bare.search(x[:5], 10)[1])

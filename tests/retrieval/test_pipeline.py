@@ -13,7 +13,8 @@ from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmar
 from finegrain.evaluation.revisited import evaluate
 from finegrain.models.tiny import tiny_kwargs
 from finegrain.retrieval.descriptors import DescriptorMismatch, save_descriptors
-from finegrain.retrieval.pipeline import format_table, rank_database, retrieval_eval
+from finegrain.retrieval.pipeline import (ExtractOptions, PictureOptions, PostprocessOptions,
+                                          format_table, rank_database, retrieval_eval)
 
 SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=2, easy_per_landmark=2,
                         hard_per_landmark=2, junk_per_landmark=1, num_distractors=5,
@@ -55,8 +56,9 @@ def test_end_to_end_tiny_model(root, tmp_path):
     torch.manual_seed(0)
     model = create_model("dalg_deit_tiny_patch16_224", **TINY)
     out = tmp_path / "eval"
-    metrics = retrieval_eval(model, "synthetic_landmarks", root, image_size=64, out=str(out),
-                             picture="best", picture_queries=2, progress=False)
+    metrics = retrieval_eval(model, "synthetic_landmarks", root, out=str(out),
+                             extract=ExtractOptions(image_size=64, progress=False),
+                             picture=PictureOptions("best", queries=2))
     assert set(metrics) == {"easy", "medium", "hard"}
     for m in metrics.values():
         assert set(m) == KEYS and all(0.0 <= v <= 1.0 for v in m.values())
@@ -69,7 +71,7 @@ def test_end_to_end_tiny_model(root, tmp_path):
     aps = report["ap_medium"]
     assert aps[best[0]] == max(aps)
     # the descriptors written beside the metrics reproduce the numbers without a model
-    again = retrieval_eval(None, "synthetic_landmarks", root, picture="none",
+    again = retrieval_eval(None, "synthetic_landmarks", root, picture=PictureOptions("none"),
                            query_descriptors=str(out / "query"),
                            gallery_descriptors=str(out / "gallery"))
     assert again == metrics
@@ -79,11 +81,31 @@ def test_end_to_end_tiny_model(root, tmp_path):
 def test_oracle_descriptors_give_map_one(root, tmp_path):
     qn, gn, _ = _oracle(root, tmp_path)
     metrics = retrieval_eval(None, "synthetic_landmarks", root, query_descriptors=qn,
-                             gallery_descriptors=gn, out=str(tmp_path / "o"), picture="worst")
+                             gallery_descriptors=gn, out=str(tmp_path / "o"),
+                             picture=PictureOptions("worst"))
     for setting in ("easy", "medium", "hard"):
         assert metrics[setting]["mAP"] == pytest.approx(1.0)
         assert metrics[setting]["mP@1"] == pytest.approx(1.0)
     assert (tmp_path / "o" / "top10.png").is_file()
+
+
+def test_report_holds_the_reranking_parameters_as_used(root, tmp_path):
+    """retrieval.json gives k1, k2, lambda, rerank_k, aqe_n, aqe_alpha as passed, not the
+    defaults; the metrics are those of rank_database with the same options."""
+    qn, gn, q = _oracle(root, tmp_path)
+    post = PostprocessOptions(aqe=True, aqe_n=2, aqe_alpha=2.0, rerank=True, rerank_k=7, k1=6,
+                              k2=3, lambda_value=0.5)
+    retrieval_eval(None, "synthetic_landmarks", root, query_descriptors=qn,
+                   gallery_descriptors=gn, out=str(tmp_path / "r"), post=post,
+                   picture=PictureOptions("none"))
+    rep = json.loads((tmp_path / "r" / "retrieval.json").read_text())
+    assert rep["aqe"] == {"n": 2, "alpha": 2.0}
+    assert rep["rerank"] == {"k": 7, "k1": 6, "k2": 3, "lambda": 0.5}
+    plain = tmp_path / "p"
+    retrieval_eval(None, "synthetic_landmarks", root, query_descriptors=qn,
+                   gallery_descriptors=gn, out=str(plain), picture=PictureOptions("none"))
+    rep = json.loads((plain / "retrieval.json").read_text())
+    assert rep["aqe"] is None and rep["rerank"] is None
 
 
 def test_distractors_appended_and_checked(root, tmp_path):
@@ -116,10 +138,10 @@ def test_rank_database_with_aqe_and_rerank_are_full_permutations(root, tmp_path)
     np.testing.assert_array_equal(plain[:, 0], np.argsort(-(db @ q[0]), kind="stable"))
     for kw in (dict(aqe=True, aqe_n=2), dict(rerank=True, rerank_k=10),
                dict(aqe=True, rerank=True, rerank_k=10)):
-        r = rank_database(q, db, **kw)
+        r = rank_database(q, db, PostprocessOptions(**kw))
         assert r.shape == (40, 3)
         assert all(sorted(r[:, i]) == list(range(40)) for i in range(3))
-    r = rank_database(q, db, rerank=True, rerank_k=10)
+    r = rank_database(q, db, PostprocessOptions(rerank=True, rerank_k=10))
     np.testing.assert_array_equal(r[10:], plain[10:])  # only the shortlist moves
     assert all(set(r[:10, i]) == set(plain[:10, i]) for i in range(3))
 
@@ -163,7 +185,7 @@ def test_descriptor_files_are_matched_by_name_on_real_gnd(roxford_files):
     """A valid gallery file in another order gives the same metrics (issue 15: it used to
     drop Medium mAP silently); names missing from the ground truth are refused."""
     root, tmp, db, q = roxford_files
-    kw = dict(query_descriptors=str(tmp / "q"), picture="none")
+    kw = dict(query_descriptors=str(tmp / "q"), picture=PictureOptions("none"))
     ref = retrieval_eval(None, "roxford5k", root, gallery_descriptors=str(tmp / "g"), **kw)
     perm = np.random.default_rng(1).permutation(len(db))
     save_descriptors(tmp / "shuffled", db[perm], [q.imlist[i] for i in perm],
@@ -199,5 +221,5 @@ def test_query_file_of_another_dataset_or_convention_is_refused(roxford_files, f
     save_descriptors(tmp / "bad", np.asarray(d.vectors), d.names, **meta)
     with pytest.raises(ValueError, match=message) as e:
         retrieval_eval(None, "roxford5k", root, query_descriptors=str(tmp / "bad"),
-                       gallery_descriptors=str(tmp / "g"), picture="none")
+                       gallery_descriptors=str(tmp / "g"), picture=PictureOptions("none"))
     assert "bad.json" in str(e.value) and "--dataset roxford5k" in str(e.value)

@@ -8,13 +8,13 @@ adds ``"losses"`` (cross-entropy with optional label smoothing, plus batch-hard 
 
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
 from ..losses.triplet import batch_hard_triplet
+from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
@@ -40,17 +40,14 @@ class Classifier(FinegrainModel):
                  label_smoothing: float | None = None, triplet_margin: float = 0.3,
                  drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None):
         super().__init__()
-        kw = dict(backbone_kwargs or {})
-        if img_size is not None and ("vit" in backbone or "deit" in backbone):
-            kw["img_size"] = img_size
-        if "vit" in backbone or "deit" in backbone or "resnet" in backbone:
-            kw.setdefault("drop_path_rate", drop_path_rate)
         self.task = task
         self.label_smoothing = (0.1 if task == "reid" else 0.0) if label_smoothing is None \
             else label_smoothing
         self.triplet_margin = triplet_margin
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, **kw)
-        dim = self.backbone.num_features
+        self.backbone, info = create_backbone(backbone, img_size,
+                                              if_supported={"drop_path_rate": drop_path_rate},
+                                              **(backbone_kwargs or {}))
+        dim = info.num_features
         self.bnneck = nn.BatchNorm1d(dim) if task == "reid" else nn.Identity()
         if task == "reid":
             self.bnneck.bias.requires_grad_(False)

@@ -69,13 +69,13 @@ from __future__ import annotations
 import contextlib
 import math
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
 from ..losses.dml import PAIR_LOSSES, build_embedding_loss, build_similarity_loss
+from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
@@ -332,18 +332,16 @@ class CrossImageDML(FinegrainModel):
                  freeze_bn: bool = True, drop_path_rate: float = 0.0,
                  backbone_kwargs: dict | None = None):
         super().__init__()
-        kw = dict(backbone_kwargs or {})
-        if img_size is not None and ("vit" in backbone or "deit" in backbone):
-            kw["img_size"] = img_size
-        if freeze_bn and "resnet" in backbone:
-            # timm zero-initialises each block's last BN weight; frozen at zero, every residual
-            # branch of a model trained from scratch would stay dead (pretrained weights
-            # replace it, so loading a file is unaffected)
-            kw.setdefault("zero_init_last", False)
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0,
-                                          drop_path_rate=drop_path_rate, **kw)
-        self.num_prefix_tokens = getattr(self.backbone, "num_prefix_tokens", 0)
-        self.is_vit = hasattr(self.backbone, "patch_embed")
+        optional: dict = {"drop_path_rate": drop_path_rate}
+        if freeze_bn:
+            # timm zero-initialises each ResNet block's last BN weight; frozen at zero, every
+            # residual branch of a model trained from scratch would stay dead (pretrained
+            # weights replace it, so loading a file is unaffected)
+            optional["zero_init_last"] = False
+        self.backbone, info = create_backbone(backbone, img_size, if_supported=optional,
+                                              **(backbone_kwargs or {}))
+        self.num_prefix_tokens = info.num_prefix_tokens
+        self.is_vit = info.is_vit
         pool = pool or ("token" if self.is_vit else "avg")
         if pool not in POOLS or (pool == "token" and not self.is_vit):
             raise ValueError(f"pool={pool!r}: choose one of avg, max, avgmax"
@@ -351,7 +349,7 @@ class CrossImageDML(FinegrainModel):
         self.pool = pool
         if hierarchy not in HIERARCHIES:
             raise ValueError(f"hierarchy={hierarchy!r}: choose one of {', '.join(HIERARCHIES)}")
-        feat_dim = self.backbone.num_features  # C
+        feat_dim = info.num_features  # C
         self.embedding_dim = embedding_dim
         self.head = nn.Linear(feat_dim, embedding_dim)
         self.freeze_bn = freeze_bn

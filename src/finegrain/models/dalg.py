@@ -45,7 +45,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +53,7 @@ from timm.models.swin_transformer import WindowAttention, window_partition, wind
 from torch.utils.checkpoint import checkpoint
 
 from ..losses.arcface import ArcFaceHead
+from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
@@ -267,14 +267,10 @@ class DALG(FinegrainModel):
                              f"the global-only baseline")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool={global_pool!r}: choose 'token' or 'avg'")
-        kw = dict(backbone_kwargs or {})
-        if img_size is not None:
-            kw["img_size"] = img_size
-        kw.setdefault("drop_path_rate", drop_path_rate)
-        kw.setdefault("dynamic_img_size", True)
-        kw.setdefault("dynamic_img_pad", True)
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, **kw)
-        C = self.backbone.num_features
+        self.backbone, info = create_backbone(
+            backbone, img_size, **{"drop_path_rate": drop_path_rate, "dynamic_img_size": True,
+                                   "dynamic_img_pad": True, **(backbone_kwargs or {})})
+        C = info.num_features
         depth = len(self.backbone.blocks)
         if global_pool == "token" and getattr(self.backbone, "cls_token", None) is None:
             raise ValueError(f"{backbone} has no class token; use global_pool='avg'")

@@ -66,13 +66,13 @@ from __future__ import annotations
 import copy
 import math
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..losses.triplet import batch_hard_triplet
 from ..losses.uncertainty import UncertaintyWeighting
+from .backbone import create_backbone
 from .explain import AttentionMap
 from .registry import FinegrainModel, build, register_model
 
@@ -318,11 +318,8 @@ class DCAL(FinegrainModel):
         super().__init__()
         if task not in ("fgvc", "reid"):
             raise ValueError(f"DCAL task must be 'fgvc' or 'reid', got {task!r}")
-        kw = dict(backbone_kwargs or {})
-        if img_size is not None:
-            kw["img_size"] = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
-        kw.setdefault("drop_path_rate", drop_path_rate)
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, **kw)
+        kw = {"drop_path_rate": drop_path_rate, **(backbone_kwargs or {})}
+        self.backbone, _ = create_backbone(backbone, img_size, **kw)
         bb = self.backbone
         if getattr(bb, "cls_token", None) is None or bb.num_prefix_tokens != 1 \
                 or getattr(bb, "global_pool", None) != "token" or not hasattr(bb, "blocks"):

@@ -86,12 +86,12 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..losses.distillation import soft_cross_entropy_distillation
+from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
@@ -141,8 +141,7 @@ class AttentionNet(nn.Module):
     def __init__(self, backbone: str = "resnet18", num_classes: int = 1000,
                  backbone_kwargs: dict | None = None):
         super().__init__()
-        self.body = timm.create_model(backbone, pretrained=False, num_classes=0,
-                                      **dict(backbone_kwargs or {}))
+        self.body, _ = create_backbone(backbone, **(backbone_kwargs or {}))
         for stage in ("layer2", "layer4"):
             if not hasattr(self.body, stage):
                 raise ValueError(f"attention backbone {backbone!r} is not a timm ResNet "
@@ -517,9 +516,8 @@ class TASN(FinegrainModel):
         self.test_head = test_head
 
         self.attention = AttentionNet(attention_backbone, num_classes, attention_backbone_kwargs)
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0,
-                                          **dict(backbone_kwargs or {}))
-        dim = self.backbone.num_features
+        self.backbone, info = create_backbone(backbone, **(backbone_kwargs or {}))
+        dim = info.num_features
         self.fc_part = nn.Linear(dim, num_classes)  # part-net only (detail stream)
         self.fc_master = nn.Linear(dim, num_classes)  # master-net only (structure stream)
         self.fc = nn.Linear(dim, num_classes)  # shared by both streams

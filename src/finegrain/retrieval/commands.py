@@ -111,9 +111,8 @@ def cmd_index_search(a: argparse.Namespace) -> int:
 
     # the code path of 'retrieval eval' (re-ranking uses the expanded query); every returned
     # result is re-ranked: the shortlist is max(k, --rerank-k)
-    scores, ids = postprocessed_search(q, search, index.reconstruct, a.k, aqe=a.aqe,
-                                       aqe_n=a.aqe_n, aqe_alpha=a.aqe_alpha, rerank=a.rerank,
-                                       rerank_k=max(a.k, a.rerank_k))
+    post = _postprocess_options(a, min_rerank_k=a.k)
+    scores, ids = postprocessed_search(q, search, index.reconstruct, a.k, post)
     names = [[index.names[r] if r >= 0 else None for r in row] for row in index.row(ids)]
     res = SearchResult(scores, ids, names)
     query_names = qd.names
@@ -161,19 +160,19 @@ def cmd_index_remove(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- retrieval eval
 def cmd_retrieval_eval(a: argparse.Namespace) -> int:
-    from .pipeline import format_table, retrieval_eval
+    from .pipeline import ExtractOptions, PictureOptions, format_table, retrieval_eval
 
     out = a.out
     if out is None:
         base = os.path.dirname(os.path.abspath(a.checkpoint)) if a.checkpoint else "."
         out = os.path.join(base, f"retrieval_{a.dataset}")
-    metrics = retrieval_eval(a.checkpoint, a.dataset, a.root, distractors=a.distractors,
-                             scales=a.scales, image_size=a.image_size, out=out, aqe=a.aqe,
-                             aqe_n=a.aqe_n, aqe_alpha=a.aqe_alpha, rerank=a.rerank,
-                             rerank_k=a.rerank_k, picture=a.picture,
-                             query_descriptors=a.queries, gallery_descriptors=a.gallery,
+    extract = ExtractOptions(scales=tuple(a.scales), image_size=a.image_size,
                              batch_size=a.batch_size, device=a.device,
                              num_workers=a.num_workers, amp=a.amp)
+    metrics = retrieval_eval(a.checkpoint, a.dataset, a.root, distractors=a.distractors,
+                             out=out, extract=extract, post=_postprocess_options(a),
+                             picture=PictureOptions(a.picture), query_descriptors=a.queries,
+                             gallery_descriptors=a.gallery)
     if a.json:
         _out(json.dumps(metrics))
     else:
@@ -184,6 +183,24 @@ def cmd_retrieval_eval(a: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parsers
+def _postprocess_args(p: argparse.ArgumentParser, rerank_help: str, rerank_k_help: str) -> None:
+    """``--aqe``, ``--aqe-n``, ``--aqe-alpha``, ``--rerank``, ``--rerank-k``
+    (:class:`.postprocess.PostprocessOptions`)."""
+    p.add_argument("--aqe", action="store_true", help="alpha query expansion")
+    p.add_argument("--aqe-n", type=int, default=10, help="neighbours of the expansion")
+    p.add_argument("--aqe-alpha", type=float, default=3.0, help="similarity exponent")
+    p.add_argument("--rerank", action="store_true", help=rerank_help)
+    p.add_argument("--rerank-k", type=int, default=100, help=rerank_k_help)
+
+
+def _postprocess_options(a: argparse.Namespace, min_rerank_k: int = 0):
+    """The :class:`.postprocess.PostprocessOptions` of :func:`_postprocess_args`' flags; the
+    shortlist is at least ``min_rerank_k``."""
+    from .postprocess import PostprocessOptions
+    return PostprocessOptions(aqe=a.aqe, aqe_n=a.aqe_n, aqe_alpha=a.aqe_alpha, rerank=a.rerank,
+                              rerank_k=max(min_rerank_k, a.rerank_k))
+
+
 def _extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="resize factors of the image at the eval size S, descriptors "
@@ -262,12 +279,8 @@ def register(subparsers) -> None:
     s.add_argument("index", help="index folder")
     s.add_argument("queries", help="query descriptor NAME")
     s.add_argument("-k", type=int, default=100, help="results per query")
-    s.add_argument("--aqe", action="store_true", help="alpha query expansion")
-    s.add_argument("--aqe-n", type=int, default=10, help="neighbours of the expansion")
-    s.add_argument("--aqe-alpha", type=float, default=3.0, help="similarity exponent")
-    s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    s.add_argument("--rerank-k", type=int, default=100,
-                   help="shortlist re-ranked (at least -k: every result is re-ranked)")
+    _postprocess_args(s, "k-reciprocal re-ranking",
+                      "shortlist re-ranked (at least -k: every result is re-ranked)")
     s.add_argument("--nprobe", type=int, default=None)
     s.add_argument("--ef-search", type=int, default=None)
     s.add_argument("--out", default=None, help="write the results as JSON")
@@ -295,13 +308,8 @@ def register(subparsers) -> None:
     ev.add_argument("--out", default=None,
                     help="folder for retrieval.json, descriptors, top10.png "
                          "(default: beside the checkpoint, retrieval_<dataset>)")
-    ev.add_argument("--aqe", action="store_true", help="alpha query expansion")
-    ev.add_argument("--aqe-n", type=int, default=10, help="neighbours of the expansion")
-    ev.add_argument("--aqe-alpha", type=float, default=3.0, help="similarity exponent")
-    ev.add_argument("--rerank", action="store_true",
-                    help="k-reciprocal re-ranking (of the expanded query after --aqe)")
-    ev.add_argument("--rerank-k", type=int, default=100,
-                    help="each query's shortlist re-ranked (the rest keeps its order)")
+    _postprocess_args(ev, "k-reciprocal re-ranking (of the expanded query after --aqe)",
+                      "each query's shortlist re-ranked (the rest keeps its order)")
     ev.add_argument("--picture", default="worst", choices=("best", "worst", "first", "none"),
                     help="queries drawn with their top-10")
     ev.add_argument("--queries", default=None, help="query descriptor NAME (no extraction)")

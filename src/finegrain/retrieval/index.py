@@ -59,6 +59,7 @@ import numpy as np
 
 from ..errors import InputError, MissingFileError, UnknownNameError
 from .descriptors import Descriptors, check_compatible, load_descriptors, read_json, signature
+from .search import create_index, set_search_params, train_index
 from .search import search as faiss_search
 
 __all__ = ["Index", "SearchResult", "LARGE_GALLERY_FACTORY", "LARGE_GALLERY_PARAMS",
@@ -83,7 +84,6 @@ K_FACTOR_RF = 16
 TRAIN_PER_CELL = 64
 #: ... and at least this many (PQ / SQ encoders, indexes without cells).
 MIN_TRAIN_SIZE = 65536
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 def default_train_size(index: faiss.Index) -> int:
@@ -263,30 +263,9 @@ class Index:
                                  f"has no nprobe); drop --nprobe, or pass --kind "
                                  f"{LARGE_GALLERY_FACTORY} to use an IVF index")
             nprobe = params.get("nprobe") if nprobe is None else nprobe
-        if metric not in _METRICS:
-            raise InputError(f"metric must be 'ip' or 'l2', got {metric!r}")
-        try:
-            inner = faiss.index_factory(d.dim, factory, _METRICS[metric])
-        except RuntimeError as e:
-            raise InputError(f"faiss cannot build {factory!r} for {d.dim}-d descriptors: "
-                             f"{str(e).strip().splitlines()[-1]}; see the faiss index_factory "
-                             f"strings (Flat, IVF4096,SQ8, HNSW32 ...)") from None
-        trained_on = 0  # vectors of the training sample (0: the index needs no training)
-        if not inner.is_trained:
-            n = len(d)
-            size = default_train_size(inner) if train_size is None else int(train_size)
-            if size < 1:
-                raise InputError(f"--train-size must be >= 1, got {size}")
-            rows = np.arange(n) if size >= n else np.sort(
-                np.random.default_rng(seed).choice(n, size, replace=False))
-            trained_on = len(rows)
-            try:
-                inner.train(np.ascontiguousarray(d.vectors[rows], dtype=np.float32))
-            except RuntimeError as e:  # e.g. fewer training points than IVF cells
-                raise InputError(f"faiss cannot train {factory!r} on {len(rows)} descriptors of "
-                                 f"{d.path or 'the file'}: {str(e).strip().splitlines()[-1]}; "
-                                 f"IVF needs about 39 vectors per cell: use --kind Flat or "
-                                 f"'auto' for a set this small") from None
+        inner = create_index(d.dim, factory, metric)
+        size = default_train_size(inner) if train_size is None else train_size
+        trained_on = train_index(inner, d.vectors, size, seed, d.path or "the file")
         mode, native = _inner_kind(inner)
         if mode == "ivf":
             faiss.extract_index_ivf(inner).set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -301,12 +280,7 @@ class Index:
                     "params": {**{k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search))
                                   if v is not None}, **auto_params},
                     **pre, "sources": [d.path]}
-        for name, value in manifest["params"].items():  # refuse parameters it does not have
-            try:
-                faiss.ParameterSpace().set_index_parameter(index, name, int(value))
-            except RuntimeError:
-                raise InputError(f"index {factory!r} has no search parameter {name} (nprobe is "
-                                 f"for IVF indexes, efSearch for HNSW)") from None
+        set_search_params(index, manifest["params"], factory)  # refuses ones it lacks
         out = cls(index, manifest, [], [], [], source_meta=d.meta)
         out._add_vectors(d)
         return out

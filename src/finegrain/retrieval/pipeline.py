@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -37,9 +38,11 @@ import torch.nn as nn
 
 from ..errors import InputError
 from .descriptors import (Descriptors, check_compatible, load_descriptors, save_descriptors)
+from .postprocess import PostprocessOptions, postprocessed_search
 
-__all__ = ["retrieval_eval", "rank_database", "rank_positions", "align_to_ground_truth",
-           "format_table", "plot_top_k"]
+__all__ = ["retrieval_eval", "ExtractOptions", "PictureOptions", "PostprocessOptions",
+           "rank_database", "rank_positions", "align_to_ground_truth", "format_table",
+           "plot_top_k"]
 
 SETTINGS = ("easy", "medium", "hard")
 
@@ -100,9 +103,8 @@ def align_to_ground_truth(d: Descriptors, names: Sequence[str], dataset: str,
 
 
 def rank_positions(queries: np.ndarray, databases: Sequence[np.ndarray],
-                   targets: Sequence[np.ndarray] | None, k: int = 100, aqe: bool = False,
-                   aqe_n: int = 10, aqe_alpha: float = 3.0, rerank: bool = False,
-                   rerank_k: int = 100, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                   targets: Sequence[np.ndarray] | None, k: int = 100,
+                   post: PostprocessOptions | None = None,
                    block_size: int = 32768) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """Top of the ranking and exact ranked positions of chosen images, in bounded memory.
 
@@ -119,36 +121,33 @@ def rank_positions(queries: np.ndarray, databases: Sequence[np.ndarray],
         targets: per query, distinct database rows whose position in the complete ranking is
             wanted (Revisited: its easy, hard and junk images), or None.
         k: length of the returned top of the ranking (at least ``rerank_k`` is searched).
-        aqe, aqe_n, aqe_alpha, rerank, rerank_k, k1, k2, lambda_value: as
-            :func:`rank_database`.
+        post: alpha-QE and re-ranking (``None``: neither).
         block_size: database rows scored at a time (results do not depend on it).
 
     Returns:
         ``(top (nq, k) int64 database rows best first, positions)``: ``positions[i]``
         (aligned with ``targets[i]``) are 0-based positions in query i's complete ranking.
     """
-    from .postprocess import postprocessed_search
     from .search import blockwise_knn, database_rows
 
+    post = post or PostprocessOptions()
     parts = list(databases)
     n = sum(len(p) for p in parts)
-    k_all = min(max(k, rerank_k) if rerank else k, n)
+    k_all = min(post.depth(k), n)
     last: dict[str, Any] = {"calls": 0}
 
     def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        final = last["calls"] == int(aqe)  # the alpha-QE expansion search comes first
+        final = last["calls"] == int(post.aqe)  # the alpha-QE expansion search comes first
         last["calls"] += 1
         scores, ids, pos = blockwise_knn(q, parts, kk, targets if final else None, block_size)
         last["positions"] = pos
         return scores, ids
 
     _, ids = postprocessed_search(np.asarray(queries, dtype=np.float32), search,
-                                  lambda i: database_rows(parts, i), k_all, aqe=aqe,
-                                  aqe_n=aqe_n, aqe_alpha=aqe_alpha, rerank=rerank,
-                                  rerank_k=rerank_k, k1=k1, k2=k2, lambda_value=lambda_value)
+                                  lambda i: database_rows(parts, i), k_all, post)
     positions = last["positions"] if targets is not None else None
-    if rerank and positions is not None:  # the shortlist was re-ordered: read positions off it
-        head = min(rerank_k, n)
+    if post.rerank and positions is not None:  # the shortlist was re-ordered: read positions
+        head = min(post.rerank_k, n)
         for i, (t, pos) in enumerate(zip(targets, positions)):
             moved = np.flatnonzero(pos < head)
             if moved.size:
@@ -158,9 +157,8 @@ def rank_positions(queries: np.ndarray, databases: Sequence[np.ndarray],
 
 
 def rank_database(queries: np.ndarray, database: np.ndarray | Sequence[np.ndarray],
-                  aqe: bool = False, aqe_n: int = 10, aqe_alpha: float = 3.0,
-                  rerank: bool = False, rerank_k: int = 100, k1: int = 20, k2: int = 6,
-                  lambda_value: float = 0.3, block_size: int = 32768) -> np.ndarray:
+                  post: PostprocessOptions | None = None,
+                  block_size: int = 32768) -> np.ndarray:
     """Complete ranking of the database for every query, in the revisitop layout.
 
     The search, alpha-QE and re-ranking are :func:`.postprocess.postprocessed_search`, the
@@ -172,9 +170,8 @@ def rank_database(queries: np.ndarray, database: np.ndarray | Sequence[np.ndarra
         queries: (nq, D) L2-normalised descriptors.
         database: (n, D) L2-normalised descriptors (may be memory-mapped), or a list of such
             arrays searched as one.
-        aqe: alpha query expansion (``aqe_n`` neighbours, exponent ``aqe_alpha``).
-        rerank: k-reciprocal re-ranking of each query's first ``rerank_k`` results
-            (``k1``, ``k2``, ``lambda_value``); the rest keeps the first ranking's order.
+        post: alpha-QE and / or k-reciprocal re-ranking of each query's first ``rerank_k``
+            results (the rest keeps the first ranking's order); ``None``: neither.
         block_size: database rows scored at a time.
 
     Returns:
@@ -182,9 +179,7 @@ def rank_database(queries: np.ndarray, database: np.ndarray | Sequence[np.ndarra
     """
     parts = [database] if isinstance(database, np.ndarray) else list(database)
     n = sum(len(p) for p in parts)
-    ids, _ = rank_positions(queries, parts, None, n, aqe=aqe, aqe_n=aqe_n, aqe_alpha=aqe_alpha,
-                            rerank=rerank, rerank_k=rerank_k, k1=k1, k2=k2,
-                            lambda_value=lambda_value, block_size=block_size)
+    ids, _ = rank_positions(queries, parts, None, n, post, block_size=block_size)
     return np.ascontiguousarray(ids.T)
 
 
@@ -257,16 +252,55 @@ def _select(aps: np.ndarray, how: str, n: int) -> list[int]:
     return (order[::-1] if how == "best" else order)[:n].tolist()
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How :func:`retrieval_eval` extracts descriptors (the flags ``retrieval eval`` shares
+    with ``embed``).
+
+    Args:
+        scales: extraction scales (``(1.0,)``: DALG's single scale).
+        image_size: longest side S (None: 1024 on Revisited Oxford / Paris, the protocol's
+            size; else the checkpoint's training size ``meta["img_size"]``; 512 when
+            unknown). Query crops are scaled by their full image's factor (cirtorch / DELG).
+        batch_size: images per forward among images of identical size.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        num_workers: decode workers.
+        amp: bfloat16 autocast (GPU).
+        progress: show a progress bar.
+    """
+
+    scales: Sequence[float] = (1.0,)
+    image_size: int | None = None
+    batch_size: int = 16
+    device: str = "cpu"
+    num_workers: int = 0
+    amp: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PictureOptions:
+    """Which queries :func:`retrieval_eval` draws with their top-10 in ``top10.png``.
+
+    Args:
+        which: ``"best"`` / ``"worst"`` by AP in ``setting``, the ``"first"`` ones, or
+            ``"none"`` (no picture).
+        queries: how many queries to draw.
+        setting: setting of the colours and of the AP used to pick queries.
+    """
+
+    which: Literal["best", "worst", "first", "none"] = "worst"
+    queries: int = 4
+    setting: str = "medium"
+
+
 def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
-                   distractors: str | None = None, scales: Sequence[float] = (1.0,),
-                   image_size: int | None = None, out: str | None = None, aqe: bool = False,
-                   aqe_n: int = 10, aqe_alpha: float = 3.0, rerank: bool = False,
-                   rerank_k: int = 100,
-                   picture: Literal["best", "worst", "first", "none"] = "worst",
-                   picture_queries: int = 4, picture_setting: str = "medium",
+                   distractors: str | None = None, out: str | None = None,
+                   extract: ExtractOptions | None = None,
+                   post: PostprocessOptions | None = None,
+                   picture: PictureOptions | None = None,
                    query_descriptors: str | None = None, gallery_descriptors: str | None = None,
-                   batch_size: int = 16, device: str = "cpu", num_workers: int = 0,
-                   amp: bool = False, progress: bool = True, meta: dict | None = None,
+                   meta: dict | None = None,
                    block_size: int = 32768) -> dict[str, dict[str, float]]:
     """Evaluate a checkpoint on a Revisited dataset (see the module docstring).
 
@@ -276,19 +310,13 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         dataset: ``roxford5k``, ``rparis6k`` or ``synthetic_landmarks``.
         root: dataset root (for ``synthetic_landmarks``: its cache folder, ``None`` default).
         distractors: ``NAME`` of R1M distractor descriptors (same checkpoint, preprocessing).
-        scales: extraction scales (``(1.0,)``: DALG's single scale).
-        image_size: longest side S (None: 1024 on Revisited Oxford / Paris, the protocol's
-            size; else the checkpoint's training size ``meta["img_size"]``; 512 when
-            unknown). Query crops are scaled by their full image's factor (cirtorch / DELG).
         out: folder for ``retrieval.json``, descriptors and ``top10.png`` (None: nothing written).
-        aqe, aqe_n, aqe_alpha: alpha query expansion.
-        rerank, rerank_k: k-reciprocal re-ranking of the top ``rerank_k``.
-        picture: which queries to draw (by AP in ``picture_setting``); ``"none"``: no picture.
-        picture_queries: how many queries to draw.
-        picture_setting: setting of the colours and of the AP used to pick queries.
+        extract: extraction options (``None``: the defaults of :class:`ExtractOptions`).
+        post: alpha-QE and k-reciprocal re-ranking of the top ``rerank_k`` (``None``:
+            neither); written to ``retrieval.json`` as used.
+        picture: the queries drawn in ``top10.png`` (``None``: the worst 4 in Medium).
         query_descriptors, gallery_descriptors: ``NAME`` of descriptor files to use instead of
             extracting (both, from ``finegrain embed``).
-        batch_size, device, num_workers, amp, progress: extraction options.
         meta: model meta when ``ckpt`` is a model (``mean``, ``std``, ``model_name``).
         block_size: database rows scored at a time (memory, not results; see
             :func:`rank_positions`).
@@ -300,6 +328,8 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     from ..evaluation.revisited import evaluate_positions, query_aps
     from .extract import embed_dataset, load_checkpoint_model
 
+    ex, post, pic = extract or ExtractOptions(), post or PostprocessOptions(), \
+        picture or PictureOptions()
     t0 = time.perf_counter()
     qds = build_dataset(dataset, root, "query")
     gds = build_dataset(dataset, root, "gallery")
@@ -317,19 +347,20 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         if ckpt is None:
             raise InputError("retrieval_eval needs a checkpoint (or both descriptor files)")
         if isinstance(ckpt, nn.Module):
-            model, ck_hash = ckpt.to(device).eval(), "in-memory"
+            model, ck_hash = ckpt.to(ex.device).eval(), "in-memory"
             meta = dict(meta or {})
             meta.setdefault("model_name", getattr(model, "finegrain_name", type(model).__name__))
         else:
-            model, meta, ck_hash = load_checkpoint_model(ckpt, device)
-        opts = dict(batch_size=batch_size, device=device, num_workers=num_workers, amp=amp,
-                    progress=progress)
+            model, meta, ck_hash = load_checkpoint_model(ckpt, ex.device)
+        opts = dict(batch_size=ex.batch_size, device=ex.device, num_workers=ex.num_workers,
+                    amp=ex.amp, progress=ex.progress)
         stats_q: dict = {}
         stats_g: dict = {}
-        qv, qnames, qlabels, pre_q, _ = embed_dataset(model, dataset, root, "query", image_size,
-                                                      scales, meta=meta, stats=stats_q, **opts)
+        qv, qnames, qlabels, pre_q, _ = embed_dataset(model, dataset, root, "query",
+                                                      ex.image_size, ex.scales, meta=meta,
+                                                      stats=stats_q, **opts)
         gv, gnames, glabels, pre_g, _ = embed_dataset(model, dataset, root, "gallery",
-                                                      image_size, scales, meta=meta,
+                                                      ex.image_size, ex.scales, meta=meta,
                                                       stats=stats_g, **opts)
         timing.update(query_images_per_s=stats_q["images_per_s"],
                       gallery_images_per_s=stats_g["images_per_s"])
@@ -351,8 +382,7 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         n_distractors = len(dd)
     t1 = time.perf_counter()
     labelled = [np.unique(np.concatenate(_setting_lists(g, "medium"))) for g in gnd]
-    top, positions = rank_positions(qv, databases, labelled, k=100, aqe=aqe, aqe_n=aqe_n,
-                                    aqe_alpha=aqe_alpha, rerank=rerank, rerank_k=rerank_k,
+    top, positions = rank_positions(qv, databases, labelled, k=100, post=post,
                                     block_size=block_size)
     ranked = list(zip(labelled, positions))
     ranks = np.ascontiguousarray(top.T)  # (100, nq): the top of the ranking, for pictures
@@ -361,20 +391,19 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     timing["total_s"] = time.perf_counter() - t0
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        aps = query_aps(ranked, gnd, picture_setting)
+        aps = query_aps(ranked, gnd, pic.setting)
         report: dict[str, Any] = {
             "dataset": dataset, "root": root, "metrics": metrics,
             "model_name": sig.get("model_name"), "checkpoint_hash": sig.get("checkpoint_hash"),
             "preprocessing": sig.get("preprocessing"), "num_queries": len(qv),
             "num_database": len(gv), "num_distractors": n_distractors,
-            "aqe": {"n": aqe_n, "alpha": aqe_alpha} if aqe else None,
-            "rerank": {"k": rerank_k, "k1": 20, "k2": 6, "lambda": 0.3} if rerank else None,
-            f"ap_{picture_setting}": [None if np.isnan(a) else float(a) for a in aps],
+            **post.report(),  # "aqe", "rerank": the parameters as used
+            f"ap_{pic.setting}": [None if np.isnan(a) else float(a) for a in aps],
             "timing": timing}
-        if picture != "none":
-            chosen = _select(aps, picture, picture_queries)
+        if pic.which != "none":
+            chosen = _select(aps, pic.which, pic.queries)
             report["picture"] = plot_top_k(os.path.join(out, "top10.png"), qds, gds, ranks, gnd,
-                                           chosen, aps, picture_setting, 10, len(gv))
+                                           chosen, aps, pic.setting, 10, len(gv))
             report["picture_queries"] = chosen
         with open(os.path.join(out, "retrieval.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -18,21 +18,23 @@
   descriptors, ``sqrt(2 - 2 cos)``.
 - :func:`postprocessed_search` is the one search + alpha-QE + re-ranking path of both
   ``finegrain index search`` and ``retrieval eval``: the re-ranking uses the **expanded**
-  query when alpha-QE is on.
+  query when alpha-QE is on. Its parameters are one :class:`PostprocessOptions`, which also
+  writes them, as used, to ``retrieval.json`` (:meth:`PostprocessOptions.report`).
 
 Descriptors are L2-normalised float32 rows; the database may be a memory-mapped array.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import InputError
 
 __all__ = ["alpha_query_expansion", "aqe_search", "expand_queries", "k_reciprocal_rerank",
-           "rerank_shortlist", "postprocessed_search"]
+           "rerank_shortlist", "PostprocessOptions", "postprocessed_search"]
 
 Search = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
 GetVectors = Callable[[np.ndarray], np.ndarray]
@@ -159,41 +161,78 @@ def rerank_shortlist(queries: np.ndarray, ids: np.ndarray, get_vectors: GetVecto
     return out_ids, out_d
 
 
+@dataclass(frozen=True)
+class PostprocessOptions:
+    """alpha-QE and k-reciprocal re-ranking of a first search, as used by
+    :func:`postprocessed_search` (``--aqe``, ``--aqe-n``, ``--aqe-alpha``, ``--rerank``,
+    ``--rerank-k`` of ``index search`` and ``retrieval eval``).
+
+    Args:
+        aqe: alpha query expansion.
+        aqe_n: neighbours of the expansion (paper's n_QE; 10).
+        aqe_alpha: similarity exponent (paper: 3).
+        rerank: k-reciprocal re-ranking of each query's first ``rerank_k`` results.
+        rerank_k: shortlist re-ranked (the rest keeps the first ranking's order).
+        k1, k2, lambda_value: :func:`finegrain.evaluation.reid.re_rank` (20, 6, 0.3).
+        batch_size: queries re-ranked together (results do not depend on it).
+    """
+
+    aqe: bool = False
+    aqe_n: int = 10
+    aqe_alpha: float = 3.0
+    rerank: bool = False
+    rerank_k: int = 100
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    batch_size: int = 64
+
+    def depth(self, k: int) -> int:
+        """Results the (expanded) query is searched for: ``max(k, rerank_k)`` with
+        re-ranking, else ``k``."""
+        return max(k, self.rerank_k) if self.rerank else k
+
+    def report(self) -> dict[str, Any]:
+        """The parameters as used, for a report: ``{"aqe": {"n", "alpha"} | None,
+        "rerank": {"k", "k1", "k2", "lambda"} | None}``."""
+        return {"aqe": {"n": self.aqe_n, "alpha": self.aqe_alpha} if self.aqe else None,
+                "rerank": {"k": self.rerank_k, "k1": self.k1, "k2": self.k2,
+                           "lambda": self.lambda_value} if self.rerank else None}
+
+
 def postprocessed_search(queries: np.ndarray, search: Search, get_vectors: GetVectors, k: int,
-                         aqe: bool = False, aqe_n: int = 10, aqe_alpha: float = 3.0,
-                         rerank: bool = False, rerank_k: int = 100, k1: int = 20, k2: int = 6,
-                         lambda_value: float = 0.3, batch_size: int = 64
+                         options: PostprocessOptions | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Search with optional alpha-QE and k-reciprocal re-ranking: the one code path of
     ``finegrain index search`` and ``retrieval eval``.
 
-    1. alpha-QE (``aqe``): the queries are replaced by their expansion (:func:`expand_queries`);
-    2. the (expanded) queries are searched for ``max(k, rerank_k)`` results (``k`` without
-       re-ranking);
-    3. re-ranking (``rerank``): each query's first ``rerank_k`` results are re-ordered by
-       :func:`rerank_shortlist` with the **expanded** query; later results keep their order.
+    1. alpha-QE (``options.aqe``): the queries are replaced by their expansion
+       (:func:`expand_queries`);
+    2. the (expanded) queries are searched for ``options.depth(k)`` results
+       (``max(k, rerank_k)`` with re-ranking, else ``k``);
+    3. re-ranking (``options.rerank``): each query's first ``rerank_k`` results are re-ordered
+       by :func:`rerank_shortlist` with the **expanded** query; later results keep their order.
 
     Args:
         queries: (nq, D) L2-normalised queries.
         search: ``(queries, k) -> (scores, ids)``, ids ``-1`` for "no result".
         get_vectors: database ids (m,) -> (m, D) descriptors.
         k: results returned per query.
-        aqe, aqe_n, aqe_alpha: alpha-QE and its neighbours / exponent.
-        rerank, rerank_k, k1, k2, lambda_value: re-ranking and its shortlist / parameters.
-        batch_size: queries re-ranked together (results do not depend on it).
+        options: alpha-QE and re-ranking (``None``: neither, a plain search).
 
     Returns:
         ``(scores (nq, k), ids (nq, k))``: scores are the search's, except in the re-ranked
         shortlist where they are minus the re-ranked distance.
     """
+    o = options or PostprocessOptions()
     q = np.asarray(queries, dtype=np.float32)
-    if aqe:
-        q = expand_queries(q, get_vectors, search, aqe_n, aqe_alpha)
-    scores, ids = search(q, max(k, rerank_k) if rerank else k)
-    if rerank:
-        K = min(rerank_k, ids.shape[1])
-        head, dist = rerank_shortlist(q, ids[:, :K], get_vectors, k1, k2, lambda_value,
-                                      batch_size)
+    if o.aqe:
+        q = expand_queries(q, get_vectors, search, o.aqe_n, o.aqe_alpha)
+    scores, ids = search(q, o.depth(k))
+    if o.rerank:
+        K = min(o.rerank_k, ids.shape[1])
+        head, dist = rerank_shortlist(q, ids[:, :K], get_vectors, o.k1, o.k2, o.lambda_value,
+                                      o.batch_size)
         ids = np.concatenate([head, ids[:, K:]], axis=1)
         scores = np.concatenate([-dist, scores[:, K:]], axis=1).astype(np.float32)
     return scores[:, :k], ids[:, :k]

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["knn", "blockwise_knn", "database_rows", "build_index", "search"]
+__all__ = ["knn", "blockwise_knn", "database_rows", "create_index", "train_index",
+           "set_search_params", "build_index", "search"]
 
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
@@ -249,6 +250,74 @@ class _Targets:
         return out
 
 
+def create_index(dim: int, factory: str, metric: str = "ip") -> faiss.Index:
+    """An empty faiss index from an ``index_factory`` string.
+
+    Args:
+        dim: descriptor dimension D.
+        factory: faiss factory string (``"Flat"``, ``"IVF4096,SQ8"``, ``"HNSW32"`` ...).
+        metric: ``"ip"`` or ``"l2"``.
+
+    Raises:
+        InputError: unknown metric, or a factory string faiss refuses (its reason quoted).
+    """
+    try:
+        return faiss.index_factory(int(dim), factory, _metric(metric))
+    except RuntimeError as e:
+        raise InputError(f"faiss cannot build {factory!r} for {dim}-d descriptors: "
+                         f"{str(e).strip().splitlines()[-1]}; see the faiss index_factory "
+                         f"strings (Flat, IVF4096,SQ8, HNSW32 ...)") from None
+
+
+def train_index(index: faiss.Index, vectors: Any, train_size: int | None = None,
+                seed: int = 0, source: str = "the descriptors") -> int:
+    """Train an index that needs it (IVF / PQ / SQ) on a seeded random sample of rows.
+
+    Args:
+        index: an empty index from :func:`create_index` (left as is when already trained).
+        vectors: (N, D) descriptors: an array, a memory-mapped one or any row container that
+            takes an index array (only the sampled rows are read).
+        train_size: rows drawn at random without replacement, in row order; ``None`` or a
+            size >= N trains on every row.
+        seed: seed of the sample.
+        source: what ``vectors`` is, for error messages.
+
+    Returns:
+        Rows trained on (0: the index needs no training).
+    """
+    if index.is_trained:
+        return 0
+    n = len(vectors)
+    size = n if train_size is None else int(train_size)
+    if size < 1:
+        raise InputError(f"--train-size must be >= 1, got {size}")
+    rows = np.arange(n) if size >= n else np.sort(
+        np.random.default_rng(seed).choice(n, size, replace=False))
+    try:
+        index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+    except RuntimeError as e:  # e.g. fewer training points than IVF cells
+        raise InputError(f"faiss cannot train this index on {len(rows)} rows of {source}: "
+                         f"{str(e).strip().splitlines()[-1]}; IVF needs about 39 vectors per "
+                         f"cell: use --kind Flat or 'auto' for a set this small") from None
+    return len(rows)
+
+
+def set_search_params(index: faiss.Index, params: dict[str, int], factory: str = "") -> None:
+    """Set faiss search parameters (``nprobe``, ``efSearch``, ``k_factor_rf`` ...) on an index
+    (they stay set and are saved with it); refuses one the index does not have."""
+    for name, value in params.items():
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+        except RuntimeError:
+            raise InputError(f"index {factory or type(index).__name__!r} has no search "
+                             f"parameter {name} (nprobe is for IVF indexes, efSearch for "
+                             f"HNSW)") from None
+
+
+def _given(nprobe: int | None, ef_search: int | None) -> dict[str, int]:
+    return {k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search)) if v is not None}
+
+
 def build_index(
     database: np.ndarray | torch.Tensor,
     factory: str = "Flat",
@@ -259,7 +328,11 @@ def build_index(
     seed: int = 0,
     add_chunk_size: int = 65536,
 ) -> faiss.Index:
-    """Build and fill a faiss index from an ``index_factory`` string.
+    """Build and fill a bare faiss index from an ``index_factory`` string (ids = row numbers).
+
+    The steps are those of :meth:`finegrain.retrieval.index.Index.build` (the index folder
+    of ``finegrain index build``): :func:`create_index`, :func:`train_index`,
+    :func:`set_search_params`.
 
     Args:
         database: (nb, D) descriptors to add (ids = row numbers).
@@ -277,37 +350,12 @@ def build_index(
         The trained, filled index.
     """
     db = _as_float32(database, "database")
-    try:
-        index = faiss.index_factory(db.shape[1], factory, _metric(metric))
-    except RuntimeError as exc:
-        raise InputError(
-            f"faiss cannot build index {factory!r} for dim {db.shape[1]}: {exc}"
-        ) from exc
-    if not index.is_trained:
-        train = db
-        if train_size is not None and train_size < db.shape[0]:
-            rows = np.sort(
-                np.random.default_rng(seed).choice(db.shape[0], int(train_size), replace=False)
-            )
-            train = db[rows]
-        index.train(train)
+    index = create_index(db.shape[1], factory, metric)
+    train_index(index, db, train_size, seed, "the database")
     for a in range(0, db.shape[0], add_chunk_size):
         index.add(db[a : a + add_chunk_size])
-    _set_params(index, nprobe, ef_search)
+    set_search_params(index, _given(nprobe, ef_search), factory)
     return index
-
-
-def _set_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
-    space = faiss.ParameterSpace()
-    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
-        if value is None:
-            continue
-        try:
-            space.set_index_parameter(index, name, int(value))
-        except RuntimeError as exc:
-            raise InputError(
-                f"the index {type(index).__name__} has no parameter {name}: {exc}"
-            ) from exc
 
 
 def search(
@@ -332,7 +380,7 @@ def search(
     Returns:
         ``(scores, ids)``: (nq, k) float32 and (nq, k) int64, best first.
     """
-    _set_params(index, nprobe, ef_search)
+    set_search_params(index, _given(nprobe, ef_search))
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     if index.ntotal == 0:
