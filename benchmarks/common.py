@@ -129,3 +129,13 @@ def matmul_peak(n: int = 2048, dtype: torch.dtype = torch.float32, iters: int = 
     """GFLOP/s (wall clock) of an (n x n) @ (n x n) matmul in ``dtype``: best of ``iters``,
     after one warm-up."""
     return max(matmul_rates(n, dtype, iters)[0])
+
+
+def write_results(path: str, result: dict[str, Any]) -> None:
+    """Write a benchmark's JSON (creating its folder) and say where."""
+    import json
+    from pathlib import Path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {path}")

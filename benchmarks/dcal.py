@@ -15,7 +15,6 @@ DeiT-T with 4 GPUs; inference +2-3% FLOPs).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, machine_info, matmul_peak, mean_std  # noqa: E402
+from common import (count_flops, machine_info, matmul_peak, mean_std,  # noqa: E402
+                    write_results)
 from finegrain.models import create_model  # noqa: E402
 
 PAPER_TRAIN_RATIO = 3.8 / 2.1
@@ -189,10 +189,7 @@ def main() -> None:
     result = {"machine": machine, "attention_strategies_ms": strategies, "args": vars(args), "rows": rows, "ratios": ratios,
               "paper": {"train_wall_clock_ratio": PAPER_TRAIN_RATIO,
                         "infer_flops_increase": PAPER_INFER_FLOPS}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, machine_info, matmul_peak, mean_std, timed  # noqa: E402
+from common import (count_flops, machine_info, matmul_peak, mean_std, timed,  # noqa: E402
+                    write_results)
 from finegrain.models import create_model  # noqa: E402
 from finegrain.models.cross_image import conditional_rerank  # noqa: E402
 
@@ -403,10 +404,7 @@ def main() -> None:
     parts = {"speed": part_speed, "flops": part_flops, "rerank": part_rerank}
     for part in args.parts:
         result[part] = {**stamp, "results": parts[part](args)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

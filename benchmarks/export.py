@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, mean_std, timed  # noqa: E402
+from common import machine_info, mean_std, timed, write_results  # noqa: E402
 from finegrain import create_model  # noqa: E402
 from finegrain.export import inference_model, write_onnx  # noqa: E402
 from finegrain.models.tiny import tiny_input_size, tiny_kwargs  # noqa: E402
@@ -167,10 +167,7 @@ def main() -> None:
         for k in ("onnxruntime_error", "torch_compile_error"):
             if k in row:
                 print(f"  {k}: {row[k]}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": info, "args": vars(args), "results": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, {"machine": info, "args": vars(args), "results": rows})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, machine_info, mean_std, timed  # noqa: E402
+from common import count_flops, machine_info, mean_std, timed, write_results  # noqa: E402
 from finegrain.models import create_model  # noqa: E402
 from finegrain.models.tasn import attention_sample  # noqa: E402
 
@@ -134,10 +133,7 @@ def main() -> None:
             print(f"{r['what']:<52} {'':>10} {'':>9} {r['ratio']:>10.4f}")
         else:
             print(f"{r['what']:<52} {'':>10} {'':>9} {r['gflops']:>10.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": info, "args": vars(args), "results": rows}, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_results(args.out, {"machine": info, "args": vars(args), "results": rows})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from finegrain.engine.resume import NOT_RESUMABLE_WARNING, ExactResume
 from finegrain.engine.run import FinegrainCLI
 from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
+from .test_resume import Crash
 
 
 def _argv(tmp_path, run_dir, epochs=2):
@@ -31,15 +32,6 @@ def _argv(tmp_path, run_dir, epochs=2):
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": cfg}),
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]
-
-
-class Crash(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("killed")
 
 
 class Order(Callback):
