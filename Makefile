@@ -3,19 +3,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
 .PHONY: demo demo-seeds test test-slow bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# the package alone: all `make demo` needs (the extras would cost its 10-minute budget time)
+$(BASE): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $(BASE)
+
+# + tests, export (ONNX) and serve (FastAPI) extras
+$(STAMP): $(BASE)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,export,serve]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(VENV)/bin/finegrain demo
 
-demo-seeds: $(STAMP)
+demo-seeds: $(BASE)
 	$(VENV)/bin/finegrain demo --seeds 5 --ablations
 
 test: $(STAMP)

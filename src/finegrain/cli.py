@@ -141,6 +141,9 @@ def _cmd_search(a) -> int:
 
 
 def _cmd_serve(a) -> int:
+    from .errors import require
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require(module, "serve")
     from .serve import serve
     serve(a.index, model=a.model, host=a.host, port=a.port, k_max=a.k_max,
           max_upload_mb=a.max_upload_mb, max_pixels=int(a.max_megapixels * 1e6),

@@ -35,6 +35,22 @@ class NonFiniteError(FinegrainError, FloatingPointError):
     """A loss or an output became NaN / inf; the message names the step or the checkpoint."""
 
 
+class MissingDependencyError(FinegrainError, ImportError):
+    """An optional dependency (an extra of the package) is not installed."""
+
+
+def require(module: str, extra: str):
+    """Import ``module``, or raise :class:`MissingDependencyError` naming the extra that
+    installs it (``pip install 'finegrain[extra]'``)."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"{module} is not installed: pip install 'finegrain[{extra}]' (or `make test`, "
+            f"which installs every extra)") from None
+
+
 def one_paragraph(err: BaseException) -> str:
     """``err``'s message as one paragraph. An error re-raised by a DataLoader worker
     ("Caught DatasetError in DataLoader worker process 0 ... Original Traceback ...") becomes

@@ -40,7 +40,7 @@ from unittest import mock
 import torch
 import torch.nn as nn
 
-from .errors import FinegrainError, InputError, MissingFileError
+from .errors import FinegrainError, InputError, MissingFileError, require
 
 FORMATS = ("onnx", "exported", "timm")
 MODEL_FILES = {"onnx": "model.onnx", "exported": "model.pt2", "timm": "backbone.safetensors"}
@@ -153,6 +153,8 @@ def _dynamic_batch() -> tuple[dict]:
 def write_onnx(module: nn.Module, example: torch.Tensor, keys: list[str], path: str) -> None:
     """``torch.onnx.export(dynamo=True)`` of ``module`` (returns the tuple of ``keys``) with a
     dynamic batch; the exporter's progress lines are kept off stdout."""
+    for dep in ("onnx", "onnxscript", "onnxruntime"):
+        require(dep, "export")
     with contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(
             module, (example,), dynamo=True, dynamic_shapes=_dynamic_batch(),

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .errors import InputError, MissingFileError
+from .errors import InputError, MissingFileError, require
 
 RUNTIMES = ("onnx", "torch")
 _FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
@@ -28,7 +28,7 @@ def is_export_folder(path: str) -> bool:
 
 def onnx_providers() -> list[str]:
     """ONNX Runtime providers to use: CUDA first when this build has it, then the CPU."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "export")
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
@@ -57,7 +57,7 @@ class ExportedModel(nn.Module):
         self.runtime, self.keys = runtime, list(self.info["outputs"])
         self.input_size = tuple(self.info["input_size"])
         if runtime == "onnx":
-            import onnxruntime as ort
+            ort = require("onnxruntime", "export")
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads or torch.get_num_threads()
             opts.inter_op_num_threads = 1

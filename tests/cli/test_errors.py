@@ -392,3 +392,20 @@ def test_eval_without_data_root_asks_for_it(run, tmp_path, capsys):
     torch.save(ck, path)
     assert main(["eval", str(path)]) == 2
     assert "--data.root DIR" in _error(capsys)
+
+
+def test_missing_extra_names_the_pip_extra(tmp_path, capsys, monkeypatch):
+    """`finegrain serve` without the serve extra: one line naming `finegrain[serve]`, exit 2;
+    the same for ONNX Runtime (the export extra)."""
+    import sys
+
+    from finegrain.errors import MissingDependencyError, require
+    from finegrain.runtime import onnx_providers
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    assert main(["serve", str(tmp_path / "index")]) == 2
+    err = _error(capsys)
+    assert "fastapi is not installed" in err and "finegrain[serve]" in err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"finegrain\[export\]"):
+        onnx_providers()
+    assert require("json", "serve").dumps([1]) == "[1]"
