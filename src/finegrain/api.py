@@ -40,18 +40,12 @@ class ImageTooLarge(InputError):
     """An image has more pixels than the limit (decoding it would exhaust memory)."""
 
 
-def _is_export(path: str) -> bool:
-    """A folder of ``finegrain export`` (``preprocess.json`` / ``export.json`` in it)."""
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
-                                       for f in ("preprocess.json", "export.json"))
-
-
 def load_with_meta(path: str, device: str = "cpu") -> tuple[Any, dict, str | None]:
-    """``(model, meta, checkpoint hash or None)`` of a checkpoint or an export folder (a folder
-    holding ``preprocess.json``, read by :func:`finegrain.runtime.load_exported`)."""
+    """``(model, meta, checkpoint hash or None)`` of a checkpoint or an export folder (read by
+    :func:`finegrain.runtime.load_exported`)."""
+    from .runtime import is_export_folder, load_exported
     path = os.fspath(path)
-    if _is_export(path):
-        from .runtime import load_exported
+    if is_export_folder(path):
         fn, meta = load_exported(path)
         return fn, dict(meta), meta.get("checkpoint_hash")
     from .retrieval.extract import load_checkpoint_model
@@ -234,21 +228,16 @@ class Searcher:
     def embed(self, images: Sequence[Any]) -> np.ndarray:
         """(n, D) float32 unit descriptors of images (paths, encoded bytes or uint8 (3, H, W)
         tensors), with the index's preprocessing and scales."""
-        from .retrieval.extract import _rescale
+        from .retrieval.extract import _embed_batch
         xs = [self.transform(self._decode(i)[1]) for i in self._expand(images)]
         out = np.zeros((len(xs), int(self.index.manifest["dim"])), dtype=np.float32)
         by_size: dict[tuple[int, int], list[int]] = {}
         for j, x in enumerate(xs):
             by_size.setdefault(tuple(x.shape[-2:]), []).append(j)
-        with self._lock, torch.inference_mode():
+        with self._lock:
             for rows in by_size.values():
                 x = torch.stack([xs[j] for j in rows]).to(self.device)
-                acc = None
-                for s in self.scales:
-                    e = torch.as_tensor(self.model(_rescale(x, s))["embedding"]).float()
-                    e = F.normalize(e, dim=-1)
-                    acc = e if acc is None else acc + e
-                out[rows] = F.normalize(acc, dim=-1).cpu().numpy()
+                out[rows] = _embed_batch(self.model, x, self.scales, amp=False).cpu().numpy()
         if not np.isfinite(out).all():
             from .errors import nonfinite_outputs
             raise nonfinite_outputs(self.model_path, int((~np.isfinite(out).all(1)).sum()),

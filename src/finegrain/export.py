@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
 import io
 import json
 import os
@@ -50,7 +49,6 @@ Exports are float32 (the checkpoint's weights); fp32 kernels differ in summation
 so outputs agree to about 1e-6 of their scale: 1e-4 leaves room for the ops (attention,
 resampling) whose ONNX kernels accumulate differently."""
 INPUT_NAME = "images"
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class ParityError(FinegrainError):
@@ -232,13 +230,13 @@ def parity_images(meta: dict, images: list[str] | None = None, num_images: int =
     """``(normalised batch (N, 3, H, W), where it came from)``. ``images``: files or folders
     (every image under them, sorted); None: the test split of a generated CUB-layout dataset
     (``synthetic_fgvc``, written to a temporary folder and read back as JPEG files)."""
+    from .data.datasets.images import resolve_images
     from .inference import load_images
     if images:
         paths = []
         for p in images:
             if os.path.isdir(p):
-                paths += sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                                if f.lower().endswith(_IMAGE_EXT))
+                paths += [f for f, _ in resolve_images(p)[1]]  # as `embed --images DIR`
             elif os.path.isfile(p):
                 paths.append(p)
             else:

@@ -3,7 +3,6 @@ of the previous format, and the Lightning behaviour it relies on (pinned: an upg
 changes it fails here, by name, before the bitwise tests of test_resume.py fail obscurely)."""
 
 import inspect
-import json
 import os
 import warnings
 
@@ -14,24 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from finegrain.engine import train
 from finegrain.engine.resume import NOT_RESUMABLE_WARNING, ExactResume
 from finegrain.engine.run import FinegrainCLI
-from finegrain.models.registry import model_arg
-from finegrain.models.tiny import tiny_kwargs
-from .test_resume import Crash
-
-
-def _argv(tmp_path, run_dir, epochs=2):
-    cfg = dict(num_classes=4, train_per_class=6, test_per_class=2, size=32, seed=0)
-    return ["--run-dir", str(run_dir), "--checkpoint-every", "1", "--seed_everything", "0",
-            "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.enable_model_summary", "false",
-            "--model.model", model_arg("vit_tiny_patch16_224",
-                                       {**tiny_kwargs("vit_tiny_patch16_224"),
-                                        "drop_path_rate": 0.1}),
-            "--model.optimizer.lr", "0.003",
-            "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
-            "--data.dataset_kwargs", json.dumps({"config": cfg}),
-            "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]
+from .test_resume import Crash, _argv
 
 
 class Order(Callback):
