@@ -120,14 +120,6 @@ def preprocessing(meta: dict) -> dict:
 
 
 # ---- writing ----------------------------------------------------------------------------
-def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
-    """``aten::sort.stable`` in ONNX: ``TopK`` over the whole axis. ONNX TopK breaks ties by
-    the lower index, i.e. it is a stable sort (TASN's distinct-map grouping relies on it)."""
-    from onnxscript import opset18 as op
-    n = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
-    return op.TopK(self, n, axis=dim, largest=descending, sorted=True)
-
-
 def _searchsorted(sorted_sequence, self, out_int32: bool = False, right: bool = False,
                   side: str | None = None, sorter=None):
     """``aten::searchsorted.Tensor`` in ONNX (no such op): the insertion index is the count of
@@ -157,8 +149,7 @@ def write_onnx(module: nn.Module, example: torch.Tensor, keys: list[str], path: 
         program = torch.onnx.export(
             module, (example,), dynamo=True, dynamic_shapes=_dynamic_batch(),
             input_names=[INPUT_NAME], output_names=list(keys), verbose=False,
-            custom_translation_table={torch.ops.aten.sort.stable: _sort_stable,
-                                      torch.ops.aten.searchsorted.Tensor: _searchsorted})
+            custom_translation_table={torch.ops.aten.searchsorted.Tensor: _searchsorted})
         program.save(path)
 
 

@@ -42,15 +42,22 @@ the zoom, are the same.
 **Readings taken where the paper is silent (official code followed unless said otherwise).**
 
 - N1's scale: ``X`` is multiplied by 7 before N1 (official; ``attention_scale``).
-- Distinct maps (``distinct_maps=True``): channels whose ``X`` rows are all zero give
-  bit-identical maps. The detail map draws uniformly among the groups of maps with exactly
-  equal sums (official ``detail_att``: ``argsort`` of the sums, ``!=`` between neighbours).
-  The structure map averages one map per group. The official ``structure_att`` meant the same
-  but builds its 0/1 mask in sorted order and applies it in channel order, unsorted, as a sum:
-  when all c sums differ (the usual case) it is the sum of all maps, which samples exactly as
-  our average does (the sampler normalises the scale away); when some sums tie it drops the
-  channels whose index equals a tied sorted position, not the duplicates. We do not copy that.
-  At test the detail map is the plain average of all maps (official: their sum).
+- Distinct maps (``distinct_maps=True``, the detail draw only): channels whose ``X`` rows
+  are all zero give bit-identical maps. The training detail map draws uniformly among the
+  groups of maps with exactly equal sums (official ``detail_att``: ``argsort`` of the sums,
+  ``!=`` between neighbours). At test the detail map is the plain average of all maps
+  (official: their sum).
+- The structure map is the average of **all** c maps (paper Sec. 3.1; spec §1), in training
+  and at test. **Changed 2026-11-30**: it was the average of one map per group of equal sums.
+  Exact equality is not continuous: maps of near-zero channels differ from each other by
+  1e-9 to 1e-6 (relative), so whether two of them tie depends on the float summation order,
+  which changes with the batch size; a trained demo checkpoint gave logits differing by up to
+  0.255 between batch 16 and batch 1, and its ONNX export failed parity. The official
+  ``structure_att`` builds its 0/1 mask in sorted order and applies it in channel order: when
+  all sums differ it is the sum of all maps (the same samples as our average: the sampler
+  normalises the scale away); when sums tie it drops the channels whose index equals a tied
+  sorted position, not the duplicates. Neither reading of the mask is continuous, so we take
+  the paper's average of all maps.
 - The structure map is upsampled to the image, then squared (official; "a larger value for
   important regions"); ``square_structure=False`` gives the paper's plain average. The detail
   map is not squared.
@@ -214,15 +221,11 @@ def distinct_maps_mask(maps: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(first).scatter(1, order, first)  # back to channel order
 
 
-def structure_map(maps: torch.Tensor, distinct: bool = True) -> torch.Tensor:
-    """Structure-preserved map: the average of the c maps (of the distinct ones if
-    ``distinct``), (B, c, h, w) -> (B, h, w). The squaring is applied by the caller after
-    upsampling (official)."""
-    if not distinct:
-        return maps.mean(1)
-    weights = distinct_maps_mask(maps).to(maps.dtype)  # (B, c)
-    weights = weights / weights.sum(1, keepdim=True)
-    return torch.einsum("bc,bchw->bhw", weights, maps)
+def structure_map(maps: torch.Tensor) -> torch.Tensor:
+    """Structure-preserved map: the average of all c maps, (B, c, h, w) -> (B, h, w) (paper
+    Sec. 3.1). The squaring is applied by the caller after upsampling (official). A continuous
+    function of the maps, so the output does not depend on the batch it is computed in."""
+    return maps.mean(1)
 
 
 def detail_map(maps: torch.Tensor, distinct: bool = True,
@@ -457,7 +460,8 @@ class TASN(FinegrainModel):
         attention_size: int or (H, W) the image is resized to for the attention net (224).
         attention_scale: factor on ``X`` before N1 (official 7).
         square_structure: square the upsampled structure map (official True; paper False).
-        distinct_maps: use only maps with distinct sums (official True).
+        distinct_maps: the training detail map draws among maps with distinct sums
+            (official True); the structure map always averages all maps.
         max_zoom: sampler zoom cap relative to the uniform resize (official 4).
         clip_iterations: sampler clipping passes (official 5).
         clip: sampler clipping rule, ``"coupled"`` (official: one threshold for x and y) or
@@ -558,7 +562,7 @@ class TASN(FinegrainModel):
 
     def structure_attention(self, maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Structure-preserved map at image resolution (B, H, W): average, upsample, square."""
-        a = self._to_image(structure_map(maps, self.distinct_maps), images)
+        a = self._to_image(structure_map(maps), images)
         return a * a if self.square_structure else a
 
     def detail_attention(self, maps: torch.Tensor, images: torch.Tensor,
