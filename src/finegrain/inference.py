@@ -88,6 +88,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     ``dataset_kwargs`` (pass its own under ``dataset_kwargs``)."""
     import lightning.pytorch as pl
     from .engine import FinegrainDataModule, FinegrainModule
+    from .engine.datamodule import QueryGallery
     from .engine.run import quiet_lightning
     from .models.weights import load_checkpoint_meta, read_weights
     quiet_lightning()
@@ -118,11 +119,11 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     if dm.val_set is None:
         raise InputError(f"dataset {dm.hparams.dataset} has no evaluation split for training-"
                          f"time evaluation; use `finegrain retrieval eval`")
-    module.set_data_meta({"num_query": dm._num_query})
     if info is not None:
         hp = dm.hparams
         info.update(dataset=hp.dataset, root=hp.root, task=dm.task,
-                    split=hp.val_split or ("query+gallery" if dm._num_query else "test"))
+                    split=hp.val_split or ("query+gallery" if isinstance(dm.val_set, QueryGallery)
+                                           else "test"))
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, devices=devices,
                          accelerator=accelerator, use_distributed_sampler=False,
                          enable_model_summary=False, enable_progress_bar=progress)
@@ -132,28 +133,29 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     res = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in module.last_metrics.items()}
     if (rerank or aqe or visrank) and trainer.is_global_zero:
         out = getattr(module, "last_outputs", None)
-        dist = reid_distances(out, dm._num_query, aqe, rerank)
+        dist = reid_distances(out, aqe, rerank)
         if rerank or aqe:
-            res = reid_metrics(dist, out, dm._num_query)
+            res = reid_metrics(dist, out)
         if visrank:
             from .visualize import save_visrank
-            q_set, g_set = dm.val_set.datasets
+            q_set, g_set = dm.val_set.datasets  # outputs in dataset order: queries first
+            q, g = out["query"], ~out["query"]
             res["visrank"] = save_visrank(
                 dist, [s.path for s in q_set.samples], [s.path for s in g_set.samples],
-                out["label"][:dm._num_query], out["label"][dm._num_query:],
-                out["camid"][:dm._num_query], out["camid"][dm._num_query:],
+                out["label"][q], out["label"][g], out["camid"][q], out["camid"][g],
                 visrank_out or "visrank.png", topk=visrank, num_queries=visrank_queries)
     return res
 
 
-def reid_distances(out: dict, nq: int, aqe: int = 0, rerank: bool = False):
-    """(Q, G) cosine distances of a Re-ID evaluation pass, after alpha-QE with the top ``aqe``
-    gallery matches (``retrieval.postprocess.alpha_query_expansion``, as fast-reid's
-    ``aqe``) and k-reciprocal re-ranking (``evaluation.reid.re_rank``)."""
+def reid_distances(out: dict, aqe: int = 0, rerank: bool = False):
+    """(Q, G) cosine distances of a Re-ID evaluation pass (queries: the samples whose
+    ``query`` flag is set), after alpha-QE with the top ``aqe`` gallery matches
+    (``retrieval.postprocess.alpha_query_expansion``, as fast-reid's ``aqe``) and
+    k-reciprocal re-ranking (``evaluation.reid.re_rank``)."""
     import numpy as np
     from .evaluation.reid import compute_distance, re_rank
     e = out["embedding"].astype(np.float32)
-    q, g = e[:nq], e[nq:]
+    q, g = e[out["query"]], e[~out["query"]]
     dist = compute_distance(q, g, "cosine").numpy()
     if aqe:
         from .retrieval.postprocess import alpha_query_expansion
@@ -166,11 +168,12 @@ def reid_distances(out: dict, nq: int, aqe: int = 0, rerank: bool = False):
     return dist
 
 
-def reid_metrics(dist, out: dict, nq: int) -> dict:
-    """The training-time Re-ID metric keys (mAP, mINP, R1, R5, R10) of a distance matrix."""
+def reid_metrics(dist, out: dict) -> dict:
+    """The training-time Re-ID metric keys (mAP, mINP, R1, R5, R10) of a (Q, G) distance
+    matrix of ``out``'s queries (``query`` flag) against the rest."""
     from .evaluation.reid import evaluate
-    y, c = out["label"], out["camid"]
-    res = evaluate(dist, y[:nq], y[nq:], c[:nq], c[nq:])
+    y, c, q = out["label"], out["camid"], out["query"]
+    res = evaluate(dist, y[q], y[~q], c[q], c[~q])
     cmc = res.pop("cmc")
     res.update({f"R{k}": float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)})
     return {k: float(v) for k, v in res.items()}

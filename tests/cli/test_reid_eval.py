@@ -14,7 +14,7 @@ from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
 
 NAME = "dcal_deit_tiny_patch16_224"
-DATA = {"num_train_ids": 6, "num_test_ids": 3, "num_cameras": 2, "images_per_camera": 2,
+DATA = {"num_train_ids": 6, "num_test_ids": 5, "num_cameras": 3, "images_per_camera": 2,
         "height": 32, "width": 16, "seed": 0}
 
 
@@ -55,26 +55,56 @@ def test_reid_eval_rerank_aqe_and_visrank(run, capsys, tmp_path):
     assert json.load(open(tmp_path / "m.json"))["metrics"] == both["metrics"]
 
 
+def test_reid_eval_equals_query_and_gallery_embedded_apart(run, capsys):
+    """The metrics of `finegrain eval` are those of the query split against the gallery
+    split, each embedded on its own (before 2026-11-30 the evaluation sorted the outputs by
+    the per-split index, mixing gallery rows into the "first num_query" queries)."""
+    import torch
+
+    from finegrain.data.registry import build_dataset
+    from finegrain.evaluation.reid import evaluate_features
+    from finegrain.inference import eval_transform
+    from finegrain.models.registry import load_model
+    model, meta = load_model(str(run / "run" / "best.ckpt"))
+    emb = {}
+    for split in ("query", "gallery"):
+        ds = build_dataset("synthetic_reid", str(run / "cache"), split,
+                           transform=eval_transform(meta), config=DATA)
+        with torch.no_grad():
+            e = torch.cat([model(torch.stack([ds[i]["image"]]))["embedding"]
+                           for i in range(len(ds))])
+        emb[split] = (e.numpy(), np.array([x.label for x in ds.samples]),
+                      np.array([x.camid for x in ds.samples]))
+    (qe, qy, qc), (ge, gy, gc) = emb["query"], emb["gallery"]
+    ref = evaluate_features(qe, ge, qy, gy, qc, gc, metric="cosine")
+    got = _eval(run, capsys)["metrics"]
+    assert got["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
+    assert got["R1"] == pytest.approx(ref["cmc"][0], abs=1e-6)
+
+
 def test_reid_postprocessing_equals_the_evaluation_functions():
     rng = np.random.default_rng(0)
     e = rng.normal(size=(30, 8)).astype(np.float32)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
-    out = {"embedding": e, "label": rng.integers(0, 5, 30), "camid": rng.integers(0, 2, 30)}
-    nq = 6
-    q, g = e[:nq], e[nq:]
+    is_query = np.zeros(30, bool)
+    is_query[[0, 4, 9, 17, 22, 29]] = True  # queries anywhere: the flag decides, not the order
+    out = {"embedding": e, "label": rng.integers(0, 5, 30), "camid": rng.integers(0, 2, 30),
+           "query": is_query}
+    q, g = e[is_query], e[~is_query]
+    yq, yg = out["label"][is_query], out["label"][~is_query]
+    cq, cg = out["camid"][is_query], out["camid"][~is_query]
     d0 = compute_distance(q, g, "cosine").numpy()
-    np.testing.assert_allclose(reid_distances(out, nq), d0)
+    np.testing.assert_allclose(reid_distances(out), d0)
     rr = re_rank(d0, compute_distance(q, q, "cosine").numpy(),
                  compute_distance(g, g, "cosine").numpy())
-    np.testing.assert_allclose(reid_distances(out, nq, rerank=True), rr)
-    ref = evaluate(rr, out["label"][:nq], out["label"][nq:], out["camid"][:nq],
-                   out["camid"][nq:])
-    got = reid_metrics(rr, out, nq)
+    np.testing.assert_allclose(reid_distances(out, rerank=True), rr)
+    ref = evaluate(rr, yq, yg, cq, cg)
+    got = reid_metrics(rr, out)
     assert got["mAP"] == pytest.approx(ref["mAP"]) and got["R1"] == pytest.approx(ref["cmc"][0])
     # alpha-QE with n = 1: q' = normalize(q + max(s, 0)^3 g_top1)
     top = np.argsort(d0, axis=1, kind="stable")[:, 0]
     s = np.maximum((q * g[top]).sum(1, keepdims=True), 0) ** 3
     qe = q + s * g[top]
     qe /= np.linalg.norm(qe, axis=1, keepdims=True)
-    np.testing.assert_allclose(reid_distances(out, nq, aqe=1),
+    np.testing.assert_allclose(reid_distances(out, aqe=1),
                                compute_distance(qe, g, "cosine").numpy(), atol=1e-6)

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..data.registry import build_dataset, get_dataset_class
 from ..data.samplers import PKBatchSampler, RandomBatchSampler, SeededDataset, ShardSampler
@@ -25,7 +25,33 @@ def _collate(items: list[dict]) -> dict:
     return {"image": torch.stack([it["image"] for it in items]),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
             "camid": torch.tensor([it["camid"] for it in items], dtype=torch.long),
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "query": torch.tensor([bool(it.get("query", False)) for it in items])}
+
+
+class QueryGallery(Dataset):
+    """The query split then the gallery split as one evaluation set: item ``i`` carries its
+    position ``index = i`` in this set (not in its split, where the query and gallery
+    numbering overlap) and ``query`` (True for the queries), so the evaluation tells queries
+    from gallery by the flag, in any order and across DDP ranks.
+
+    Args:
+        query: the query split's dataset.
+        gallery: the gallery split's dataset.
+    """
+
+    def __init__(self, query: Dataset, gallery: Dataset):
+        self.datasets = (query, gallery)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, index: int) -> dict:
+        q, g = self.datasets
+        is_query = index < len(q)
+        item = dict(q[index] if is_query else g[index - len(q)])
+        item.update(index=index, query=is_query)
+        return item
 
 
 class FinegrainDataModule(pl.LightningDataModule):
@@ -75,7 +101,6 @@ class FinegrainDataModule(pl.LightningDataModule):
         self.task = get_dataset_class(dataset).task
         self._train = None
         self._val = None
-        self._num_query = 0
         self._train_sampler = None
 
     # ---- datasets ---------------------------------------------------------------------
@@ -114,9 +139,8 @@ class FinegrainDataModule(pl.LightningDataModule):
                 return None  # retrieval is evaluated by `finegrain retrieval eval`
             cls = get_dataset_class(self.hparams.dataset)
             if split is None and self.task in ("reid", "dml") and "query" in cls.splits:
-                q, g = self._build("query", False), self._build("gallery", False)
-                self._num_query = len(q)
-                self._val = ConcatDataset([q, g])
+                self._val = QueryGallery(self._build("query", False),
+                                         self._build("gallery", False))
             else:
                 self._val = self._build(split or "test", False)
         return self._val
@@ -128,7 +152,7 @@ class FinegrainDataModule(pl.LightningDataModule):
                 "task": self.task, "class_names": list(self.train_set.classes),
                 "img_size": hp.img_size, "resize_size": hp.resize_size,
                 "resize_mode": hp.resize_mode, "mean": list(hp.mean),
-                "std": list(hp.std), "num_query": self._num_query}
+                "std": list(hp.std)}
 
     # ---- loaders ----------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:

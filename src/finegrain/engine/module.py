@@ -241,7 +241,7 @@ class FinegrainModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
         out = self.model(batch["image"])
-        keep = {"index": batch["index"], "label": batch["label"], "camid": batch["camid"]}
+        keep = {k: batch[k] for k in ("index", "label", "camid", "query")}
         for k in ("logits", "embedding"):
             if k in out:
                 keep[k] = out[k].float()
@@ -297,30 +297,35 @@ def primary_metric(task: str) -> str:
     return {"classification": "top1", "reid": "mAP", "dml": "R@1"}.get(task, "top1")
 
 
-def compute_metrics(task: str, res: dict[str, np.ndarray], meta: dict) -> dict:
+def compute_metrics(task: str, res: dict[str, np.ndarray], meta: Any = None) -> dict:
     """Metrics of one evaluation pass (arrays in dataset order) with ``finegrain.evaluation``.
 
-    Re-ID: the first ``meta["num_query"]`` samples are the queries, the rest the gallery.
+    Re-ID (and DML with a query split, In-Shop): the samples whose ``query`` flag is set are
+    the queries, the others the gallery. ``meta`` (the checkpoint's record) names the dataset
+    (DML's Recall@K list).
     """
     if task == "classification":
         from ..evaluation.classification import accuracy
         return accuracy(res["logits"], res["label"], topk=(1, 5))
+    is_query = np.asarray(res.get("query", np.zeros(len(res["label"]), bool)), dtype=bool)
     if task == "reid":
         from ..evaluation.reid import evaluate_features
-        nq = int(meta["num_query"])
+        if not is_query.any():
+            raise InputError("Re-ID evaluation needs a query split (no sample is a query): "
+                             "evaluate the query and gallery splits (data.val_split unset)")
         e, y, c = res["embedding"], res["label"], res["camid"]
-        out = evaluate_features(e[:nq], e[nq:], y[:nq], y[nq:], c[:nq], c[nq:],
-                                metric="cosine")
+        q, g = is_query, ~is_query
+        out = evaluate_features(e[q], e[g], y[q], y[g], c[q], c[g], metric="cosine")
         cmc = out.pop("cmc")
         out.update({f"R{k}": float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)})
         return out
     if task == "dml":
         from ..evaluation.dml import evaluate
-        ks = DML_KS.get(meta.get("dataset"), (1, 2, 4, 8))
-        nq = int(meta.get("num_query") or 0)
-        if nq:  # In-Shop: queries search a separate gallery
-            e, y = res["embedding"], res["label"]
-            return evaluate(e[nq:], y[nq:], ks=ks, query=e[:nq], query_labels=y[:nq])
-        return evaluate(res["embedding"], res["label"], ks=ks)
+        ks = DML_KS.get(getattr(meta, "dataset", None), (1, 2, 4, 8))
+        e, y = res["embedding"], res["label"]
+        if is_query.any():  # In-Shop: queries search a separate gallery
+            q, g = is_query, ~is_query
+            return evaluate(e[g], y[g], ks=ks, query=e[q], query_labels=y[q])
+        return evaluate(e, y, ks=ks)
     raise InputError(f"no training-time evaluation for task {task!r}; retrieval models are "
                      f"evaluated by `finegrain retrieval eval`")
