@@ -190,7 +190,7 @@ class Searcher:
                              f"'finegrain embed' descriptors")
         self.device = torch.device(device)
         self.preprocessing = pre
-        self.transform = RetrievalEval(int(pre["image_size"]), tuple(pre["mean"]),
+        self.transform = RetrievalEval(int(pre["img_size"]), tuple(pre["mean"]),
                                        tuple(pre["std"]))
         self.scales = [float(s) for s in pre.get("scales", [1.0])]
         self.gallery_root = gallery_root

@@ -6,7 +6,7 @@ import pytest
 from finegrain.retrieval.descriptors import DescriptorMismatch, save_descriptors
 from finegrain.retrieval.index import Index, default_factory
 
-PRE = {"resize": "longest_side", "image_size": 64, "scales": [1.0], "mean": [0.5] * 3,
+PRE = {"resize": "longest_side", "img_size": 64, "scales": [1.0], "mean": [0.5] * 3,
        "std": [0.5] * 3}
 
 
@@ -77,8 +77,8 @@ def test_refuses_other_model_or_preprocessing(tmp_path):
         index.add(other)
     from finegrain.retrieval.descriptors import load_descriptors
     q = _desc(tmp_path / "q", _unit(3, 8, 1), prefix="q",
-              preprocessing={**PRE, "image_size": 512})
-    with pytest.raises(DescriptorMismatch, match="image_size"):
+              preprocessing={**PRE, "img_size": 512})
+    with pytest.raises(DescriptorMismatch, match="img_size"):
         index.search(load_descriptors(q), k=2)
 
 

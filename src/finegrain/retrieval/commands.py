@@ -51,7 +51,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
     if a.runtime == "onnx" or is_export_folder(a.checkpoint):  # an export folder
         model, meta = load_exported(a.checkpoint, a.runtime)
     info = embed_sharded(a.checkpoint, dataset, root, a.split, a.out,
-                         image_size=a.image_size, scales=a.scales, batch_size=a.batch_size,
+                         img_size=a.img_size, scales=a.scales, batch_size=a.batch_size,
                          num_workers=a.num_workers, amp=a.amp, accelerator=accelerator,
                          devices=_devices(devices), strategy=a.strategy,
                          num_nodes=a.num_nodes, shard_size=a.shard_size, merge=a.merge,
@@ -166,7 +166,7 @@ def cmd_retrieval_eval(a: argparse.Namespace) -> int:
     if out is None:
         base = os.path.dirname(os.path.abspath(a.checkpoint)) if a.checkpoint else "."
         out = os.path.join(base, f"retrieval_{a.dataset}")
-    extract = ExtractOptions(scales=tuple(a.scales), image_size=a.image_size,
+    extract = ExtractOptions(scales=tuple(a.scales), img_size=a.img_size,
                              batch_size=a.batch_size, device=a.device,
                              num_workers=a.num_workers, amp=a.amp)
     metrics = retrieval_eval(a.checkpoint, a.dataset, a.root, distractors=a.distractors,
@@ -206,11 +206,14 @@ def _extraction_args(p: argparse.ArgumentParser) -> None:
                    help="resize factors of the image at the eval size S, descriptors "
                         "averaged then re-normalised (default 1 = single scale; DOLG: "
                         "0.7071 1 1.4142)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--img-size", type=int, default=None,
                    help="longest image side S, aspect ratio kept; query crops scaled by "
                         "their full image's factor (default: 1024 on roxford5k / rparis6k / "
                         "revisitop1m as cirtorch and DELG, 512 the cheaper option; else the "
                         "checkpoint's training size)")
+    # the older name of --img-size, kept for existing command lines (hidden)
+    p.add_argument("--image-size", dest="img_size", type=int, default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward among images of identical size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
