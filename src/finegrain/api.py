@@ -102,8 +102,9 @@ def decode_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
 @dataclass
 class Hit:
-    """One match: its rank (1 = best), index id, image name, score (inner product: cosine for
-    L2-normalised descriptors, higher is closer; squared L2 distance for ``--metric l2``) and
+    """One match: its rank (1 = best), index id, image name, score (metric ``cosine``, the
+    default: inner product of the L2-normalised descriptors, i.e. their cosine similarity,
+    higher is closer; ``--metric euclidean``: squared L2 distance, lower is closer) and
     label (-1 when unknown)."""
 
     rank: int

@@ -96,6 +96,30 @@ def test_index_build_search_add_remove(setup, capsys):
     assert "removed 1" in capsys.readouterr().out
 
 
+def test_metric_names_and_their_older_aliases_build_the_same_index(setup, capsys):
+    """--metric euclidean and --metric l2 (cosine and ip) write identical index folders and
+    search results; the files say today's name."""
+    import os
+    tmp = setup[0]
+    got = {}
+    for metric in ("euclidean", "l2", "cosine", "ip"):
+        ix, out = str(tmp / f"m_{metric}.index"), str(tmp / f"m_{metric}.json")
+        assert main(["index", "build", str(tmp / "db"), "--metric", metric, "--out", ix]) == 0
+        assert main(["index", "search", ix, str(tmp / "q"), "-k", "5", "--out", out]) == 0
+        res = json.loads(open(out).read())
+        assert res.pop("index") == ix
+        got[metric] = ({n: open(os.path.join(ix, n), "rb").read() for n in
+                        ("index.faiss", "ids.json", "index.json", "descriptors.json")}, res)
+    assert got["l2"] == got["euclidean"] and got["ip"] == got["cosine"]
+    assert got["euclidean"][1] != got["cosine"][1]
+    for metric in ("euclidean", "cosine"):
+        assert json.loads(got[metric][0]["index.json"])["metric"] == metric
+        assert got[metric][1]["score"] == metric
+    with pytest.raises(SystemExit):
+        main(["index", "build", str(tmp / "db"), "--metric", "cos", "--out", str(tmp / "x")])
+    assert "'cosine'" in capsys.readouterr().err
+
+
 def test_descriptors_from_another_checkpoint_are_refused(setup):
     tmp, root, ck, ck2, _ = setup
     assert main(["embed", ck2, "--dataset", "synthetic_landmarks", "--root", root, "--split",

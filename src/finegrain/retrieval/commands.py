@@ -201,6 +201,16 @@ def _postprocess_options(a: argparse.Namespace, min_rerank_k: int = 0):
                               rerank_k=max(min_rerank_k, a.rerank_k))
 
 
+def _metric(v: str) -> str:
+    """``--metric``: :func:`.search.metric_name` (``ip`` / ``l2`` -> ``cosine`` /
+    ``euclidean``), its message as argparse's."""
+    from .search import metric_name
+    try:
+        return metric_name(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="resize factors of the image at the eval size S, descriptors "
@@ -270,7 +280,10 @@ def register(subparsers) -> None:
                         "IVF{~4 sqrt(n)},PQ{D/4}x4fs,RFlat at nprobe 256 (recall@100 >= 0.9 "
                         "on three generated distributions: docs/retrieval.md)")
     b.add_argument("--out", required=True, help="index folder")
-    b.add_argument("--metric", default="ip", choices=("ip", "l2"))
+    b.add_argument("--metric", default="cosine", type=_metric, choices=("cosine", "euclidean"),
+                   help="cosine: inner product of the L2-normalised descriptors (higher is "
+                        "closer); euclidean: squared L2 distance (lower is closer); the older "
+                        "names ip / l2 are accepted")
     b.add_argument("--train-size", type=int, default=None,
                    help="IVF / PQ training sample, drawn at random (default 64 per IVF cell, "
                         "at least 65536; a size >= the count trains on every vector)")
