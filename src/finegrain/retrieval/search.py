@@ -52,7 +52,7 @@ def _as_float32(x: Any, name: str) -> np.ndarray:
 
 def metric_name(metric: str) -> str:
     """The metric's name today: ``"cosine"`` or ``"euclidean"`` (module docstring), with the
-    older ``"ip"`` / ``"l2"`` translated; the one place metric names are checked.
+    older ``"ip"`` / ``"l2"`` translated; the one place retrieval metric names are checked.
 
     Raises:
         InputError (a ValueError): any other value; the message names the accepted ones.
