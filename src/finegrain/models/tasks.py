@@ -27,7 +27,9 @@ def task_name(task: str, accepted: Sequence[str], model: str) -> str:
     name = TASK_ALIASES.get(task, task)
     if name not in accepted:
         aliases = [f"{old!r} for {new!r}" for old, new in TASK_ALIASES.items() if new in accepted]
-        raise ValueError(f"{model} task must be {' or '.join(repr(a) for a in accepted)}"
+        names = [repr(a) for a in accepted]
+        listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise ValueError(f"{model} task must be {listed}"
                          + (f" (older name: {', '.join(aliases)})" if aliases else "")
                          + f", got {task!r}")
     return name
