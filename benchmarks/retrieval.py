@@ -319,7 +319,7 @@ def build_candidates(db: np.ndarray, quantizer: faiss.Index, assign: np.ndarray,
         gc.collect()
     if hnsw and "HNSW" in kinds:
         with _Timer() as t:
-            ix = build_index(db, "HNSW32", metric="ip")
+            ix = build_index(db, "HNSW32", metric="cosine")
         yield "HNSW32", ix, t.s
         del ix
         gc.collect()

@@ -102,8 +102,9 @@ def decode_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
 @dataclass
 class Hit:
-    """One match: its rank (1 = best), index id, image name, score (inner product: cosine for
-    L2-normalised descriptors, higher is closer; squared L2 distance for ``--metric l2``) and
+    """One match: its rank (1 = best), index id, image name, score (metric ``cosine``, the
+    default: inner product of the L2-normalised descriptors, i.e. their cosine similarity,
+    higher is closer; ``--metric euclidean``: squared L2 distance, lower is closer) and
     label (-1 when unknown)."""
 
     rank: int
@@ -190,7 +191,7 @@ class Searcher:
                              f"'finegrain embed' descriptors")
         self.device = torch.device(device)
         self.preprocessing = pre
-        self.transform = RetrievalEval(int(pre["image_size"]), tuple(pre["mean"]),
+        self.transform = RetrievalEval(int(pre["img_size"]), tuple(pre["mean"]),
                                        tuple(pre["std"]))
         self.scales = [float(s) for s in pre.get("scales", [1.0])]
         self.gallery_root = gallery_root

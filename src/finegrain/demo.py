@@ -114,7 +114,7 @@ def _recipe(model_name: str, model_kwargs: dict, data: dict, epochs: int, lr: fl
 def pretrain_recipes() -> dict[str, dict]:
     """The pretraining run of each backbone family (16 classes disjoint from fine-tuning)."""
     return {
-        "vit": _recipe(_DCAL, {**_VIT_KW, "task": "fgvc", "glca": False, "pwca": False},
+        "vit": _recipe(_DCAL, {**_VIT_KW, "task": "classification", "glca": False, "pwca": False},
                        _PRETRAIN_DATA, PRETRAIN_EPOCHS["vit"], lr=1e-3),
         "resnet": _recipe("resnet18", {"backbone_kwargs": DEMO_RESNET}, _PRETRAIN_DATA,
                           PRETRAIN_EPOCHS["resnet"], lr=1e-3),
@@ -154,7 +154,7 @@ class DemoEntry:
 
 def demo_entries() -> list[DemoEntry]:
     """The demo's entries, in order (each arm is a plain ``finegrain train`` config)."""
-    fgvc = {**_VIT_KW, "task": "fgvc"}
+    fgvc = {**_VIT_KW, "task": "classification"}
     on, off = {"glca": True, "pwca": True}, {"glca": False, "pwca": False}
     reid = {**_VIT_KW, "img_size": _REID_DATA["img_size"], "task": "reid"}
     tasn = {"sample_size": DEMO_SIZE, "attention_size": DEMO_SIZE, "backbone_kwargs": DEMO_RESNET,

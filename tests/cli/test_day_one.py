@@ -35,7 +35,7 @@ def _train(tmp, seed: int) -> list[str]:
             "--run-dir", str(tmp / f"run{seed}"), "--seed_everything", str(seed),
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
-            "--model.model", model_arg(NAME, {**tiny_kwargs(NAME), "task": "fgvc"}),
+            "--model.model", model_arg(NAME, {**tiny_kwargs(NAME), "task": "classification"}),
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": CFG}),
             "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"]

@@ -55,7 +55,7 @@ def _error(capsys) -> str:
 RECIPE_TYPO = """model:
   model:
     class_path: finegrain.models.dcal.DCAL
-    init_args: {backbone: deit_tiny_patch16_224, task: fgvc, pcwa: false}
+    init_args: {backbone: deit_tiny_patch16_224, task: classification, pcwa: false}
 """
 
 

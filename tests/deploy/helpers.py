@@ -61,7 +61,7 @@ def build_index(tmp, name: str = DALG, task: str = "retrieval",
     files = write_photos(photos)
     ck = write_checkpoint(tmp / "model.ckpt", name, task, model_kwargs=model_kwargs)
     out = str(tmp / "db")
-    assert run_retrieval(["embed", ck, "--images", photos, "--out", out, "--image-size", "32",
+    assert run_retrieval(["embed", ck, "--images", photos, "--out", out, "--img-size", "32",
                           "--num-workers", "0"]) == 0
     index = str(tmp / "gallery.index")
     assert run_retrieval(["index", "build", out, "--kind", "Flat", "--out", index]) == 0

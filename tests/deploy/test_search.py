@@ -27,7 +27,7 @@ def test_embed_images_names_relative_labels_minus_one_root_recorded(dalg_index):
     man = json.load(open(os.path.join(dalg_index["index"], "index.json")))
     assert man["checkpoint"] == os.path.abspath(dalg_index["checkpoint"])
     assert man["checkpoint_hash"] == checkpoint_hash(dalg_index["checkpoint"])
-    assert man["dataset"] == "images" and man["preprocessing"]["image_size"] == 32
+    assert man["dataset"] == "images" and man["preprocessing"]["img_size"] == 32
 
 
 def test_images_reader_takes_a_glob_and_a_list_file(dalg_index, tmp_path):
@@ -73,6 +73,34 @@ def test_searcher_finds_each_gallery_image_first_with_the_index_descriptor(dalg_
     g = s.search_gallery(res[0].hits[0].id, k=2)
     assert g.hits[0].id == res[0].hits[0].id
     assert os.path.samefile(s.gallery_path(res[0].hits[0].id), files[0])
+
+
+def test_an_index_of_files_saying_image_size_is_searched_alike(dalg_index, tmp_path):
+    """Descriptor files and index folders written before 2026-11-30 say
+    ``preprocessing.image_size``: they still build an index that ``Searcher`` searches as the
+    new one (a query finds the same hits with the same scores)."""
+    def with_old_names(path):
+        meta = json.load(open(path))
+        meta["preprocessing"] = {("image_size" if k == "img_size" else k): v
+                                 for k, v in meta["preprocessing"].items()}
+        json.dump(meta, open(path, "w"))
+
+    old = str(tmp_path / "old")
+    for ext in (".npy", ".json"):
+        shutil.copy(dalg_index["descriptors"] + ext, old + ext)
+    with_old_names(old + ".json")
+    index = str(tmp_path / "old.index")
+    assert run_retrieval(["index", "build", old, "--kind", "Flat", "--out", index]) == 0
+    for name in ("index.json", "descriptors.json"):  # an index folder of then
+        with_old_names(os.path.join(index, name))
+    assert "image_size" in json.load(open(os.path.join(index, "index.json")))["preprocessing"]
+    s, ref = finegrain.Searcher(index), finegrain.Searcher(dalg_index["index"])
+    assert s.preprocessing == ref.preprocessing and s.preprocessing["img_size"] == 32
+    files = dalg_index["files"][:3]
+    got, want = s.search(files, k=4), ref.search(files, k=4)
+    assert [r.to_dict() for r in got] == [r.to_dict() for r in want]
+    # and the folder is compatible with the new descriptors (index add checks the signature)
+    s.index.check(load_descriptors(dalg_index["descriptors"]).meta)
 
 
 def test_load_gives_the_model_and_its_transform(dalg_index):

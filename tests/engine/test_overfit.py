@@ -113,7 +113,7 @@ def _smoothed_ce_floor(num_classes: int, eps: float) -> float:
 
 
 def test_dcal_fgvc_overfits(tmp_path, cache):
-    rows = _overfit(tmp_path, cache, "dcal_deit_tiny_patch16_224", {**DCAL, "task": "fgvc"},
+    rows = _overfit(tmp_path, cache, "dcal_deit_tiny_patch16_224", {**DCAL, "task": "classification"},
                     FGVC, 120, LR["vit"])
     _assert_memorised(rows, "sa")
     _assert_memorised(rows, "glca")

@@ -572,7 +572,7 @@ def test_explain_maps():
 
 # ---- registry-wide smoke test -------------------------------------------------------------------
 
-SMOKE = [(n, "fgvc") for n in list_models("dcal_*")] + [("dcal_deit_tiny_patch16_224", "reid")]
+SMOKE = [(n, "classification") for n in list_models("dcal_*")] + [("dcal_deit_tiny_patch16_224", "reid")]
 
 
 @pytest.mark.parametrize("name,task", SMOKE)

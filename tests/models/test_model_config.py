@@ -66,7 +66,7 @@ def test_demo_recipes_build_the_models_of_before():
     arms += list(demo.pretrain_recipes().values())
     first = demo.demo_entries()[0].arms["method"]["model"]["model"]
     vit_kw = {k: v for k, v in demo._VIT_KW.items() if k != "img_size"}
-    assert registry_name(first) == (demo._DCAL, {**vit_kw, "task": "fgvc", "glca": True,
+    assert registry_name(first) == (demo._DCAL, {**vit_kw, "task": "classification", "glca": True,
                                                  "pwca": True})
     seen = []
     for r in arms:

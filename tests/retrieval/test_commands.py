@@ -53,7 +53,7 @@ def setup(tmp_path_factory):
 def test_embed_writes_descriptors_of_the_checkpoint(setup, capsys):
     tmp, root, ck, _, model = setup
     assert main(["embed", ck, "--dataset", "synthetic_landmarks", "--root", root, "--split",
-                 "gallery", "--out", str(tmp / "db"), "--image-size", "64"]) == 0
+                 "gallery", "--out", str(tmp / "db"), "--img-size", "64"]) == 0
     d = load_descriptors(tmp / "db")
     assert d.meta["checkpoint_hash"] == checkpoint_hash(ck) and d.meta["split"] == "gallery"
     assert d.meta["model_name"] == "dalg_deit_tiny_patch16_224" and d.dim == 16
@@ -66,10 +66,10 @@ def test_embed_writes_descriptors_of_the_checkpoint(setup, capsys):
     ds = build_dataset("synthetic_landmarks", root, "gallery",
                        transform=retrieval_transform(64, (0.5,) * 3, (0.5,) * 3))
     np.testing.assert_allclose(d.vectors, extract(model.eval(), ds, progress=False), atol=1e-5)
-    # without --image-size: the checkpoint's training size (meta img_size 64)
+    # without --img-size: the checkpoint's training size (meta img_size 64)
     assert main(["embed", ck, "--dataset", "synthetic_landmarks", "--root", root, "--split",
                  "query", "--out", str(tmp / "q")]) == 0
-    assert load_descriptors(tmp / "q").meta["preprocessing"]["image_size"] == 64
+    assert load_descriptors(tmp / "q").meta["preprocessing"]["img_size"] == 64
 
 
 def test_index_build_search_add_remove(setup, capsys):
@@ -96,10 +96,34 @@ def test_index_build_search_add_remove(setup, capsys):
     assert "removed 1" in capsys.readouterr().out
 
 
+def test_metric_names_and_their_older_aliases_build_the_same_index(setup, capsys):
+    """--metric euclidean and --metric l2 (cosine and ip) write identical index folders and
+    search results; the files say today's name."""
+    import os
+    tmp = setup[0]
+    got = {}
+    for metric in ("euclidean", "l2", "cosine", "ip"):
+        ix, out = str(tmp / f"m_{metric}.index"), str(tmp / f"m_{metric}.json")
+        assert main(["index", "build", str(tmp / "db"), "--metric", metric, "--out", ix]) == 0
+        assert main(["index", "search", ix, str(tmp / "q"), "-k", "5", "--out", out]) == 0
+        res = json.loads(open(out).read())
+        assert res.pop("index") == ix
+        got[metric] = ({n: open(os.path.join(ix, n), "rb").read() for n in
+                        ("index.faiss", "ids.json", "index.json", "descriptors.json")}, res)
+    assert got["l2"] == got["euclidean"] and got["ip"] == got["cosine"]
+    assert got["euclidean"][1] != got["cosine"][1]
+    for metric in ("euclidean", "cosine"):
+        assert json.loads(got[metric][0]["index.json"])["metric"] == metric
+        assert got[metric][1]["score"] == metric
+    with pytest.raises(SystemExit):
+        main(["index", "build", str(tmp / "db"), "--metric", "cos", "--out", str(tmp / "x")])
+    assert "'cosine'" in capsys.readouterr().err
+
+
 def test_descriptors_from_another_checkpoint_are_refused(setup):
     tmp, root, ck, ck2, _ = setup
     assert main(["embed", ck2, "--dataset", "synthetic_landmarks", "--root", root, "--split",
-                 "query", "--out", str(tmp / "q_other"), "--image-size", "64"]) == 0
+                 "query", "--out", str(tmp / "q_other"), "--img-size", "64"]) == 0
     ix = str(tmp / "g2.index")
     assert main(["index", "build", str(tmp / "db"), "--out", ix]) == 0
     with pytest.raises(DescriptorMismatch, match="checkpoint_hash"):
@@ -112,7 +136,7 @@ def test_retrieval_eval_command(setup, capsys):
     tmp, root, ck, _, _ = setup
     out = tmp / "ev"
     assert main(["retrieval", "eval", ck, "--dataset", "synthetic_landmarks", "--root", root,
-                 "--image-size", "64", "--out", str(out), "--picture", "none", "--json"]) == 0
+                 "--img-size", "64", "--out", str(out), "--picture", "none", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed) == {"easy", "medium", "hard"}
     assert json.loads((out / "retrieval.json").read_text())["metrics"] == printed
@@ -133,7 +157,7 @@ def test_index_search_and_retrieval_eval_rank_alike_with_aqe_and_rerank(setup):
     tmp, root, ck, _, _ = setup
     for split, name in (("query", "q3"), ("gallery", "db3")):
         assert main(["embed", ck, "--dataset", "synthetic_landmarks", "--root", root,
-                     "--split", split, "--out", str(tmp / name), "--image-size", "64"]) == 0
+                     "--split", split, "--out", str(tmp / name), "--img-size", "64"]) == 0
     q, db = load_descriptors(tmp / "q3"), load_descriptors(tmp / "db3")
     ix, out = str(tmp / "g3.index"), str(tmp / "res3.json")
     assert main(["index", "build", str(tmp / "db3"), "--out", ix]) == 0
@@ -154,3 +178,18 @@ def test_index_search_and_retrieval_eval_rank_alike_with_aqe_and_rerank(setup):
     assert report["metrics"] == evaluate(ranks, gnd)
     assert report["aqe"] == {"n": 3, "alpha": 3.0}
     assert report["rerank"] == {"k": 10, "k1": 20, "k2": 6, "lambda": 0.3}  # as used
+
+
+def test_older_flag_names_are_hidden_aliases(capsys):
+    """``--image-size`` (before 2026-11-30) sets ``--img-size``; only the new name is shown."""
+    parser = argparse.ArgumentParser(prog="finegrain")
+    register(parser.add_subparsers(dest="command", required=True))
+    for cmd in (["embed", "ck", "--dataset", "x", "--out", "o"],
+                ["retrieval", "eval", "ck", "--dataset", "x"]):
+        assert parser.parse_args(cmd + ["--image-size", "96"]).img_size == 96
+        assert parser.parse_args(cmd + ["--img-size", "96"]).img_size == 96
+        assert parser.parse_args(cmd).img_size is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["embed", "--help"])
+    text = capsys.readouterr().out
+    assert "--img-size" in text and "--image-size" not in text

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from finegrain.retrieval.descriptors import (DescriptorMismatch, check_compatible, checkpoint_hash,
-                                             descriptor_paths, load_descriptors, save_descriptors)
+                                             descriptor_paths, load_descriptors, save_descriptors,
+                                             signature)
 
-PRE = {"resize": "longest_side", "image_size": 512, "scales": [1.0],
+PRE = {"resize": "longest_side", "img_size": 512, "scales": [1.0],
        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_query_bbx": False}
 
 
@@ -29,6 +30,34 @@ def test_round_trip_memory_mapped(tmp_path):
     assert d.meta["split"] == "gallery" and d.meta["dim"] == 8 and d.meta["count"] == 5
     assert d.meta["preprocessing"] == PRE
     assert descriptor_paths("a/b.npy") == ("a/b.npy", "a/b.json")
+
+
+def with_old_names(path) -> None:
+    """Rewrite a descriptor / manifest / shard JSON or an index manifest as files written
+    before 2026-11-30 say it: ``preprocessing.image_size`` (the key kept in place)."""
+    with open(path) as f:
+        meta = json.load(f)
+    meta["preprocessing"] = {("image_size" if k == "img_size" else k): v
+                             for k, v in meta["preprocessing"].items()}
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+def test_a_file_saying_image_size_reads_as_img_size(tmp_path):
+    x = _save(tmp_path / "old")
+    _save(tmp_path / "new")
+    with_old_names(tmp_path / "old.json")
+    assert json.load(open(tmp_path / "old.json"))["preprocessing"]["image_size"] == 512
+    old, new = load_descriptors(tmp_path / "old"), load_descriptors(tmp_path / "new")
+    assert old.meta["preprocessing"] == PRE and list(old.meta["preprocessing"]) == list(PRE)
+    np.testing.assert_array_equal(old.vectors, x.astype(np.float32))
+    assert signature(old.meta) == signature(new.meta)
+    assert signature(old.meta)["preprocessing.img_size"] == 512
+    check_compatible(new.meta, old.meta)
+    check_compatible(old.meta, new.meta)
+    _save(tmp_path / "other", preprocessing={**PRE, "img_size": 256})
+    with pytest.raises(DescriptorMismatch, match="img_size"):
+        check_compatible(old.meta, load_descriptors(tmp_path / "other").meta)
 
 
 def test_checkpoint_hash_is_sha256_prefix(tmp_path):

@@ -11,7 +11,7 @@ from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmar
 from finegrain.data.transforms import longest_side_size
 from finegrain.models.tiny import tiny_kwargs
 from finegrain.retrieval.extract import (embed_dataset, extract, model_mean_std,
-                                         resolve_image_size, retrieval_transform, sample_names)
+                                         resolve_img_size, retrieval_transform, sample_names)
 
 SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=1, easy_per_landmark=2,
                         hard_per_landmark=2, junk_per_landmark=1, num_distractors=4,
@@ -64,14 +64,14 @@ def test_grouped_batches_equal_single_images(root, model, scales):
 
 def test_longest_side_and_preprocessing_record(root, model):
     vectors, names, labels, pre, ds = embed_dataset(model, "synthetic_landmarks", root, "query",
-                                                    image_size=40, scales=(1.0,),
+                                                    img_size=40, scales=(1.0,),
                                                     progress=False)
     crop, full = ds.load_image_and_full_size(0)
     assert max(crop.shape[1:]) < full  # a crop, scaled by its full image's factor 40 / full
     assert tuple(ds[0]["image"].shape[1:]) == longest_side_size(*crop.shape[1:], 40, full)
     assert max(ds[0]["image"].shape[1:]) < 40 and pre["crop_scale"] == "full_image"
     assert names == ds.qimlist and labels == [-1] * len(ds)
-    assert pre["image_size"] == 40 and pre["scales"] == [1.0] and pre["crop_query_bbx"]
+    assert pre["img_size"] == 40 and pre["scales"] == [1.0] and pre["crop_query_bbx"]
     assert pre["resize"] == "longest_side" and len(pre["mean"]) == 3
     assert sample_names(build_dataset("synthetic_landmarks", root, "train"))[0].startswith("train/")
 
@@ -88,15 +88,15 @@ def test_model_without_embedding_is_refused(root):
         extract(clf, ds, progress=False)
 
 
-def test_image_size_defaults_to_the_training_size():
-    assert resolve_image_size(300, {"img_size": 64}) == 300
-    assert resolve_image_size(None, {"img_size": 64}) == 64
-    assert resolve_image_size(None, {"img_size": [256, 128]}) == 256
-    assert resolve_image_size(None, None) == 512
-    # the Revisited protocol's size (cirtorch / DELG: 1024) unless --image-size says otherwise
-    assert resolve_image_size(None, {"img_size": 512}, "roxford5k") == 1024
-    assert resolve_image_size(512, {"img_size": 512}, "rparis6k") == 512
-    assert resolve_image_size(None, {"img_size": 64}, "synthetic_landmarks") == 64
+def test_img_size_defaults_to_the_training_size():
+    assert resolve_img_size(300, {"img_size": 64}) == 300
+    assert resolve_img_size(None, {"img_size": 64}) == 64
+    assert resolve_img_size(None, {"img_size": [256, 128]}) == 256
+    assert resolve_img_size(None, None) == 512
+    # the Revisited protocol's size (cirtorch / DELG: 1024) unless --img-size says otherwise
+    assert resolve_img_size(None, {"img_size": 512}, "roxford5k") == 1024
+    assert resolve_img_size(512, {"img_size": 512}, "rparis6k") == 512
+    assert resolve_img_size(None, {"img_size": 64}, "synthetic_landmarks") == 64
 
 
 def test_skipped_image_drops_its_row_and_name_together(root, model, tmp_path):
@@ -106,18 +106,18 @@ def test_skipped_image_drops_its_row_and_name_together(root, model, tmp_path):
     copy = tmp_path / "lm"
     shutil.copytree(root, copy)
     ref, names, _, _, _ = embed_dataset(model, "synthetic_landmarks", str(copy), "gallery",
-                                        image_size=48, progress=False)
+                                        img_size=48, progress=False)
     bad = len(names) // 2
     with open(copy / "jpg" / f"{names[bad]}.jpg", "wb") as f:
         f.write(b"not a jpeg")
     stats = {}
     with pytest.warns(UserWarning, match="skipped"):
         got, got_names, labels, _, _ = embed_dataset(
-            model, "synthetic_landmarks", str(copy), "gallery", image_size=48,
+            model, "synthetic_landmarks", str(copy), "gallery", img_size=48,
             on_error="skip", progress=False, batch_size=3, stats=stats)
     assert stats["skipped"] == [bad]
     assert got_names == names[:bad] + names[bad + 1:] and len(labels) == len(got_names)
     np.testing.assert_allclose(got, np.delete(ref, bad, axis=0), atol=1e-5)
     with pytest.raises(Exception, match="cannot decode"):  # the default still fails loudly
-        embed_dataset(model, "synthetic_landmarks", str(copy), "gallery", image_size=48,
+        embed_dataset(model, "synthetic_landmarks", str(copy), "gallery", img_size=48,
                       progress=False)

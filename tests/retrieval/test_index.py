@@ -1,12 +1,15 @@
 """Index folders: exact search equals brute force, add / remove, save / load, refusals."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 from finegrain.retrieval.descriptors import DescriptorMismatch, save_descriptors
 from finegrain.retrieval.index import Index, default_factory
 
-PRE = {"resize": "longest_side", "image_size": 64, "scales": [1.0], "mean": [0.5] * 3,
+PRE = {"resize": "longest_side", "img_size": 64, "scales": [1.0], "mean": [0.5] * 3,
        "std": [0.5] * 3}
 
 
@@ -77,8 +80,8 @@ def test_refuses_other_model_or_preprocessing(tmp_path):
         index.add(other)
     from finegrain.retrieval.descriptors import load_descriptors
     q = _desc(tmp_path / "q", _unit(3, 8, 1), prefix="q",
-              preprocessing={**PRE, "image_size": 512})
-    with pytest.raises(DescriptorMismatch, match="image_size"):
+              preprocessing={**PRE, "img_size": 512})
+    with pytest.raises(DescriptorMismatch, match="img_size"):
         index.search(load_descriptors(q), k=2)
 
 
@@ -90,3 +93,25 @@ def test_default_factory_and_bad_factory(tmp_path):
         Index.build(_desc(tmp_path / "db", _unit(20, 8, 0)), factory="NotAnIndex")
     with pytest.raises(ValueError, match="no search parameter nprobe"):
         Index.build(str(tmp_path / "db"), factory="Flat", nprobe=4)
+
+
+@pytest.mark.parametrize("metric,old_name", [("cosine", "ip"), ("euclidean", "l2")])
+def test_an_index_folder_saying_ip_or_l2_loads_and_searches_alike(tmp_path, metric, old_name):
+    """index.json written before 2026-11-30 says "ip" / "l2": it loads as "cosine" /
+    "euclidean", searches identically, and is written back with today's name."""
+    db, q = _unit(100, 16, 0), _unit(5, 16, 1)
+    new = Index.build(_desc(tmp_path / "db", db), factory="Flat", metric=metric).save(
+        str(tmp_path / "new"))
+    old = str(shutil.copytree(new, tmp_path / "old"))
+    man = json.load(open(f"{old}/index.json"))
+    assert man["metric"] == metric
+    json.dump({**man, "metric": old_name}, open(f"{old}/index.json", "w"))
+    a, b = Index.load(old), Index.load(new)
+    assert a.manifest["metric"] == metric and a.manifest == b.manifest
+    ra, rb = a.search(q, k=10), b.search(q, k=10)
+    np.testing.assert_array_equal(ra.ids, rb.ids)
+    np.testing.assert_array_equal(ra.scores, rb.scores)
+    assert ra.names == rb.names
+    a.remove(["db0"])
+    a.save(old)
+    assert json.load(open(f"{old}/index.json"))["metric"] == metric

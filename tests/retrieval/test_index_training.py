@@ -15,7 +15,7 @@ from finegrain.retrieval.commands import register
 from finegrain.retrieval.descriptors import save_descriptors
 from finegrain.retrieval.index import Index, default_train_size
 
-PRE = {"resize": "longest_side", "image_size": 64, "scales": [1.0], "mean": [0.5] * 3,
+PRE = {"resize": "longest_side", "img_size": 64, "scales": [1.0], "mean": [0.5] * 3,
        "std": [0.5] * 3}
 
 

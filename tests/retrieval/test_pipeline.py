@@ -21,7 +21,7 @@ SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=2, easy_per_landma
                         train_per_landmark=2, extra_train=0)
 # the shared tiny DALG at 64 px, the scale of the generated landmark images
 TINY = {**tiny_kwargs("dalg_deit_tiny_patch16_224"), "num_classes": 4, "img_size": 64}
-PRE = {"resize": "longest_side", "image_size": 64, "scales": [1.0], "mean": [0.5] * 3,
+PRE = {"resize": "longest_side", "img_size": 64, "scales": [1.0], "mean": [0.5] * 3,
        "std": [0.5] * 3}
 # queries cropped to bbx, crops scaled by their full image's factor (what 'embed' records)
 PRE_Q = {**PRE, "crop_query_bbx": True, "crop_scale": "full_image"}
@@ -57,7 +57,7 @@ def test_end_to_end_tiny_model(root, tmp_path):
     model = create_model("dalg_deit_tiny_patch16_224", **TINY)
     out = tmp_path / "eval"
     metrics = retrieval_eval(model, "synthetic_landmarks", root, out=str(out),
-                             extract=ExtractOptions(image_size=64, progress=False),
+                             extract=ExtractOptions(img_size=64, progress=False),
                              picture=PictureOptions("best", queries=2))
     assert set(metrics) == {"easy", "medium", "hard"}
     for m in metrics.values():
@@ -65,7 +65,7 @@ def test_end_to_end_tiny_model(root, tmp_path):
     report = json.loads((out / "retrieval.json").read_text())
     assert report["metrics"] == metrics and report["num_queries"] == 6
     assert report["model_name"] == "dalg_deit_tiny_patch16_224"
-    assert report["preprocessing"]["image_size"] == 64
+    assert report["preprocessing"]["img_size"] == 64
     assert os.path.getsize(out / "top10.png") > 10_000
     best = report["picture_queries"]
     aps = report["ap_medium"]

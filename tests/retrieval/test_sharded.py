@@ -15,8 +15,9 @@ from finegrain.retrieval.extract import embed_dataset, load_checkpoint_model
 from finegrain.retrieval.sharded import embed_sharded, finished_shards, shard_folder
 
 from .test_commands import SMALL, _ckpt, main
+from .test_descriptors import with_old_names
 
-OPTS = dict(image_size=64, num_workers=0, progress=False, accelerator="cpu")
+OPTS = dict(img_size=64, num_workers=0, progress=False, accelerator="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_two_processes_write_the_descriptors_of_one(setup):
     assert not os.path.exists(tmp / "one.manifest.json")
     # the CLI: 2 processes, shards kept with their manifest
     assert main(["embed", ck, "--dataset", "synthetic_landmarks", "--root", root, "--split",
-                 "gallery", "--out", str(tmp / "two"), "--image-size", "64", "--accelerator",
+                 "gallery", "--out", str(tmp / "two"), "--img-size", "64", "--accelerator",
                  "cpu", "--devices", "2", "--strategy", "ddp_spawn", "--num-workers", "0",
                  "--shard-size", "4", "--no-merge"]) == 0
     a, b = load_descriptors(tmp / "one"), load_descriptors(tmp / "two")
@@ -82,7 +83,7 @@ def test_manifest_is_read_as_one_set_by_index_and_retrieval_eval(setup):
     # smaller shards group images differently (float rounding only)
     model, meta, _ = load_checkpoint_model(ck)
     ref, names, _, _, _ = embed_dataset(model, "synthetic_landmarks", root, "gallery",
-                                        image_size=64, meta=meta, batch_size=16, progress=False)
+                                        img_size=64, meta=meta, batch_size=16, progress=False)
     embed_sharded(ck, "synthetic_landmarks", root, "gallery", str(tmp / "whole"), **OPTS)
     assert load_descriptors(tmp / "whole").names == names
     np.testing.assert_array_equal(np.asarray(load_descriptors(tmp / "whole").vectors), ref)
@@ -174,9 +175,9 @@ def test_shards_of_another_extraction_are_refused(setup):
     embed_sharded(ck, "synthetic_landmarks", root, "query", out, shard_size=2, merge=False,
                   **OPTS)
     os.remove(out + ".manifest.json")
-    with pytest.raises(ValueError, match="another extraction .*image_size|preprocessing"):
+    with pytest.raises(ValueError, match="another extraction .*img_size|preprocessing"):
         embed_sharded(ck, "synthetic_landmarks", root, "query", out, shard_size=2,
-                      **{**OPTS, "image_size": 48})
+                      **{**OPTS, "img_size": 48})
     with pytest.raises(ValueError, match="start over"):
         embed_sharded(ck, "synthetic_landmarks", root, "query", out, shard_size=3, **OPTS)
     js = os.path.join(shard_folder(out), "000000.json")
@@ -187,10 +188,16 @@ def test_shards_of_another_extraction_are_refused(setup):
         embed_sharded(ck, "synthetic_landmarks", root, "query", out, shard_size=2, **OPTS)
     with open(js, "w") as f:
         json.dump(meta, f)
+    # shards written before 2026-11-30 say preprocessing.image_size: still the same extraction
+    for f in os.listdir(shard_folder(out)):
+        if f.endswith(".json"):
+            with_old_names(os.path.join(shard_folder(out), f))
+    assert "image_size" in json.load(open(js))["preprocessing"]
     # the same extraction resumes: every shard is finished, only the merge is left
     info = embed_sharded(ck, "synthetic_landmarks", root, "query", out, shard_size=2, **OPTS)
     assert info["computed"] == 0 and info["resumed"] == info["shards"]
     assert len(load_descriptors(out)) == info["count"]
+    assert json.load(open(out + ".json"))["preprocessing"]["img_size"] == 64  # today's name
     assert finished_shards(out, [], {}) == []
 
 

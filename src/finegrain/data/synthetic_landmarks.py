@@ -172,7 +172,7 @@ _VIEWS = {  # tilt (perspective), rotation (rad), zoom range, shift, clutter blo
 }
 
 
-def _image_size(rng: np.random.Generator, cfg: LandmarksConfig) -> tuple[int, int]:
+def _img_size(rng: np.random.Generator, cfg: LandmarksConfig) -> tuple[int, int]:
     long = int(rng.integers(max(cfg.min_size, 80), cfg.max_size + 1))
     short = int(rng.integers(cfg.min_size, long + 1))
     return (long, short) if rng.random() < 0.35 else (short, long)  # (H, W)
@@ -242,7 +242,7 @@ def render_view(sc: Scene, kind: str, rng: np.random.Generator, cfg: LandmarksCo
 
     ``visible`` is the fraction of the image covered by the (unoccluded) building.
     """
-    H, W = _image_size(rng, cfg)
+    H, W = _img_size(rng, cfg)
     x1, y1, x2, y2 = sc.body
     centre = ((x1 + x2) / 2, (y1 + y2) / 2 - 0.05)
     Hm = _junk_homography(rng, H, W, sc) if kind == "junk" else _homography(rng, kind, H, W,

@@ -252,7 +252,9 @@ def compute_distance(
     """Query-gallery distance matrix, the way torchreid's ``compute_distance_matrix`` builds it.
 
     ``"euclidean"`` is the *squared* Euclidean distance ``|q|^2 + |g|^2 - 2 q.g`` (same ranking
-    as Euclidean); ``"cosine"`` is ``1 - cos(q, g)`` on L2-normalised features.
+    as Euclidean); ``"cosine"`` is the distance ``1 - cos(q, g)`` (features L2-normalised
+    here). Both are distances, lower is closer (retrieval's ``"cosine"`` is the similarity
+    ``cos``: the same ranking).
 
     Args:
         q_feats: (Q, D) query features.

@@ -99,7 +99,10 @@ def build_dml_loss(name: str = "multi_similarity", embedding_dim: int | None = N
         name: one of :data:`DML_LOSSES`.
         embedding_dim: embedding size D (proxy losses only).
         num_classes: number of training classes (proxy losses only).
-        distance: ``"cosine"``, ``"euclidean"`` or None for the library default of the loss.
+        distance: ``"cosine"`` (the cosine similarity of the embeddings, pml
+            ``CosineSimilarity``: higher is closer), ``"euclidean"`` (the Euclidean distance
+            ``|z_i - z_j|`` of the L2-normalised embeddings, pml ``LpDistance(p=2)``, not
+            squared: lower is closer) or None for the library default of the loss.
         **kwargs: the loss's own hyper-parameters (``alpha``, ``beta``, ``base``, ``margin``,
             ``pos_margin`` ...), passed to the pml class.
 

@@ -17,6 +17,7 @@ from ..losses.triplet import batch_hard_triplet
 from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
+from .tasks import task_name
 
 
 class Classifier(FinegrainModel):
@@ -26,8 +27,10 @@ class Classifier(FinegrainModel):
         backbone: timm architecture name (``vit_small_patch16_224``, ``resnet50`` ...).
         num_classes: number of training classes / identities.
         img_size: input size (int or (H, W)) for ViTs; position embeddings are sized for it.
-        task: ``"fgvc"`` (CE), ``"reid"`` (CE with label smoothing + batch-hard triplet on the
-            BNNeck features; ``embedding`` returned) or ``"dml"``.
+        task: ``"classification"`` (CE), ``"reid"`` (CE with label smoothing + batch-hard
+            triplet on the BNNeck features; ``embedding`` returned) or ``"dml"``; ``"fgvc"``,
+            the older name of ``"classification"`` (checkpoints before 2026-11-30), is
+            accepted as it.
         label_smoothing: CE label smoothing (0.1 is the Re-ID default).
         triplet_margin: margin of the batch-hard triplet loss (Re-ID).
         drop_path_rate: stochastic depth of the backbone.
@@ -36,10 +39,11 @@ class Classifier(FinegrainModel):
     """
 
     def __init__(self, backbone: str = "vit_small_patch16_224", num_classes: int = 1000,
-                 img_size: int | tuple[int, int] | None = None, task: str = "fgvc",
+                 img_size: int | tuple[int, int] | None = None, task: str = "classification",
                  label_smoothing: float | None = None, triplet_margin: float = 0.3,
                  drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None):
         super().__init__()
+        task = task_name(task, ("classification", "reid", "dml"), "Classifier")
         self.task = task
         self.label_smoothing = (0.1 if task == "reid" else 0.0) if label_smoothing is None \
             else label_smoothing

@@ -75,6 +75,7 @@ from ..losses.uncertainty import UncertaintyWeighting
 from .backbone import create_backbone
 from .explain import AttentionMap
 from .registry import FinegrainModel, build, register_model
+from .tasks import task_name
 
 __all__ = ["DCAL", "GlobalLocalCrossAttention", "attention_rollout_class_row",
            "num_selected", "pwca_attention", "random_derangement", "select_top_patches"]
@@ -278,8 +279,9 @@ class DCAL(FinegrainModel):
         num_classes: classes (FGVC) or training identities (Re-ID).
         img_size: input size, int or (H, W) (448 FGVC, (256, 128) persons); position
             embeddings are sized for it (pretrained ones are resampled on loading).
-        task: ``"fgvc"`` (CE per branch) or ``"reid"`` (CE with label smoothing + batch-hard
-            triplet per branch, ``embedding`` returned).
+        task: ``"classification"`` (CE per branch) or ``"reid"`` (CE with label smoothing +
+            batch-hard triplet per branch, ``embedding`` returned); ``"fgvc"``, the older name
+            of ``"classification"`` (checkpoints before 2026-11-30), is accepted as it.
         top_ratio: fraction R / N of the patches GLCA selects (rounded up); default 0.1 for
             FGVC, 0.3 for Re-ID.
         glca: enable the GLCA branch.
@@ -308,7 +310,7 @@ class DCAL(FinegrainModel):
     pairwise_explain = True  # explain(images, pair=...): PWCA attention over the pair
 
     def __init__(self, backbone: str = "deit_tiny_patch16_224", num_classes: int = 1000,
-                 img_size: int | tuple[int, int] | None = None, task: str = "fgvc",
+                 img_size: int | tuple[int, int] | None = None, task: str = "classification",
                  top_ratio: float | None = None, glca: bool = True, pwca: bool = True,
                  glca_selection: str = "rollout", sa_only: bool = False,
                  w_init: float | dict[str, float] = 0.0, w_lr: float | None = None,
@@ -316,8 +318,7 @@ class DCAL(FinegrainModel):
                  label_smoothing: float | None = None, triplet_margin: float = 0.3,
                  drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None):
         super().__init__()
-        if task not in ("fgvc", "reid"):
-            raise ValueError(f"DCAL task must be 'fgvc' or 'reid', got {task!r}")
+        task = task_name(task, ("classification", "reid"), "DCAL")
         kw = {"drop_path_rate": drop_path_rate, **(backbone_kwargs or {})}
         self.backbone, _ = create_backbone(backbone, img_size, **kw)
         bb = self.backbone

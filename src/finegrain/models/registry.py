@@ -71,7 +71,7 @@ def model_config(name: str, **kwargs) -> dict[str, Any]:
 
 def model_arg(name: str, kwargs: dict | None = None) -> str:
     """``--model.model`` of ``finegrain train`` for a registered name, as JSON:
-    ``["--model.model", model_arg("vit_tiny_patch16_224", {"task": "fgvc"})]``."""
+    ``["--model.model", model_arg("vit_tiny_patch16_224", {"task": "classification"})]``."""
     import json
     return json.dumps(_plain(model_config(name, **(kwargs or {}))))
 

@@ -361,15 +361,15 @@ def inverse_cdf(density: torch.Tensor, out_len: int) -> torch.Tensor:
     return x * (2.0 / n) - 1.0
 
 
-def attention_grid(attention: torch.Tensor, image_size: int | Sequence[int],
+def attention_grid(attention: torch.Tensor, img_size: int | Sequence[int],
                    out_size: int | Sequence[int], max_zoom: float = 4.0,
                    iterations: int = 5, clip: str = "coupled") -> torch.Tensor:
     """The separable sampling grid of an attention map (steps 1 to 3), no gradient, fp32.
 
     Args:
-        attention: (B, h, w) non-negative map, bilinearly upsampled to ``image_size`` first
+        attention: (B, h, w) non-negative map, bilinearly upsampled to ``img_size`` first
             if its size differs.
-        image_size: (H, W) of the image to sample (or an int).
+        img_size: (H, W) of the image to sample (or an int).
         out_size: (h_out, w_out) of the sampled image (or an int).
         max_zoom: zoom cap relative to the uniform resize (first pass when coupled).
         iterations: clipping passes.
@@ -381,7 +381,7 @@ def attention_grid(attention: torch.Tensor, image_size: int | Sequence[int],
         ``[..., 0]`` is x (depends on the column only), ``[..., 1]`` is y (on the row only).
     """
     _check_clip(max_zoom, clip)
-    H, W = _pair(image_size)
+    H, W = _pair(img_size)
     out_h, out_w = _pair(out_size)
     with torch.no_grad(), torch.autocast(attention.device.type, enabled=False):
         a = attention.detach().float()

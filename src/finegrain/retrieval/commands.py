@@ -51,7 +51,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
     if a.runtime == "onnx" or is_export_folder(a.checkpoint):  # an export folder
         model, meta = load_exported(a.checkpoint, a.runtime)
     info = embed_sharded(a.checkpoint, dataset, root, a.split, a.out,
-                         image_size=a.image_size, scales=a.scales, batch_size=a.batch_size,
+                         img_size=a.img_size, scales=a.scales, batch_size=a.batch_size,
                          num_workers=a.num_workers, amp=a.amp, accelerator=accelerator,
                          devices=_devices(devices), strategy=a.strategy,
                          num_nodes=a.num_nodes, shard_size=a.shard_size, merge=a.merge,
@@ -166,7 +166,7 @@ def cmd_retrieval_eval(a: argparse.Namespace) -> int:
     if out is None:
         base = os.path.dirname(os.path.abspath(a.checkpoint)) if a.checkpoint else "."
         out = os.path.join(base, f"retrieval_{a.dataset}")
-    extract = ExtractOptions(scales=tuple(a.scales), image_size=a.image_size,
+    extract = ExtractOptions(scales=tuple(a.scales), img_size=a.img_size,
                              batch_size=a.batch_size, device=a.device,
                              num_workers=a.num_workers, amp=a.amp)
     metrics = retrieval_eval(a.checkpoint, a.dataset, a.root, distractors=a.distractors,
@@ -201,16 +201,29 @@ def _postprocess_options(a: argparse.Namespace, min_rerank_k: int = 0):
                               rerank_k=max(min_rerank_k, a.rerank_k))
 
 
+def _metric(v: str) -> str:
+    """``--metric``: :func:`.search.metric_name` (``ip`` / ``l2`` -> ``cosine`` /
+    ``euclidean``), its message as argparse's."""
+    from .search import metric_name
+    try:
+        return metric_name(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _extraction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="resize factors of the image at the eval size S, descriptors "
                         "averaged then re-normalised (default 1 = single scale; DOLG: "
                         "0.7071 1 1.4142)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--img-size", type=int, default=None,
                    help="longest image side S, aspect ratio kept; query crops scaled by "
                         "their full image's factor (default: 1024 on roxford5k / rparis6k / "
                         "revisitop1m as cirtorch and DELG, 512 the cheaper option; else the "
                         "checkpoint's training size)")
+    # the older name of --img-size, kept for existing command lines (hidden)
+    p.add_argument("--image-size", dest="img_size", type=int, default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward among images of identical size")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -267,7 +280,10 @@ def register(subparsers) -> None:
                         "IVF{~4 sqrt(n)},PQ{D/4}x4fs,RFlat at nprobe 256 (recall@100 >= 0.9 "
                         "on three generated distributions: docs/retrieval.md)")
     b.add_argument("--out", required=True, help="index folder")
-    b.add_argument("--metric", default="ip", choices=("ip", "l2"))
+    b.add_argument("--metric", default="cosine", type=_metric, choices=("cosine", "euclidean"),
+                   help="cosine: inner product of the L2-normalised descriptors (higher is "
+                        "closer); euclidean: squared L2 distance (lower is closer); the older "
+                        "names ip / l2 are accepted")
     b.add_argument("--train-size", type=int, default=None,
                    help="IVF / PQ training sample, drawn at random (default 64 per IVF cell, "
                         "at least 65536; a size >= the count trains on every vector)")

@@ -11,10 +11,15 @@
        "model_name": "dalg_vit_base_patch16_224",
        "checkpoint": "runs/.../best.ckpt",         # informative only
        "checkpoint_hash": "3f2a...",               # sha256 of the checkpoint file, 16 hex
-       "preprocessing": {"resize": "longest_side", "image_size": 512, "scales": [1.0],
+       "preprocessing": {"resize": "longest_side", "img_size": 512, "scales": [1.0],
                          "mean": [...], "std": [...], "crop_query_bbx": true,
                          "crop_scale": "full_image"},   # queries: cirtorch / DELG scale
        "dataset": "roxford5k", "split": "gallery"}
+
+  ``img_size`` is the LONGEST side S of the resized image (aspect ratio kept), not the
+  (H, W) input size of training. Files written before 2026-11-30 say ``"image_size"``
+  there; :func:`read_json` reads them with today's name (:func:`upgrade_meta`, the one place
+  older field names are translated).
 
 **Sharded sets** (``finegrain embed --no-merge``, :mod:`finegrain.retrieval.sharded`):
 ``NAME.manifest.json`` has the fields of ``NAME.json`` plus ``"shards": [{"path", "count"}]``
@@ -42,14 +47,16 @@ from ..errors import InputError, MissingFileError
 __all__ = ["Descriptors", "DescriptorMismatch", "save_descriptors", "load_descriptors",
            "checkpoint_hash", "check_compatible", "descriptor_paths", "signature",
            "COMPARED_PREPROCESSING", "ConcatRows", "descriptor_meta", "manifest_path",
-           "MANIFEST_FORMAT"]
+           "MANIFEST_FORMAT", "read_json", "upgrade_meta"]
 
 FORMAT = "finegrain-descriptors"
 VERSION = 1
 MANIFEST_FORMAT = "finegrain-descriptor-manifest"
 #: Preprocessing fields that must agree between queries and database (``crop_query_bbx`` and
 #: the dataset / split differ legitimately between a query and a gallery file).
-COMPARED_PREPROCESSING = ("resize", "image_size", "scales", "mean", "std")
+COMPARED_PREPROCESSING = ("resize", "img_size", "scales", "mean", "std")
+#: Older names of ``preprocessing`` fields -> today's (files written before 2026-11-30).
+PREPROCESSING_ALIASES = {"image_size": "img_size"}
 
 
 class DescriptorMismatch(InputError):
@@ -234,12 +241,29 @@ def descriptor_meta(count: int, dim: int, names: Sequence[str], labels: Sequence
             "preprocessing": preprocessing, **extra}
 
 
+def upgrade_meta(meta: Any) -> Any:
+    """A descriptor / manifest / shard JSON or index manifest (or the JSON of an index folder)
+    with the field names of today: older names are translated here and nowhere else
+    (:data:`PREPROCESSING_ALIASES`: ``preprocessing.image_size`` -> ``img_size``), so
+    signature checks, resumed extractions and searches treat old and new files alike.
+    Returns ``meta``, changed in place (anything but a dict is returned as is)."""
+    if not isinstance(meta, dict):
+        return meta
+    pre = meta.get("preprocessing")
+    if isinstance(pre, dict) and any(k in pre for k in PREPROCESSING_ALIASES):
+        meta["preprocessing"] = {PREPROCESSING_ALIASES.get(k, k): v for k, v in pre.items()
+                                 if not (k in PREPROCESSING_ALIASES
+                                         and PREPROCESSING_ALIASES[k] in pre)}
+    return meta
+
+
 def read_json(path: str, fix: str) -> Any:
-    """The JSON in ``path``; :class:`~finegrain.errors.InputError` naming the file and ``fix``
-    when it is truncated or not JSON."""
+    """The JSON of a descriptor / manifest / shard file or of an index folder in ``path``,
+    with today's field names (:func:`upgrade_meta`); :class:`~finegrain.errors.InputError`
+    naming the file and ``fix`` when it is truncated or not JSON."""
     try:
         with open(path) as f:
-            return json.load(f)
+            return upgrade_meta(json.load(f))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e}); {fix}") from None
 
@@ -330,7 +354,7 @@ def check_compatible(a: dict[str, Any], b: dict[str, Any], what_a: str = "the in
         raise DescriptorMismatch(
             f"{what_b} do not match {what_a} ({details}); descriptors are only comparable when "
             f"extracted by the same model checkpoint with the same preprocessing: re-run "
-            f"'finegrain embed' with the same checkpoint, --image-size and --scales")
+            f"'finegrain embed' with the same checkpoint, --img-size and --scales")
 
 
 def _norm(v: Any) -> Any:

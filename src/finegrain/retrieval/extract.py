@@ -1,7 +1,7 @@
 """Descriptor extraction for any model whose output has an ``"embedding"``.
 
 Retrieval preprocessing (DESIGN.md): the aspect ratio is kept, the longest side resized to
-``image_size`` (S), ImageNet-style normalisation with the checkpoint's mean / std. Queries
+``img_size`` (S), ImageNet-style normalisation with the checkpoint's mean / std. Queries
 are cropped to their ``bbx`` by the reader and the crop is scaled by its **full image's**
 factor ``S / max(full H, W)`` (cirtorch ``ImagesFromList``: ``imsize * max(crop) /
 imfullsize``; DELG ``resize_factor = max(crop) / max(full)``), so a query is at the scale of
@@ -43,23 +43,26 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 __all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
-           "resolve_image_size", "sample_names", "extraction_dataset", "retrieval_transform", "DEFAULT_IMAGE_SIZE",
-           "PROTOCOL_IMAGE_SIZE"]
+           "resolve_img_size", "sample_names", "extraction_dataset", "retrieval_transform",
+           "DEFAULT_IMG_SIZE", "PROTOCOL_IMG_SIZE"]
 
-DEFAULT_IMAGE_SIZE = 512
+#: Retrieval ``img_size`` is the LONGEST side S of the resized image (aspect ratio kept), not
+#: the (H, W) model input of training; S when neither the caller, the protocol nor the
+#: checkpoint gives one.
+DEFAULT_IMG_SIZE = 512
 #: Longest side of the Revisited protocol's images (cirtorch ``--image-size`` 1024, DELG
 #: ``max_image_size`` 1024: the originals' size); 512 is the common cheaper option.
-PROTOCOL_IMAGE_SIZE = {"roxford5k": 1024, "rparis6k": 1024, "revisitop1m": 1024}
+PROTOCOL_IMG_SIZE = {"roxford5k": 1024, "rparis6k": 1024, "revisitop1m": 1024}
 MULTI_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)  # DOLG / DELG 5-scale setting
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def retrieval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == image_size``, normalised;
-    ``transform(crop, full_size=M)`` scales a query crop by ``image_size / M`` instead
+def retrieval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]):
+    """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == img_size``, normalised;
+    ``transform(crop, full_size=M)`` scales a query crop by ``img_size / M`` instead
     (:class:`finegrain.data.transforms.RetrievalEval`)."""
     from ..data.transforms import RetrievalEval
-    return RetrievalEval(int(image_size), tuple(mean), tuple(std))
+    return RetrievalEval(int(img_size), tuple(mean), tuple(std))
 
 
 class _ExtractionItems(torch.utils.data.Dataset):
@@ -97,19 +100,20 @@ class _ExtractionItems(torch.utils.data.Dataset):
         return {"index": i, "image": tf(img) if tf is not None else img}
 
 
-def resolve_image_size(image_size: int | None, meta: dict | None = None,
-                       dataset: str | None = None) -> int:
-    """The longest side S: ``image_size`` when given, else the protocol's size for
-    ``dataset`` (:data:`PROTOCOL_IMAGE_SIZE`: 1024 for Revisited Oxford / Paris and R1M), else
+def resolve_img_size(img_size: int | None, meta: dict | None = None,
+                     dataset: str | None = None) -> int:
+    """The retrieval ``img_size``: the longest side S of the resized image (the aspect ratio
+    is kept). ``img_size`` when given, else the protocol's size for
+    ``dataset`` (:data:`PROTOCOL_IMG_SIZE`: 1024 for Revisited Oxford / Paris and R1M), else
     the checkpoint's training size (``meta["img_size"]``, the larger side of a pair; the GLDv2
-    recipes train at 512), else :data:`DEFAULT_IMAGE_SIZE` (512)."""
-    if image_size is not None:
-        return int(image_size)
-    if dataset in PROTOCOL_IMAGE_SIZE:
-        return PROTOCOL_IMAGE_SIZE[dataset]
+    recipes train at 512), else :data:`DEFAULT_IMG_SIZE` (512)."""
+    if img_size is not None:
+        return int(img_size)
+    if dataset in PROTOCOL_IMG_SIZE:
+        return PROTOCOL_IMG_SIZE[dataset]
     size = (meta or {}).get("img_size")
     if size is None:
-        return DEFAULT_IMAGE_SIZE
+        return DEFAULT_IMG_SIZE
     return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
 
 
@@ -261,12 +265,12 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
 
 
 def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
-                  image_size: int | None = None, scales: Sequence[float] = (1.0,),
+                  img_size: int | None = None, scales: Sequence[float] = (1.0,),
                   meta: dict | None = None, on_error: str = "raise", **kwargs: Any
                   ) -> tuple[np.ndarray, list[str], list[int], dict, Any]:
     """Build ``dataset_name``/``split`` with the retrieval transform and extract it.
 
-    ``image_size`` None: :func:`resolve_image_size` (1024 on Revisited, else the checkpoint's
+    ``img_size`` None: :func:`resolve_img_size` (1024 on Revisited, else the checkpoint's
     training size).
     ``on_error="skip"``: unreadable images are left out, row and name together.
 
@@ -274,7 +278,7 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
         ``(vectors (N, D), names, labels, preprocessing, dataset)``; ``preprocessing`` is the
         dict stored in the descriptor JSON.
     """
-    ds, preprocessing = extraction_dataset(model, dataset_name, root, split, image_size,
+    ds, preprocessing = extraction_dataset(model, dataset_name, root, split, img_size,
                                            scales, meta, on_error)
     stats = kwargs.pop("stats", None)
     stats = {} if stats is None else stats
@@ -287,18 +291,18 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
 
 
 def extraction_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
-                       image_size: int | None = None, scales: Sequence[float] = (1.0,),
+                       img_size: int | None = None, scales: Sequence[float] = (1.0,),
                        meta: dict | None = None, on_error: str = "raise") -> tuple[Any, dict]:
     """``(dataset with the retrieval transform, preprocessing dict of the descriptor JSON)``
     of ``dataset_name``/``split`` (shared by :func:`embed_dataset` and the sharded
     extraction of :mod:`finegrain.retrieval.sharded`)."""
     from ..data import build_dataset
     mean, std = model_mean_std(model, meta)
-    image_size = resolve_image_size(image_size, meta, dataset_name)
+    img_size = resolve_img_size(img_size, meta, dataset_name)
     ds = build_dataset(dataset_name, root, split, on_error=on_error,
-                       transform=retrieval_transform(image_size, mean, std))
+                       transform=retrieval_transform(img_size, mean, std))
     cropped = bool(split == "query" and getattr(ds, "crop_queries", False))
-    preprocessing = {"resize": "longest_side", "image_size": int(image_size),
+    preprocessing = {"resize": "longest_side", "img_size": int(img_size),
                      "scales": [float(s) for s in scales], "mean": list(mean), "std": list(std),
                      "crop_query_bbx": cropped}
     if cropped:  # the crop is scaled by its full image's factor (cirtorch / DELG)

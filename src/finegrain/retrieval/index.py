@@ -7,8 +7,10 @@ Layout (``finegrain index build DESCRIPTORS --kind FACTORY --out INDEX``)::
         ids.json           {"ids": [...], "names": [...], "labels": [...], "next_id": n,
                             "removed": [...]}   (one entry per searchable vector)
         descriptors.json   the JSON of the descriptor file the index was built from
-        index.json         manifest: factory, metric, mode, dim, count, search parameters,
-                           model_name, checkpoint_hash, preprocessing, files added later,
+        index.json         manifest: factory, metric ("cosine" or "euclidean"; folders written
+                           before 2026-11-30 say "ip" / "l2", read as those two), mode, dim,
+                           count, search parameters, model_name, checkpoint_hash,
+                           preprocessing, files added later,
                            and where the vectors came from: checkpoint (path), dataset,
                            split, root (``finegrain search`` / ``serve`` read them)
 
@@ -59,7 +61,7 @@ import numpy as np
 
 from ..errors import InputError, MissingFileError, UnknownNameError
 from .descriptors import Descriptors, check_compatible, load_descriptors, read_json, signature
-from .search import create_index, set_search_params, train_index
+from .search import create_index, metric_name, set_search_params, train_index
 from .search import search as faiss_search
 
 __all__ = ["Index", "SearchResult", "LARGE_GALLERY_FACTORY", "LARGE_GALLERY_PARAMS",
@@ -152,9 +154,10 @@ def default_factory(n: int, dim: int = 256) -> tuple[str, dict[str, int]]:
 
 
 class SearchResult:
-    """Results of :meth:`Index.search`: ``scores`` (nq, k) float32 (inner products, or squared
-    L2 distances), ``ids`` (nq, k) int64 (``-1``: no result), ``names`` (nq lists of k names,
-    ``None`` for -1)."""
+    """Results of :meth:`Index.search`: ``scores`` (nq, k) float32 (metric ``"cosine"``: inner
+    products of the L2-normalised descriptors, higher is closer; ``"euclidean"``: squared L2
+    distances, lower is closer), ``ids`` (nq, k) int64 (``-1``: no result), ``names`` (nq lists
+    of k names, ``None`` for -1)."""
 
     def __init__(self, scores: np.ndarray, ids: np.ndarray, names: list[list[str | None]]):
         self.scores, self.ids, self.names = scores, ids, names
@@ -232,9 +235,10 @@ class Index:
 
     # ------------------------------------------------------------------ build / save / load
     @classmethod
-    def build(cls, descriptors: Descriptors | str, factory: str = "Flat", metric: str = "ip",
-              train_size: int | None = None, nprobe: int | None = None,
-              ef_search: int | None = None, seed: int = 0) -> "Index":
+    def build(cls, descriptors: Descriptors | str, factory: str = "Flat",
+              metric: str = "cosine", train_size: int | None = None,
+              nprobe: int | None = None, ef_search: int | None = None,
+              seed: int = 0) -> "Index":
         """Train (when the factory needs it) and fill an index from a descriptor file.
 
         Args:
@@ -242,7 +246,10 @@ class Index:
             factory: faiss ``index_factory`` string (``"Flat"``, ``"IVF4096,SQ8"``,
                 ``"HNSW32"``, ``"IVF4096,PQ64x4fs,RFlat"`` ...). ``"auto"``:
                 :func:`default_factory` of the database size.
-            metric: ``"ip"`` (L2-normalised descriptors: cosine) or ``"l2"``.
+            metric: ``"cosine"`` (inner product of the L2-normalised descriptors: their
+                cosine similarity, higher = closer) or ``"euclidean"`` (squared L2 distance,
+                lower = closer); ``"ip"`` / ``"l2"``, the older names, are accepted
+                (:func:`~.search.metric_name`) and stored as today's.
             train_size: train IVF / PQ on this many rows drawn at random (seeded); ``None``:
                 :func:`default_train_size` (64 per IVF cell, at least 65,536), so a 1M
                 gallery is not read whole; a size >= the count trains on every row.
@@ -251,6 +258,7 @@ class Index:
             ef_search: HNSW search depth (stored).
             seed: seed of the training sample.
         """
+        metric = metric_name(metric)
         d = descriptors if isinstance(descriptors, Descriptors) else load_descriptors(descriptors)
         _check_unique(d)
         auto_params: dict[str, int] = {}  # auto's parameters other than nprobe (k_factor_rf)
@@ -316,6 +324,8 @@ class Index:
         manifest = read_json(paths["index.json"], fix)
         if manifest.get("format") != FORMAT:
             raise InputError(f"{paths['index.json']} is not a finegrain index manifest")
+        if "metric" in manifest:  # "ip" / "l2" in folders written before 2026-11-30
+            manifest["metric"] = metric_name(manifest["metric"])
         idmap = read_json(paths["ids.json"], fix)
         source = read_json(paths["descriptors.json"], fix)
         index = faiss.read_index(paths["index.faiss"])

@@ -5,7 +5,7 @@
 1. load the model (``finegrain.models.load_model``) and hash the checkpoint;
 2. extract query descriptors (cropped to ``bbx``, the crop scaled by its full image's factor,
    cirtorch / DELG) and database descriptors with the retrieval preprocessing (longest side
-   ``image_size``, 1024 on Revisited by default; ``scales``; :mod:`.extract`), or read
+   ``img_size``, 1024 on Revisited by default; ``scales``; :mod:`.extract`), or read
    descriptor files matched to the ground truth by image name
    (:func:`align_to_ground_truth`);
 3. optionally append distractor descriptors (``finegrain embed ... revisitop1m``; checked to
@@ -259,7 +259,7 @@ class ExtractOptions:
 
     Args:
         scales: extraction scales (``(1.0,)``: DALG's single scale).
-        image_size: longest side S (None: 1024 on Revisited Oxford / Paris, the protocol's
+        img_size: longest side S (None: 1024 on Revisited Oxford / Paris, the protocol's
             size; else the checkpoint's training size ``meta["img_size"]``; 512 when
             unknown). Query crops are scaled by their full image's factor (cirtorch / DELG).
         batch_size: images per forward among images of identical size.
@@ -270,7 +270,7 @@ class ExtractOptions:
     """
 
     scales: Sequence[float] = (1.0,)
-    image_size: int | None = None
+    img_size: int | None = None
     batch_size: int = 16
     device: str = "cpu"
     num_workers: int = 0
@@ -357,10 +357,10 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         stats_q: dict = {}
         stats_g: dict = {}
         qv, qnames, qlabels, pre_q, _ = embed_dataset(model, dataset, root, "query",
-                                                      ex.image_size, ex.scales, meta=meta,
+                                                      ex.img_size, ex.scales, meta=meta,
                                                       stats=stats_q, **opts)
         gv, gnames, glabels, pre_g, _ = embed_dataset(model, dataset, root, "gallery",
-                                                      ex.image_size, ex.scales, meta=meta,
+                                                      ex.img_size, ex.scales, meta=meta,
                                                       stats=stats_g, **opts)
         timing.update(query_images_per_s=stats_q["images_per_s"],
                       gallery_images_per_s=stats_g["images_per_s"])

@@ -7,9 +7,14 @@ chosen rows in each query's full ranking (Revisited +1M evaluation); ``build_ind
 ``search`` cover approximate indexes for million-image galleries (``"IVF4096,SQ8"``,
 ``"IVF1024,PQ32"``, ``"HNSW32"``, ``"PCA128,IVF1024,Flat"`` ...).
 
-Scores: ``metric="ip"`` returns inner products (higher is better; cosine similarity on
-L2-normalised descriptors), ``metric="l2"`` returns *squared* L2 distances (lower is better),
-as faiss does. Rows are sorted best first; ids are row numbers of the database.
+Metrics (:func:`metric_name`; the names of :mod:`finegrain.evaluation.reid` and the DML
+losses): ``metric="cosine"`` scores ``s = q . x``, the inner product (faiss
+``METRIC_INNER_PRODUCT``), which is the cosine similarity ``cos(q, x)`` of the L2-normalised
+descriptors every extraction writes (vectors are not normalised again here); higher is closer.
+``metric="euclidean"`` scores ``d = |q - x|^2``, the *squared* L2 distance (faiss
+``METRIC_L2``); lower is closer. (``reid.compute_distance``'s ``"cosine"`` is the distance
+``1 - cos``: the same ranking.) ``"ip"`` / ``"l2"``, faiss's names used before 2026-11-30,
+are accepted as aliases. Rows are sorted best first; ids are row numbers of the database.
 """
 
 from __future__ import annotations
@@ -23,9 +28,14 @@ import torch
 from ..errors import InputError
 
 __all__ = ["knn", "blockwise_knn", "database_rows", "create_index", "train_index",
-           "set_search_params", "build_index", "search"]
+           "set_search_params", "build_index", "search", "metric_name", "METRIC_ALIASES"]
 
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+#: ``"cosine"``: inner product of L2-normalised descriptors (higher = closer);
+#: ``"euclidean"``: squared L2 distance (lower = closer).
+_METRICS = {"cosine": faiss.METRIC_INNER_PRODUCT, "euclidean": faiss.METRIC_L2}
+#: Older names (faiss's) -> today's: accepted wherever a metric is passed or read back
+#: (``index.json`` files written before 2026-11-30 say ``"ip"``).
+METRIC_ALIASES = {"ip": "cosine", "l2": "euclidean"}
 
 
 def _as_float32(x: Any, name: str) -> np.ndarray:
@@ -40,10 +50,23 @@ def _as_float32(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def metric_name(metric: str) -> str:
+    """The metric's name today: ``"cosine"`` or ``"euclidean"`` (module docstring), with the
+    older ``"ip"`` / ``"l2"`` translated; the one place retrieval metric names are checked.
+
+    Raises:
+        InputError (a ValueError): any other value; the message names the accepted ones.
+    """
+    name = METRIC_ALIASES.get(metric, metric) if isinstance(metric, str) else metric
+    if name not in _METRICS:
+        raise InputError(f"metric must be 'cosine' (inner product of L2-normalised "
+                         f"descriptors) or 'euclidean' (squared L2 distance); the older names "
+                         f"'ip' / 'l2' mean the same; got {metric!r}")
+    return name
+
+
 def _metric(metric: str) -> int:
-    if metric not in _METRICS:
-        raise InputError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    return _METRICS[metric]
+    return _METRICS[metric_name(metric)]
 
 
 def _chunked_search(
@@ -66,7 +89,7 @@ def knn(
     queries: np.ndarray | torch.Tensor,
     database: np.ndarray | torch.Tensor | None,
     k: int,
-    metric: str = "ip",
+    metric: str = "cosine",
     index: faiss.Index | None = None,
     chunk_size: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +99,10 @@ def knn(
         queries: (nq, D) query descriptors.
         database: (nb, D) database descriptors; may be None when ``index`` is given.
         k: neighbours per query; clipped to the database size.
-        metric: ``"ip"`` (inner product, higher = closer) or ``"l2"`` (squared L2, lower =
-            closer). Ignored when ``index`` is given (the index has its own).
+        metric: ``"cosine"`` (inner product ``q . x``: the cosine similarity of L2-normalised
+            vectors, higher = closer) or ``"euclidean"`` (squared L2 ``|q - x|^2``, lower =
+            closer); ``"ip"`` / ``"l2"`` are the older names. Ignored when ``index`` is given
+            (the index has its own).
         index: an already filled faiss index to search instead of building a flat one.
         chunk_size: queries searched per call (bounds the (chunk, nb) score buffer).
 
@@ -250,13 +275,13 @@ class _Targets:
         return out
 
 
-def create_index(dim: int, factory: str, metric: str = "ip") -> faiss.Index:
+def create_index(dim: int, factory: str, metric: str = "cosine") -> faiss.Index:
     """An empty faiss index from an ``index_factory`` string.
 
     Args:
         dim: descriptor dimension D.
         factory: faiss factory string (``"Flat"``, ``"IVF4096,SQ8"``, ``"HNSW32"`` ...).
-        metric: ``"ip"`` or ``"l2"``.
+        metric: ``"cosine"`` or ``"euclidean"`` (:func:`metric_name`).
 
     Raises:
         InputError: unknown metric, or a factory string faiss refuses (its reason quoted).
@@ -321,7 +346,7 @@ def _given(nprobe: int | None, ef_search: int | None) -> dict[str, int]:
 def build_index(
     database: np.ndarray | torch.Tensor,
     factory: str = "Flat",
-    metric: str = "ip",
+    metric: str = "cosine",
     train_size: int | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
@@ -338,7 +363,7 @@ def build_index(
         database: (nb, D) descriptors to add (ids = row numbers).
         factory: faiss factory string, e.g. ``"Flat"``, ``"IVF4096,SQ8"``, ``"IVF1024,PQ32"``,
             ``"HNSW32"``, ``"PCA128,IVF1024,Flat"``.
-        metric: ``"ip"`` or ``"l2"``.
+        metric: ``"cosine"`` or ``"euclidean"`` (:func:`metric_name`).
         train_size: train on this many rows drawn at random (seeded) instead of all of them
             (IVF / PQ training on 1M+ vectors); ignored by indexes that need no training.
         nprobe: IVF cells visited per query (stored in the index).

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import InputError, nonfinite_outputs
 from .descriptors import (FORMAT, MANIFEST_FORMAT, descriptor_meta, descriptor_paths,
-                          manifest_path, read_json)
+                          manifest_path, read_json, upgrade_meta)
 from .extract import _embed_batch, _ExtractionItems
 
 __all__ = ["embed_sharded", "shard_plan", "shard_folder", "finished_shards", "write_manifest",
@@ -103,7 +103,7 @@ def finished_shards(out: str, plan: Sequence[tuple[int, int, int]], expected: di
             continue
         try:
             with open(base + ".json") as f:
-                meta = json.load(f)
+                meta = upgrade_meta(json.load(f))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue  # not finished: computed again
         want = _norm({**expected, "start": a, "stop": b})
@@ -119,7 +119,7 @@ def finished_shards(out: str, plan: Sequence[tuple[int, int, int]], expected: di
             raise InputError(
                 f"{base}.json belongs to another extraction ({k}: {meta.get(k)!r} there, "
                 f"{want.get(k)!r} now); resume with the same checkpoint, dataset, split, "
-                f"--image-size, --scales and --shard-size, or delete {shard_folder(out)} to "
+                f"--img-size, --scales and --shard-size, or delete {shard_folder(out)} to "
                 f"start over")
         try:
             shape = np.load(base + ".npy", mmap_mode="r").shape
@@ -324,7 +324,7 @@ def merge_shards(out: str, remove: bool = True) -> tuple[str, str]:
 
 
 def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: str, out: str,
-                  image_size: int | None = None, scales: Sequence[float] = (1.0,),
+                  img_size: int | None = None, scales: Sequence[float] = (1.0,),
                   batch_size: int = 16, num_workers: int | None = None, amp: bool = False,
                   accelerator: str = "auto", devices: Any = 1, strategy: str = "auto",
                   num_nodes: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -351,7 +351,7 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
     model.eval()
     if not scales:
         raise InputError("scales is empty; use (1.0,) for single-scale extraction")
-    ds, pre = extraction_dataset(model, dataset_name, root, split, image_size, scales, meta,
+    ds, pre = extraction_dataset(model, dataset_name, root, split, img_size, scales, meta,
                                  on_error)
     plan = shard_plan(len(ds), shard_size)
     if not plan:
