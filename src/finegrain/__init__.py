@@ -3,10 +3,11 @@ cross-image attention DML) on one data / training / evaluation / search pipeline
 
 __version__ = "0.1.0"
 
-from .models import create_model, list_models  # noqa: E402
+from .meta import ModelMeta, read_meta  # noqa: E402
+from .models import create_model, list_models, load_model  # noqa: E402
 
-__all__ = ["create_model", "list_models", "load", "Searcher", "predict", "evaluate_checkpoint",
-           "explain", "__version__"]
+__all__ = ["create_model", "list_models", "load_model", "ModelMeta", "read_meta", "load",
+           "Searcher", "predict", "evaluate_checkpoint", "explain", "__version__"]
 
 
 def __getattr__(name: str):

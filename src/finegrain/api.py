@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, MissingFileError
+from .meta import ModelMeta
 
 __all__ = ["load", "Searcher", "Hit", "QueryResult", "decode_image_bytes", "ImageTooLarge",
            "DEFAULT_MAX_PIXELS"]
@@ -40,14 +41,14 @@ class ImageTooLarge(InputError):
     """An image has more pixels than the limit (decoding it would exhaust memory)."""
 
 
-def load_with_meta(path: str, device: str = "cpu") -> tuple[Any, dict, str | None]:
-    """``(model, meta, checkpoint hash or None)`` of a checkpoint or an export folder (read by
-    :func:`finegrain.runtime.load_exported`)."""
+def load_with_meta(path: str, device: str = "cpu") -> tuple[Any, ModelMeta, str | None]:
+    """``(model, its ModelMeta, checkpoint hash or None)`` of a checkpoint or an export folder
+    (read by :func:`finegrain.runtime.load_exported`)."""
     from .runtime import is_export_folder, load_exported
     path = os.fspath(path)
     if is_export_folder(path):
         fn, meta = load_exported(path)
-        return fn, dict(meta), meta.get("checkpoint_hash")
+        return fn, meta, meta.checkpoint_hash
     from .retrieval.extract import load_checkpoint_model
     return load_checkpoint_model(path, device)
 
@@ -58,11 +59,7 @@ def load(path: str, device: str = "cpu") -> tuple[Any, Any]:
     normalised input of the model's evaluation protocol (``finegrain predict``'s)."""
     from .inference import eval_transform
     model, meta, _ = load_with_meta(path, device)
-    try:
-        return model, eval_transform(meta)
-    except KeyError as e:
-        raise InputError(f"{path} does not record its preprocessing ({e.args[0]} missing); "
-                         f"export or train it again with this finegrain") from None
+    return model, eval_transform(meta)
 
 
 def decode_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -353,8 +350,8 @@ class Searcher:
         x = eval_transform(self.meta)(self._decode(image)[1])[None]
         with self._lock, torch.no_grad():
             maps = self.model.explain(x.to(self.device))
-        return self._picture(lambda p: save_explain(x, maps, p, self.meta["mean"],
-                                                    self.meta["std"], titles=[title]))
+        return self._picture(lambda p: save_explain(x, maps, p, self.meta.mean,
+                                                    self.meta.std, titles=[title]))
 
     def explain_pair(self, image: Any, gallery_id: int, title: str = "query") -> bytes:
         """PNG of where the query attends in a gallery image, with their cosine similarity
@@ -374,6 +371,6 @@ class Searcher:
         top = f"{title} vs {name}"
         if emb is not None:
             top += f": cosine similarity {float(F.cosine_similarity(emb[:1], emb[1:])):.3f}"
-        return self._picture(lambda p: save_explain(x, maps, p, self.meta["mean"],
-                                                    self.meta["std"], titles=[title],
+        return self._picture(lambda p: save_explain(x, maps, p, self.meta.mean,
+                                                    self.meta.std, titles=[title],
                                                     pair_images=px, suptitle=top))

@@ -305,7 +305,7 @@ def _explain_picture(entry: DemoEntry, run_dir: str, out_png: str) -> str | None
         return None
     data = entry.arms[entry.explain_arm]["data"]
     kw = data.get("dataset_kwargs", {})
-    split = {"reid": "query", "retrieval": "query"}.get(meta.get("task"), "test")
+    split = {"reid": "query", "retrieval": "query"}.get(meta.task, "test")
     ds = build_dataset(data["dataset"], data.get("root"), split, **kw)
     if entry.explain_pair:
         gallery = build_dataset(data["dataset"], data.get("root"), "gallery", **kw)

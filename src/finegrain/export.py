@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from .errors import FinegrainError, InputError, MissingFileError, require
+from .meta import ModelMeta
 
 FORMATS = ("onnx", "exported", "timm")
 MODEL_FILES = {"onnx": "model.onnx", "exported": "model.pt2", "timm": "backbone.safetensors"}
@@ -68,29 +69,28 @@ class _OutputTuple(nn.Module):
 
 
 # ---- the inference model ----------------------------------------------------------------
-def inference_model(model: nn.Module, meta: dict) -> tuple[nn.Module, dict]:
-    """An eval-mode copy of ``model`` without its training-only branch, and its ``meta``.
+def inference_model(model: nn.Module, meta: ModelMeta) -> tuple[nn.Module, ModelMeta]:
+    """An eval-mode copy of ``model`` without its training-only branch, and its record.
 
     Cross-image models drop ``cross`` (the conditional embedding: training only, never at test
     time) and record ``cross_attention=False``, so ``weights.safetensors`` + ``model.json``
     rebuild exactly this model.
     """
+    from .models.registry import with_model_args
     model = copy.deepcopy(model).eval()
-    kwargs = dict(meta.get("model_kwargs") or {})
-    if meta.get("model_name", "").startswith("cross_image_") and \
-            getattr(model, "cross", None) is not None:
+    if meta.model_name.startswith("cross_image_") and getattr(model, "cross", None) is not None:
         model.cross = None
-        kwargs["cross_attention"] = False
-    return model, {**meta, "model_kwargs": kwargs}
+        meta = with_model_args(meta, cross_attention=False)
+    return model, meta
 
 
-def input_size(meta: dict) -> tuple[int, int]:
+def input_size(meta: ModelMeta) -> tuple[int, int]:
     """(H, W) the model is exported for: the checkpoint's ``img_size``."""
-    s = meta["img_size"]
+    s = meta.img_size
     return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
-def preprocessing(meta: dict) -> dict:
+def preprocessing(meta: ModelMeta) -> dict:
     """The evaluation transform of ``meta`` (``finegrain predict``'s) as plain data: the ops in
     order (resize, crop, scaling to [0, 1], normalisation), then the input layout."""
     from torchvision.transforms import v2
@@ -114,7 +114,7 @@ def preprocessing(meta: dict) -> dict:
             raise InputError(f"preprocessing: no JSON form for {type(t).__name__}; describe it "
                              f"in finegrain/export.py:preprocessing")
     H, W = input_size(meta)
-    return {"task": meta.get("task", "classification"), "steps": steps,
+    return {"task": meta.task, "steps": steps,
             "input": {"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB",
                       "dtype": "float32", "height": H, "width": W, "batch": "dynamic"}}
 
@@ -159,7 +159,7 @@ def write_exported(module: nn.Module, example: torch.Tensor, path: str) -> None:
     torch.export.save(program, path)
 
 
-def backbone_timm_args(meta: dict) -> tuple[nn.Module, str, dict]:
+def backbone_timm_args(meta: ModelMeta) -> tuple[nn.Module, str, dict]:
     """``(backbone, timm name, timm.create_model kwargs)`` of ``meta``'s model: the model is
     rebuilt once with ``timm.create_model`` recorded, and the call that made ``.backbone``
     gives the exact arguments (tiny test configurations, ``dynamic_img_size`` ...)."""
@@ -175,17 +175,17 @@ def backbone_timm_args(meta: dict) -> tuple[nn.Module, str, dict]:
         return m
 
     with mock.patch.object(timm, "create_model", record):
-        model = create_model(meta["model_name"], **(meta.get("model_kwargs") or {}))
+        model = create_model(meta.model_name, **meta.model_kwargs)
     backbone = getattr(model, "backbone", None)
     for m, name, kwargs in calls:
         if m is backbone:
             kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
             return backbone, name, kwargs
-    raise InputError(f"{meta['model_name']} has no timm backbone (.backbone) to export; "
+    raise InputError(f"{meta.model_name} has no timm backbone (.backbone) to export; "
                      f"use --format onnx or exported")
 
 
-def write_timm(model: nn.Module, meta: dict, out: str) -> dict:
+def write_timm(model: nn.Module, meta: ModelMeta, out: str) -> dict:
     """``backbone.safetensors`` (timm key names, no ``backbone.`` prefix) and ``timm.json``
     (``model_name``, ``kwargs`` of ``timm.create_model``); returns the ``timm.json`` dict."""
     from safetensors.torch import save_file
@@ -216,7 +216,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 # ---- parity -----------------------------------------------------------------------------
-def parity_images(meta: dict, images: list[str] | None = None, num_images: int = 16
+def parity_images(meta: ModelMeta, images: list[str] | None = None, num_images: int = 16
                   ) -> tuple[torch.Tensor, str]:
     """``(normalised batch (N, 3, H, W), where it came from)``. ``images``: files or folders
     (every image under them, sorted); None: the test split of a generated CUB-layout dataset
@@ -338,9 +338,10 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
     from .retrieval.descriptors import checkpoint_hash
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    from .models.registry import with_model_args
     model, meta = load_model(checkpoint, **(model_overrides or {}))
-    meta = {**meta, "model_kwargs": {**(meta.get("model_kwargs") or {}),
-                                     **(model_overrides or {})}}
+    ck_hash = checkpoint_hash(checkpoint) if os.path.isfile(checkpoint) else None
+    meta = with_model_args(meta, **(model_overrides or {})).replace(checkpoint_hash=ck_hash)
     model, meta = inference_model(model, meta)
     H, W = input_size(meta)
     os.makedirs(out, exist_ok=True)
@@ -360,18 +361,17 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
         keys = ["features"]
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
               os.path.join(out, "weights.safetensors"))
-    _write_json(os.path.join(out, "model.json"), meta)
+    _write_json(os.path.join(out, "model.json"), meta.to_dict())
     _write_json(os.path.join(out, "preprocess.json"), preprocessing(meta))
     _write_json(os.path.join(out, "export.json"), {
         "format": fmt, "file": MODEL_FILES[fmt], "input": INPUT_NAME, "outputs": keys,
         "input_size": [H, W], "dynamic": {"batch": True, "height": False, "width": False},
         "dtype": "float32", "checkpoint": os.path.abspath(checkpoint),
-        "checkpoint_hash": checkpoint_hash(checkpoint) if os.path.isfile(checkpoint) else None,
-        "model_name": meta["model_name"], "torch": torch.__version__,
+        "checkpoint_hash": ck_hash, "model_name": meta.model_name, "torch": torch.__version__,
         "model_overrides": dict(model_overrides or {})})
     x, source = parity_images(meta, images, num_images)
     report = {**check_parity(out, model, x, fmt, tolerance), "image_source": source,
-              "model_name": meta["model_name"]}
+              "model_name": meta.model_name}
     _write_json(os.path.join(out, "parity.json"), report)
     if not report["passed"]:
         bad = [f"{k} ({r['rel_max']:.2e})" for k, r in report["outputs"].items()

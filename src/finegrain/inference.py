@@ -8,25 +8,24 @@ from __future__ import annotations
 import os
 
 from .errors import InputError, nonfinite_outputs
+from .meta import ModelMeta, read_meta
 
 __all__ = ["eval_transform", "evaluate_checkpoint", "explain", "explain_paths", "load_images",
            "predict", "reid_distances", "reid_metrics"]
 
 
 # ---- predict ----------------------------------------------------------------------------
-def eval_transform(meta: dict):
-    """The evaluation transform of a checkpoint's ``meta`` (uint8 (3, H, W) -> normalised
+def eval_transform(meta: ModelMeta | dict):
+    """The evaluation transform of a checkpoint's record (uint8 (3, H, W) -> normalised
     (3, h, w)): its task's protocol at its image size."""
     from .data.transforms import build_transform
-    task = meta.get("task", "classification")
-    if task == "retrieval":  # a batch of pictures: a plain resize, not the longest side
-        task = "reid"
-    return build_transform(task, False, meta["img_size"],
-                           meta.get("resize_size"), tuple(meta["mean"]), tuple(meta["std"]),
-                           resize_mode=meta.get("resize_mode", "square"))
+    meta = read_meta(meta, "eval_transform", require_model=False)
+    task = "reid" if meta.task == "retrieval" else meta.task  # retrieval: a plain resize
+    return build_transform(task, False, meta.img_size, meta.resize_size, meta.mean, meta.std,
+                           resize_mode=meta.resize_mode)
 
 
-def load_images(paths: list[str], meta: dict):
+def load_images(paths: list[str], meta: ModelMeta | dict):
     """(B, 3, h, w): the image files ``paths`` through :func:`eval_transform`."""
     import torch
     from .data.datasets.base import read_image
@@ -51,12 +50,12 @@ def predict(checkpoint: str, images: list[str], topk: int = 5,
     else:
         from .models.registry import load_model
         model, meta = load_model(checkpoint)
-    task = meta.get("task", "classification")
+    task = meta.task
     if task != "classification":
         raise InputError(f"{checkpoint} is a {task} model: its classes are the training "
                          f"identities, not answers about new images; compare images by their "
                          f"embeddings instead (`finegrain embed`, then `finegrain index search`)")
-    names = meta.get("class_names") or [str(i) for i in range(10 ** 6)]
+    names = meta.class_names
     with torch.no_grad():
         probs = model(load_images(images, meta))["logits"].float().softmax(-1)
     bad = int((~torch.isfinite(probs).all(1)).sum())
@@ -64,8 +63,9 @@ def predict(checkpoint: str, images: list[str], topk: int = 5,
         raise nonfinite_outputs(checkpoint, bad, len(images), "probabilities")
     k = min(topk, probs.shape[1])
     p, i = probs.topk(k, dim=1)
-    return [{"image": img, "top": [{"class": names[int(c)], "index": int(c), "prob": float(q)}
-                                   for q, c in zip(p[b], i[b])]} for b, img in enumerate(images)]
+    return [{"image": img, "top": [{"class": names[c] if c < len(names) else str(c), "index": c,
+                                    "prob": float(q)} for q, c in zip(p[b], i[b].tolist())]}
+            for b, img in enumerate(images)]
 
 
 
@@ -95,23 +95,22 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     sd, meta = read_weights(checkpoint)  # one read: weights (``model.`` stripped) and meta
     if meta is None:
         load_checkpoint_meta(checkpoint)  # raises, naming what is missing
-    if meta.get("task") == "retrieval":
+    if meta.task == "retrieval":
         raise InputError(f"{checkpoint} is a retrieval model: evaluate it with `finegrain "
                          f"retrieval eval {checkpoint} --dataset NAME --root DIR`")
-    if (rerank or aqe or visrank) and meta.get("task") != "reid":
+    if (rerank or aqe or visrank) and meta.task != "reid":
         raise InputError(f"--rerank, --aqe and --visrank are for Re-ID checkpoints; "
-                         f"{checkpoint} is a {meta.get('task')} model")
+                         f"{checkpoint} is a {meta.task} model")
     from .models.registry import model_from_meta
     module = FinegrainModule(model_from_meta(meta, checkpoint, **(model_overrides or {})))
     module.model.load_state_dict(sd)
     module.set_data_meta(meta)
-    data = {"dataset": meta["dataset"], "img_size": meta["img_size"],
-            "resize_size": meta.get("resize_size"), "mean": tuple(meta["mean"]),
-            "resize_mode": meta.get("resize_mode", "square"),
-            "std": tuple(meta["std"]), "num_workers": 2, "batch_size": 64,
-            "dataset_kwargs": meta.get("dataset_kwargs")}
+    data = {"dataset": meta.dataset, "img_size": meta.img_size,
+            "resize_size": meta.resize_size, "mean": meta.mean, "resize_mode": meta.resize_mode,
+            "std": meta.std, "num_workers": 2, "batch_size": 64,
+            "dataset_kwargs": meta.dataset_kwargs}
     overrides = dict(overrides or {})
-    if overrides.get("dataset", meta["dataset"]) != meta["dataset"]:
+    if overrides.get("dataset", meta.dataset) != meta.dataset:
         # another dataset: the training set's reader arguments are not its arguments
         data["dataset_kwargs"] = None
     data.update(overrides)
@@ -195,16 +194,16 @@ def explain_paths(out: str, images: bool, pair: bool) -> tuple[str | None, str |
             os.path.join(out, "explain_pair.png") if pair else None)
 
 
-def _captions(model, x, meta: dict) -> tuple:
+def _captions(model, x, meta: ModelMeta) -> tuple:
     """(captions, embeddings): the predicted class and its probability of each image
     (classifiers, else None), and the embeddings (models that retrieve, else None)."""
     import torch
     with torch.no_grad():
         out = model(x)
     emb = out.get("embedding")
-    if meta.get("task", "classification") != "classification" or "logits" not in out:
+    if meta.task != "classification" or "logits" not in out:
         return None, emb
-    names = meta.get("class_names") or []
+    names = meta.class_names
     p, i = out["logits"].float().softmax(-1).max(-1)
     return [f"{names[int(c)] if int(c) < len(names) else int(c)}: {100 * float(q):.1f}%"
             for q, c in zip(p, i)], emb
@@ -224,14 +223,14 @@ def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None
     from .visualize import save_explain
     model, meta = loaded if loaded is not None else load_model(checkpoint)
     if not hasattr(model, "explain"):
-        raise InputError(f"{meta['model_name']} has no attention to explain (plain baseline); "
+        raise InputError(f"{meta.model_name} has no attention to explain (plain baseline); "
                          f"use a DCAL, TASN, DALG or cross-image checkpoint")
     if pair and len(pair) != 2:
         raise InputError("--pair takes two images: A B")
     if not images and not pair:
         raise InputError("explain: give one or more images, or --pair A B")
     if pair and not getattr(model, "pairwise_explain", False):
-        raise InputError(f"{meta.get('model_name', type(model).__name__)} has no pair-wise "
+        raise InputError(f"{meta.model_name or type(model).__name__} has no pair-wise "
                          f"attention map, so --pair has nothing to draw: explain its images "
                          f"without --pair (DCAL and cross-image checkpoints draw pairs)")
     img_path, pair_path = explain_paths(out, bool(images), bool(pair))
@@ -241,7 +240,7 @@ def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None
         caps, _ = _captions(model, x, meta)
         with torch.no_grad():
             maps = model.explain(x)
-        written.append(save_explain(x, maps, img_path, meta["mean"], meta["std"],
+        written.append(save_explain(x, maps, img_path, meta.mean, meta.std,
                                     titles=[os.path.basename(p) for p in images],
                                     captions=caps))
     if pair:
@@ -256,7 +255,7 @@ def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None
             top = f"{os.path.basename(pair[1])}: {caps[1]}"
         with torch.no_grad():
             maps = model.explain(x, pair=px)
-        written.append(save_explain(x, maps, pair_path, meta["mean"], meta["std"],
+        written.append(save_explain(x, maps, pair_path, meta.mean, meta.std,
                                     titles=[os.path.basename(pair[0])], pair_images=px,
                                     captions=caps[:1] if caps else None, suptitle=top))
     return written

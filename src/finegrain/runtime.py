@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError, MissingFileError, require
+from .meta import ModelMeta
 
 RUNTIMES = ("onnx", "torch")
 _FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
@@ -81,23 +82,20 @@ class ExportedModel(nn.Module):
         return dict(zip(self.keys, self.program(images.float())))
 
 
-def load_exported(folder: str, runtime: str | None = None) -> tuple[ExportedModel, dict]:
+def load_exported(folder: str, runtime: str | None = None) -> tuple[ExportedModel, ModelMeta]:
     """``(callable model, meta)`` of an export folder. ``runtime``: ``"onnx"`` or ``"torch"``;
-    None picks the folder's format. ``meta`` is the checkpoint's (``model.json``: class names,
-    input size, normalisation, task) with ``export`` (``export.json``), ``preprocess`` and
-    ``checkpoint_hash`` (the exported checkpoint's: descriptors of both match)."""
+    None picks the folder's format. ``meta`` is the checkpoint's record (``model.json``: class
+    names, input size, normalisation, task) with the exported checkpoint's
+    ``checkpoint_hash`` (descriptors of both match); ``model.info`` is ``export.json``."""
     if not is_export_folder(folder):
         raise MissingFileError(f"{folder} is not an export folder (no export.json); write one "
                                f"with `finegrain export CHECKPOINT --format onnx --out {folder}`")
-    with open(os.path.join(folder, "model.json")) as f:
-        meta = json.load(f)
+    from .models.weights import read_model_json
+    meta = read_model_json(os.path.join(folder, "model.json"))
     model = ExportedModel(folder, runtime or _default_runtime(folder))
-    preprocess = os.path.join(folder, "preprocess.json")
-    if os.path.isfile(preprocess):
-        with open(preprocess) as f:
-            meta["preprocess"] = json.load(f)
-    return model.eval(), {**meta, "export": model.info,
-                          "checkpoint_hash": model.info.get("checkpoint_hash")}
+    if meta.checkpoint_hash is None:  # folders exported before the record held it
+        meta = meta.replace(checkpoint_hash=model.info.get("checkpoint_hash"))
+    return model.eval(), meta
 
 
 def _default_runtime(folder: str) -> str:

@@ -163,8 +163,8 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
     @app.get("/health", response_model=Health)
     def health():
         """Whether the server is up, and what it searches."""
-        return Health(status="ok", images=len(s), model_name=str(s.meta.get("model_name")),
-                      task=str(s.meta.get("task", "")), dim=int(s.index.manifest["dim"]),
+        return Health(status="ok", images=len(s), model_name=s.meta.model_name,
+                      task=s.meta.task, dim=int(s.index.manifest["dim"]),
                       explain=s.can_explain, explain_pair=s.can_explain_pair, k_max=k_max)
 
     @app.post("/search", response_model=SearchResponse,
@@ -204,7 +204,7 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
         """Why a result matches: the query's pair-wise attention over it (Re-ID models)."""
         _check_multipart(request)
         if not s.can_explain_pair:
-            raise HTTPException(400, f"{s.meta.get('model_name')} draws no pair-wise "
+            raise HTTPException(400, f"{s.meta.model_name} draws no pair-wise "
                                      f"attention (DCAL Re-ID and cross-image models do)")
         try:
             name, img, gid = _query(image, gallery_id)

@@ -14,13 +14,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from finegrain import create_model, list_models
 from finegrain.cli import main
 from finegrain.data.synthetic import FGVCConfig, generate_cub
 from finegrain.export import ParityError, compare_outputs, export
 from finegrain.inference import predict
-from finegrain.models.registry import load_model
+from finegrain.models.registry import config_meta, load_model
 from finegrain.models.tiny import family, tiny_kwargs
 from finegrain.runtime import load_exported
 
@@ -33,9 +34,9 @@ def _checkpoint(tmp, name: str, **kw) -> str:
     torch.manual_seed(0)
     kwargs = {**tiny_kwargs(name), **kw, "num_classes": 4}
     model = create_model(name, **kwargs)
-    meta = {"model_name": name, "model_kwargs": kwargs, "img_size": 32, "mean": [0.5] * 3,
+    meta = {**config_meta(model.finegrain_config), "img_size": 32, "mean": [0.5] * 3,
             "std": [0.25] * 3, "task": TASKS.get(family(name), "classification"),
-            "class_names": ["a", "b", "c", "d"], "dataset": "synthetic_fgvc"}
+            "class_names": ["a", "b", "c", "d"], "dataset": "synthetic_fgvc"}  # as training
     path = tmp / f"{name}{''.join(f'-{k}' for k in kw)}.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "finegrain_meta": meta}, path)
@@ -82,7 +83,7 @@ def test_export_matches_pytorch(exports, case):
     _check_report(report, out, fmt)
     model, meta = load_model(ckpt, **({"sa_only": True} if case == "dcal_sa_only" else {}))
     exported, emeta = load_exported(str(out))
-    assert emeta["class_names"] == meta["class_names"]
+    assert emeta.class_names == meta.class_names and emeta.checkpoint_hash is not None
     for batch in (1, 3):
         x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
@@ -91,7 +92,7 @@ def test_export_matches_pytorch(exports, case):
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-4 * ref[k].abs().max())
     steps = json.loads((out / "preprocess.json").read_text())["steps"]
-    crop = [] if meta["task"] == "retrieval" else ["center_crop"]  # a batch: plain resize
+    crop = [] if meta.task == "retrieval" else ["center_crop"]  # a batch: plain resize
     assert [s["op"] for s in steps] == ["resize", *crop, "to_float", "normalize"]
     assert steps[-1] == {"op": "normalize", "mean": [0.5] * 3, "std": [0.25] * 3}
 
@@ -117,7 +118,8 @@ def test_cross_image_export_has_no_conditional_branch(exports):
     assert not [k for k in program.state_dict if k.startswith("model.cross.")]
     # the weights beside the export rebuild the inference model alone
     model, meta = load_model(str(out / "weights.safetensors"))
-    assert model.cross is None and meta["model_kwargs"]["cross_attention"] is False
+    assert model.cross is None and meta.model_kwargs["cross_attention"] is False
+    assert yaml.safe_load(meta.model_config)["init_args"]["cross_attention"] is False
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x)["embedding"], load_model(ckpt)[0](x)["embedding"])

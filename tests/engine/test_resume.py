@@ -65,7 +65,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path):
     assert ck["global_step"] == 9
     meta = ck["finegrain_meta"]
     assert meta["model_name"] == "vit_tiny_patch16_224" and len(meta["class_names"]) == 4
-    assert meta["img_size"] == 32 and len(meta["mean"]) == 3
+    assert meta["img_size"] == 32 and len(meta["mean"]) == 3 and meta["schema"] == 2
     for name in ("config.yaml", "metrics.csv", "metrics.json", "best.ckpt", "weights.safetensors",
                  "model.json"):
         assert (full / name).is_file(), name
@@ -98,7 +98,7 @@ def test_load_model_reads_the_checkpoint_once(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     model, meta = load_model(str(run / "last.ckpt"))
     assert len(calls) == 1, calls
-    assert meta["model_name"] == "vit_tiny_patch16_224" and not model.training
+    assert meta.model_name == "vit_tiny_patch16_224" and not model.training
 
 
 class KillBefore(Callback):

@@ -106,7 +106,7 @@ def test_checkpoint_of_the_earlier_format_still_loads(tmp_path):
     path = _checkpoint(tmp_path, {"model_name": NAME, "model_kwargs": kw, **_data_meta()},
                        trained)
     model, meta = load_model(path)
-    assert "model_config" not in meta and not model.training
+    assert meta.model_config is None and meta.schema == 2 and not model.training
     assert type(model).__name__ == "DCAL" and not model.glca and _same(model, trained)
 
 

@@ -146,7 +146,8 @@ class FinegrainDataModule(pl.LightningDataModule):
         return self._val
 
     def meta(self) -> dict[str, Any]:
-        """What a checkpoint records of the data (see ``FinegrainModule.set_data_meta``)."""
+        """The data fields of the checkpoint's record (:class:`finegrain.meta.ModelMeta`, set by
+        ``FinegrainModule.set_data_meta``)."""
         hp = self.hparams
         return {"dataset": hp.dataset, "dataset_kwargs": dict(hp.dataset_kwargs or {}),
                 "task": self.task, "class_names": list(self.train_set.classes),

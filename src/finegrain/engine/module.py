@@ -4,8 +4,9 @@ The model and the optimizer are injected (LightningCLI's ``class_path`` / ``init
 ``model.model``, ``model.optimizer``). The module sums ``out["losses"]`` (the model has already
 weighted them), logs them and ``out["logs"]``, evaluates with ``finegrain.evaluation`` on the
 task the data declares, and stores in every checkpoint what a checkpoint needs to describe
-itself (``finegrain_meta``: the model's resolved config as YAML text, its registered name and
-arguments, class names, input size, normalisation, task, dataset). Exact resume (sampler
+itself (``finegrain_meta``: a :class:`finegrain.meta.ModelMeta` record, schema-versioned: the
+model's resolved config as YAML text, its registered name and arguments, class names, input
+size, normalisation, task, dataset). Exact resume (sampler
 position, RNG) is :class:`finegrain.engine.resume.ExactResume`'s.
 """
 
@@ -21,6 +22,7 @@ import torch.nn as nn
 from lightning.pytorch.cli import OptimizerCallable
 
 from ..errors import InputError, NonFiniteError
+from ..meta import ModelMeta, read_meta
 from ..models.registry import FinegrainModel
 
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW",
@@ -128,7 +130,7 @@ class FinegrainModule(pl.LightningModule):
                  nonfinite: str = "raise"):
         super().__init__()
         # the model and the optimizer are objects: checkpoints keep their configs as text
-        # (meta["model_config"]), so they load with torch.load(weights_only=True)
+        # (meta.model_config), so they load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.model = model
         self.optimizer = optimizer
@@ -136,8 +138,9 @@ class FinegrainModule(pl.LightningModule):
             # the recipe decides the model's arguments, also when it starts from a finegrain file
             from ..models.weights import load_pretrained
             load_pretrained(model, pretrained, strict=pretrained_strict)
-        # what a checkpoint needs to describe itself; stored beside (not in) the hparams
-        self.meta: dict[str, Any] = {}
+        # what a checkpoint needs to describe itself (a ModelMeta), stored beside (not in)
+        # the hparams; the fields set so far on this module
+        self._meta: dict[str, Any] = {}
         config = getattr(model, "finegrain_config", None)
         if config is not None:  # built by the registry (or rebuilt from a checkpoint)
             self.set_model_config(config)
@@ -152,19 +155,30 @@ class FinegrainModule(pl.LightningModule):
         ``num_classes`` included): ``model_config`` (YAML text) and the registered
         ``model_name`` / ``model_kwargs`` that build the same model."""
         from ..models.registry import config_meta
-        self.meta = {**self.meta, **config_meta(config)}
+        self._set_meta(config_meta(config))
+
+    def set_data_meta(self, meta: dict | ModelMeta) -> None:
+        """Record the data side (classes, input size, normalisation, task, dataset): the
+        fields of a mapping (``FinegrainDataModule.meta()``) or of a whole record."""
+        self._set_meta(meta.to_dict() if isinstance(meta, ModelMeta) else meta)
+
+    def _set_meta(self, fields: dict) -> None:
+        fields = {k: v for k, v in fields.items() if k != "schema"}
+        read_meta({**self._meta, **fields}, "FinegrainModule", require_model=False)  # validate
+        self._meta = {**self._meta, **fields}
+
+    @property
+    def meta(self) -> ModelMeta:
+        """The record a checkpoint of this module stores (:class:`finegrain.meta.ModelMeta`)."""
+        return read_meta(self._meta, "FinegrainModule", require_model=False)
 
     @property
     def model_name(self) -> str:
-        return self.meta.get("model_name") or type(self.model).__name__
-
-    def set_data_meta(self, meta: dict) -> None:
-        """Record the data side (classes, input size, normalisation, task, dataset)."""
-        self.meta = {**self.meta, **meta}
+        return self._meta.get("model_name") or type(self.model).__name__
 
     @property
     def task(self) -> str:
-        return self.meta.get("task", "classification")
+        return self._meta.get("task", "classification")
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images)
@@ -230,10 +244,15 @@ class FinegrainModule(pl.LightningModule):
 
     # ---- checkpoint: self-description -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["finegrain_meta"] = self.meta
+        checkpoint["finegrain_meta"] = self.meta.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.meta = {**checkpoint.get("finegrain_meta", {}), **self.meta}
+        """The stored record, under the fields this module has set (a resumed run's own)."""
+        stored = checkpoint.get("finegrain_meta")
+        if stored:
+            fields = read_meta(stored, "checkpoint", require_model=False).to_dict()
+            fields.pop("schema")
+            self._meta = {**fields, **self._meta}
 
     # ---- evaluation -------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -216,7 +216,7 @@ class RunFolder(Callback):
         save_file({k: v.contiguous() for k, v in sd.items()},
                   os.path.join(self.run_dir, "weights.safetensors"))
         with open(os.path.join(self.run_dir, "model.json"), "w") as f:
-            json.dump(pl_module.meta, f, indent=1)
+            json.dump(pl_module.meta.to_dict(), f, indent=1)
         key = primary_metric(pl_module.task)
         try:
             from ..visualize import plot_curves
@@ -404,7 +404,6 @@ class FinegrainCLI(LightningCLI):
         return {"class_path": node.class_path, "init_args": init}
 
     def before_fit(self):
-        self.datamodule.val_set  # noqa: B018  (builds it: the meta records its query count)
         self.model.set_model_config(self.model_config())
         self.model.set_data_meta(self.datamodule.meta())
         path = os.path.join(self.run_dir, "config.yaml")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..errors import FinegrainError, InputError, UnknownNameError
+from ..meta import ModelMeta
 
 
 
@@ -133,6 +134,18 @@ def config_meta(config: dict) -> dict[str, Any]:
             "model_config": yaml.safe_dump(config, sort_keys=False)}
 
 
+def with_model_args(meta: ModelMeta, **kwargs: Any) -> ModelMeta:
+    """``meta`` with ``kwargs`` set in both of its model descriptions (``model_config``'s
+    ``init_args`` and ``model_kwargs``), so either rebuilds the changed model."""
+    import yaml
+    changes: dict[str, Any] = {"model_kwargs": {**meta.model_kwargs, **kwargs}}
+    if meta.model_config:
+        config = yaml.safe_load(meta.model_config)
+        config["init_args"] = {**(config.get("init_args") or {}), **_plain(kwargs)}
+        changes["model_config"] = yaml.safe_dump(config, sort_keys=False)
+    return meta.replace(**changes)
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its ``__name__``; the function builds the model from kwargs."""
     name = fn.__name__
@@ -198,7 +211,7 @@ def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool 
     if pretrained is not None and not str(pretrained).endswith(".npz") and \
             not is_hub_tag(pretrained):
         sd, meta = read_weights(pretrained)  # read once: meta and weights
-    if not inherit_kwargs or (meta is not None and meta.get("model_name") != name):
+    if not inherit_kwargs or (meta is not None and meta.model_name != name):
         meta = None  # another model's arguments never become this one's
     return _build(name, pretrained, sd, meta, kwargs, pretrained_strict)
 
@@ -212,12 +225,12 @@ def _check_name(name: str) -> None:
                                f"(finegrain.list_models() lists all)")
 
 
-def _build(name: str, pretrained: str | None, sd: dict | None, meta: dict | None,
+def _build(name: str, pretrained: str | None, sd: dict | None, meta: ModelMeta | None,
            kwargs: dict, strict: bool = True) -> nn.Module:
     """Instantiate ``name`` (a finegrain file's stored arguments are the defaults: it
     describes itself) and load ``pretrained`` (its state dict ``sd`` when already read)."""
     if meta is not None:
-        kwargs = {**meta.get("model_kwargs", {}), **kwargs}
+        kwargs = {**meta.model_kwargs, **kwargs}
     try:
         model = _MODELS[name](**kwargs)
     except FinegrainError:
@@ -246,11 +259,11 @@ def _import_all() -> None:
                 raise
 
 
-def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, dict]:
+def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, ModelMeta]:
     """Rebuild a trained model from a finegrain ``.ckpt`` (or ``weights.safetensors`` with its
     ``model.json``) alone; returns ``(model in eval mode, meta)``.
 
-    ``meta`` holds ``model_config`` (YAML: ``class_path`` / ``init_args``; checkpoints
+    ``meta`` (a :class:`finegrain.meta.ModelMeta`) holds ``model_config`` (YAML: ``class_path`` / ``init_args``; checkpoints
     older than it: ``model_name`` / ``model_kwargs`` alone, rebuilt through the registry),
     ``class_names``, ``img_size``, ``mean``, ``std``, ``task`` and ``dataset``: everything
     ``eval`` / ``predict`` / ``embed`` need. ``kwargs`` override stored model arguments
@@ -267,14 +280,17 @@ def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def model_from_meta(meta: dict, source: str = "checkpoint", **kwargs) -> nn.Module:
-    """A freshly initialised model as a checkpoint's ``meta`` describes it (no weights):
-    from ``model_config`` when stored, else (older checkpoints) from the registry's
-    ``model_name`` / ``model_kwargs``. ``kwargs`` override stored arguments."""
-    text = meta.get("model_config")
+def model_from_meta(meta: ModelMeta | dict, source: str = "checkpoint", **kwargs) -> nn.Module:
+    """A freshly initialised model as a checkpoint's record (or its stored mapping)
+    describes it (no weights): from ``model_config`` when stored, else (older checkpoints)
+    from the registry's ``model_name`` / ``model_kwargs``. ``kwargs`` override stored
+    arguments."""
+    from ..meta import read_meta
+    meta = read_meta(meta, source)
+    text = meta.model_config
     if not text:
-        _check_name(meta["model_name"])
-        return _build(meta["model_name"], None, None, meta, kwargs)
+        _check_name(meta.model_name)
+        return _build(meta.model_name, None, None, meta, kwargs)
     import yaml
     config = yaml.safe_load(text) if isinstance(text, str) else text
     if not isinstance(config, dict) or "class_path" not in config:
@@ -288,6 +304,6 @@ def model_from_meta(meta: dict, source: str = "checkpoint", **kwargs) -> nn.Modu
             raise
         raise InputError(f"{source}: {config['class_path']}: {e}") from e
     model.finegrain_config = {"class_path": config["class_path"], "init_args": init}
-    model.finegrain_name = meta.get("model_name")
-    model.finegrain_kwargs = {**(meta.get("model_kwargs") or {}), **kwargs}
+    model.finegrain_name = meta.model_name
+    model.finegrain_kwargs = {**meta.model_kwargs, **kwargs}
     return model

@@ -20,11 +20,13 @@ import os
 import pickle
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import InputError, MissingFileError
+from ..meta import ModelMeta, read_meta
 
 log = logging.getLogger("finegrain")
 
@@ -92,35 +94,54 @@ def missing_file_error(path: str) -> MissingFileError:
     return MissingFileError(f"weights file not found: {path}{hint}")
 
 
-def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Read a local weights file once: ``(flat state dict, finegrain meta or None)``.
+def read_model_json(path: str) -> ModelMeta:
+    """The record in a ``model.json`` (a run's or an export's), read by :func:`read_meta`."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); write it again (it is written "
+                         f"with weights.safetensors at the end of a run or by an export)"
+                         ) from None
+    return read_meta(record, path)
 
-    ``.safetensors`` (meta from ``model.json`` beside it, when there is one), ``.pth`` /
-    ``.bin`` / ``.ckpt`` through ``torch.load(weights_only=True)`` (meta from a finegrain
-    ``.ckpt``'s ``finegrain_meta``; foreign files, Lightning ones included, have none).
-    """
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """``(flat state dict, the stored record as it is or None)`` of a local weights file."""
     path = str(path)
     if not os.path.isfile(path):
         raise missing_file_error(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         meta_path = os.path.join(os.path.dirname(path), "model.json")
-        meta = None
-        if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-        return _flat(load_file(path)), meta
+        return _flat(load_file(path)), meta_path if os.path.isfile(meta_path) else None
     raw = _torch_load(path)
-    meta = raw.get("finegrain_meta") if isinstance(raw, dict) else None
-    return _flat(raw), meta
+    return _flat(raw), raw.get("finegrain_meta") if isinstance(raw, dict) else None
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], ModelMeta | None]:
+    """Read a local weights file once: ``(flat state dict, its ModelMeta or None)``.
+
+    ``.safetensors`` (the record in ``model.json`` beside it, when there is one), ``.pth`` /
+    ``.bin`` / ``.ckpt`` through ``torch.load(weights_only=True)`` (the record in a finegrain
+    ``.ckpt``'s ``finegrain_meta``; foreign files, Lightning ones included, have none). The
+    record is read and validated by :func:`finegrain.meta.read_meta`.
+    """
+    sd, stored = _read(path)
+    if stored is None:
+        return sd, None
+    if isinstance(stored, str):  # model.json beside the .safetensors
+        return sd, read_model_json(stored)
+    return sd, read_meta(stored, str(path))
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A flat ``{name: tensor}`` from ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt``."""
-    return read_weights(path)[0]
+    """A flat ``{name: tensor}`` from ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt`` (its
+    record, if any, is not read)."""
+    return _read(path)[0]
 
 
-def load_checkpoint_meta(path: str) -> dict:
+def load_checkpoint_meta(path: str) -> ModelMeta:
     """The self-description stored in a finegrain checkpoint (model name, kwargs, classes,
     input size, normalisation); reads ``model.json`` beside ``weights.safetensors``."""
     if str(path).endswith(".safetensors"):

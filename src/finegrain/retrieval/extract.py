@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..meta import ModelMeta, read_meta
 
 __all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
            "resolve_img_size", "sample_names", "extraction_dataset", "retrieval_transform",
@@ -100,29 +101,29 @@ class _ExtractionItems(torch.utils.data.Dataset):
         return {"index": i, "image": tf(img) if tf is not None else img}
 
 
-def resolve_img_size(img_size: int | None, meta: dict | None = None,
+def resolve_img_size(img_size: int | None, meta: ModelMeta | None = None,
                      dataset: str | None = None) -> int:
     """The retrieval ``img_size``: the longest side S of the resized image (the aspect ratio
     is kept). ``img_size`` when given, else the protocol's size for
     ``dataset`` (:data:`PROTOCOL_IMG_SIZE`: 1024 for Revisited Oxford / Paris and R1M), else
-    the checkpoint's training size (``meta["img_size"]``, the larger side of a pair; the GLDv2
+    the checkpoint's training size (``meta.img_size``, the larger side of a pair; the GLDv2
     recipes train at 512), else :data:`DEFAULT_IMG_SIZE` (512)."""
     if img_size is not None:
         return int(img_size)
     if dataset in PROTOCOL_IMG_SIZE:
         return PROTOCOL_IMG_SIZE[dataset]
-    size = (meta or {}).get("img_size")
+    size = meta.img_size if meta is not None else None
     if size is None:
         return DEFAULT_IMG_SIZE
     return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
 
 
-def model_mean_std(model: nn.Module, meta: dict | None = None
+def model_mean_std(model: nn.Module, meta: ModelMeta | None = None
                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation of a model: the checkpoint's ``meta`` first, then the timm backbone's
+    """Normalisation of a model: the checkpoint's record first, then the timm backbone's
     ``pretrained_cfg``, then ImageNet's."""
-    if meta and meta.get("mean") is not None and meta.get("std") is not None:
-        return tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+    if meta is not None:
+        return meta.mean, meta.std
     cfg = getattr(getattr(model, "backbone", None), "pretrained_cfg", None) or {}
     if cfg.get("mean") is not None and cfg.get("std") is not None:
         return tuple(cfg["mean"]), tuple(cfg["std"])
@@ -130,8 +131,9 @@ def model_mean_std(model: nn.Module, meta: dict | None = None
 
 
 def load_checkpoint_model(checkpoint: str, device: str | torch.device = "cpu"
-                          ) -> tuple[nn.Module, dict, str]:
-    """``(model in eval mode on device, meta, checkpoint hash)`` of a finegrain checkpoint."""
+                          ) -> tuple[nn.Module, ModelMeta, str]:
+    """``(model in eval mode on device, its ModelMeta, checkpoint hash)`` of a finegrain
+    checkpoint."""
     from ..models.registry import load_model
     from .descriptors import checkpoint_hash
     if not os.path.isfile(checkpoint):
@@ -266,7 +268,7 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
 
 def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
                   img_size: int | None = None, scales: Sequence[float] = (1.0,),
-                  meta: dict | None = None, on_error: str = "raise", **kwargs: Any
+                  meta: ModelMeta | None = None, on_error: str = "raise", **kwargs: Any
                   ) -> tuple[np.ndarray, list[str], list[int], dict, Any]:
     """Build ``dataset_name``/``split`` with the retrieval transform and extract it.
 
@@ -292,11 +294,14 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
 
 def extraction_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
                        img_size: int | None = None, scales: Sequence[float] = (1.0,),
-                       meta: dict | None = None, on_error: str = "raise") -> tuple[Any, dict]:
+                       meta: ModelMeta | None = None, on_error: str = "raise"
+                       ) -> tuple[Any, dict]:
     """``(dataset with the retrieval transform, preprocessing dict of the descriptor JSON)``
     of ``dataset_name``/``split`` (shared by :func:`embed_dataset` and the sharded
     extraction of :mod:`finegrain.retrieval.sharded`)."""
     from ..data import build_dataset
+    if meta is not None:
+        meta = read_meta(meta, "extraction meta", require_model=False)
     mean, std = model_mean_std(model, meta)
     img_size = resolve_img_size(img_size, meta, dataset_name)
     ds = build_dataset(dataset_name, root, split, on_error=on_error,

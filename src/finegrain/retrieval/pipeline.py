@@ -37,6 +37,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..errors import InputError
+from ..meta import ModelMeta, read_meta
 from .descriptors import (Descriptors, check_compatible, load_descriptors, save_descriptors)
 from .postprocess import PostprocessOptions, postprocessed_search
 
@@ -300,7 +301,7 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
                    post: PostprocessOptions | None = None,
                    picture: PictureOptions | None = None,
                    query_descriptors: str | None = None, gallery_descriptors: str | None = None,
-                   meta: dict | None = None,
+                   meta: ModelMeta | dict | None = None,
                    block_size: int = 32768) -> dict[str, dict[str, float]]:
     """Evaluate a checkpoint on a Revisited dataset (see the module docstring).
 
@@ -317,7 +318,8 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         picture: the queries drawn in ``top10.png`` (``None``: the worst 4 in Medium).
         query_descriptors, gallery_descriptors: ``NAME`` of descriptor files to use instead of
             extracting (both, from ``finegrain embed``).
-        meta: model meta when ``ckpt`` is a model (``mean``, ``std``, ``model_name``).
+        meta: the model's record when ``ckpt`` is a model (:class:`~finegrain.meta.ModelMeta`
+            or its fields: ``mean``, ``std``, ``model_name``); None: the model's own.
         block_size: database rows scored at a time (memory, not results; see
             :func:`rank_positions`).
 
@@ -348,10 +350,12 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
             raise InputError("retrieval_eval needs a checkpoint (or both descriptor files)")
         if isinstance(ckpt, nn.Module):
             model, ck_hash = ckpt.to(ex.device).eval(), "in-memory"
-            meta = dict(meta or {})
-            meta.setdefault("model_name", getattr(model, "finegrain_name", type(model).__name__))
+            meta = read_meta(meta, "meta", require_model=False) if meta is not None else None
+            model_name = (meta.model_name if meta is not None else "") or \
+                getattr(model, "finegrain_name", None) or type(model).__name__
         else:
             model, meta, ck_hash = load_checkpoint_model(ckpt, ex.device)
+            model_name = meta.model_name
         opts = dict(batch_size=ex.batch_size, device=ex.device, num_workers=ex.num_workers,
                     amp=ex.amp, progress=ex.progress)
         stats_q: dict = {}
@@ -364,10 +368,10 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
                                                       stats=stats_g, **opts)
         timing.update(query_images_per_s=stats_q["images_per_s"],
                       gallery_images_per_s=stats_g["images_per_s"])
-        sig = {"model_name": meta["model_name"], "checkpoint_hash": ck_hash,
+        sig = {"model_name": model_name, "checkpoint_hash": ck_hash,
                "dim": int(gv.shape[1]), "preprocessing": pre_g}
         if out is not None:
-            common = dict(model_name=meta["model_name"], checkpoint_hash=ck_hash,
+            common = dict(model_name=model_name, checkpoint_hash=ck_hash,
                           dataset=dataset, checkpoint=ckpt if isinstance(ckpt, str) else None)
             save_descriptors(os.path.join(out, "query"), qv, qnames, labels=qlabels,
                              preprocessing=pre_q, split="query", **common)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, nonfinite_outputs
+from ..meta import ModelMeta, read_meta
 from .descriptors import (FORMAT, MANIFEST_FORMAT, descriptor_meta, descriptor_paths,
                           manifest_path, read_json, upgrade_meta)
 from .extract import _embed_batch, _ExtractionItems
@@ -330,7 +331,7 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
                   num_nodes: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
                   merge: bool = True, on_error: str = "raise", max_pending: int | None = None,
                   progress: bool = True, model: torch.nn.Module | None = None,
-                  meta: dict | None = None) -> dict:
+                  meta: ModelMeta | dict | None = None) -> dict:
     """Extract ``dataset_name``/``split`` with ``checkpoint`` into ``out`` on Lightning's
     predict loop (see the module docstring). ``model`` / ``meta``: an already loaded model
     (tests); the checkpoint's hash is still recorded.
@@ -345,9 +346,11 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
     if model is None:
         model, meta, ck_hash = load_checkpoint_model(checkpoint, "cpu")
     else:
-        meta = dict(meta or {})  # an export folder's records its checkpoint's hash
-        ck_hash = meta.get("checkpoint_hash") or (
+        meta = read_meta(meta, "meta", require_model=False) if meta is not None else None
+        ck_hash = (meta.checkpoint_hash if meta is not None else None) or (  # an export's
             _hash(checkpoint) if os.path.isfile(checkpoint) else "in-memory")
+    model_name = (meta.model_name if meta is not None else "") or \
+        getattr(model, "finegrain_name", None) or type(model).__name__
     model.eval()
     if not scales:
         raise InputError("scales is empty; use (1.0,) for single-scale extraction")
@@ -356,7 +359,7 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
     plan = shard_plan(len(ds), shard_size)
     if not plan:
         raise InputError(f"{dataset_name}/{split} has no image; check the dataset root")
-    expected = {"model_name": meta["model_name"], "checkpoint_hash": ck_hash,
+    expected = {"model_name": model_name, "checkpoint_hash": ck_hash,
                 "preprocessing": pre, "dataset": dataset_name, "split": split,
                 "checkpoint": checkpoint, "total": len(ds),
                 "root": os.path.abspath(root) if root else None}  # finds the images again
