@@ -80,14 +80,15 @@ class ModelMeta:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON / YAML / ``torch.load(weights_only=True)``-safe data (lists, no tuples)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
+    """JSON / YAML-safe values: tuples (nested too) as lists."""
     if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
+        return {k: plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     return v
 
 

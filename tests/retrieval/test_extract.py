@@ -89,14 +89,15 @@ def test_model_without_embedding_is_refused(root):
 
 
 def test_img_size_defaults_to_the_training_size():
-    assert resolve_img_size(300, {"img_size": 64}) == 300
-    assert resolve_img_size(None, {"img_size": 64}) == 64
-    assert resolve_img_size(None, {"img_size": [256, 128]}) == 256
+    from finegrain.meta import ModelMeta
+    assert resolve_img_size(300, ModelMeta(img_size=64)) == 300
+    assert resolve_img_size(None, ModelMeta(img_size=64)) == 64
+    assert resolve_img_size(None, ModelMeta(img_size=(256, 128))) == 256
     assert resolve_img_size(None, None) == 512
     # the Revisited protocol's size (cirtorch / DELG: 1024) unless --img-size says otherwise
-    assert resolve_img_size(None, {"img_size": 512}, "roxford5k") == 1024
-    assert resolve_img_size(512, {"img_size": 512}, "rparis6k") == 512
-    assert resolve_img_size(None, {"img_size": 64}, "synthetic_landmarks") == 64
+    assert resolve_img_size(None, ModelMeta(img_size=512), "roxford5k") == 1024
+    assert resolve_img_size(512, ModelMeta(img_size=512), "rparis6k") == 512
+    assert resolve_img_size(None, ModelMeta(img_size=64), "synthetic_landmarks") == 64
 
 
 def test_skipped_image_drops_its_row_and_name_together(root, model, tmp_path):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..errors import FinegrainError, InputError, UnknownNameError
-from ..meta import ModelMeta
+from ..meta import ModelMeta, plain
 
 
 
@@ -74,7 +74,7 @@ def model_arg(name: str, kwargs: dict | None = None) -> str:
     """``--model.model`` of ``finegrain train`` for a registered name, as JSON:
     ``["--model.model", model_arg("vit_tiny_patch16_224", {"task": "classification"})]``."""
     import json
-    return json.dumps(_plain(model_config(name, **(kwargs or {}))))
+    return json.dumps(plain(model_config(name, **(kwargs or {}))))
 
 
 def resolve_class(class_path: str, what: str = "model config") -> type[nn.Module]:
@@ -109,15 +109,6 @@ def registry_name(config: dict) -> tuple[str, dict] | None:
     return None
 
 
-def _plain(v: Any) -> Any:
-    """YAML-safe values (tuples as lists)."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
 def config_meta(config: dict) -> dict[str, Any]:
     """What a checkpoint stores about its model: ``model_config`` (YAML text of
     ``class_path`` / ``init_args``, weight-file paths left out: a checkpoint rebuilds
@@ -125,7 +116,7 @@ def config_meta(config: dict) -> dict[str, Any]:
     registered ``model_name`` and ``model_kwargs`` that build the same model (the class path
     as ``model_name`` when no registered name does)."""
     import yaml
-    init = {k: _plain(v) for k, v in (config.get("init_args") or {}).items()
+    init = {k: plain(v) for k, v in (config.get("init_args") or {}).items()
             if not k.endswith("pretrained")}
     config = {"class_path": config["class_path"], "init_args": init}
     found = registry_name(config)
@@ -141,7 +132,7 @@ def with_model_args(meta: ModelMeta, **kwargs: Any) -> ModelMeta:
     changes: dict[str, Any] = {"model_kwargs": {**meta.model_kwargs, **kwargs}}
     if meta.model_config:
         config = yaml.safe_load(meta.model_config)
-        config["init_args"] = {**(config.get("init_args") or {}), **_plain(kwargs)}
+        config["init_args"] = {**(config.get("init_args") or {}), **plain(kwargs)}
         changes["model_config"] = yaml.safe_dump(config, sort_keys=False)
     return meta.replace(**changes)
 
