@@ -260,7 +260,8 @@ class FinegrainModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
         out = self.model(batch["image"])
-        keep = {k: batch[k] for k in ("index", "label", "camid", "query")}
+        keep = {k: batch[k] for k in ("index", "label", "camid")}
+        keep["query"] = batch["query"].to(torch.uint8)  # gathered across ranks as bytes
         for k in ("logits", "embedding"):
             if k in out:
                 keep[k] = out[k].float()
@@ -282,7 +283,9 @@ class FinegrainModule(pl.LightningModule):
                 gathered[k] = torch.cat([allv[r, :int(s)] for r, s in enumerate(sizes)])
             local = gathered
         order = torch.argsort(local["index"])
-        return {k: v[order].cpu().numpy() for k, v in local.items()}
+        res = {k: v[order].cpu().numpy() for k, v in local.items()}
+        res["query"] = res["query"].astype(bool)
+        return res
 
     def on_validation_epoch_end(self) -> None:
         res = self._gather()
