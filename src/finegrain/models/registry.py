@@ -254,8 +254,9 @@ def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, ModelMeta]:
     """Rebuild a trained model from a finegrain ``.ckpt`` (or ``weights.safetensors`` with its
     ``model.json``) alone; returns ``(model in eval mode, meta)``.
 
-    ``meta`` (a :class:`finegrain.meta.ModelMeta`) holds ``model_config`` (YAML: ``class_path`` / ``init_args``; checkpoints
-    older than it: ``model_name`` / ``model_kwargs`` alone, rebuilt through the registry),
+    ``meta`` (a :class:`finegrain.meta.ModelMeta`) holds ``model_config`` (YAML:
+    ``class_path`` / ``init_args``; checkpoints older than it: ``model_name`` /
+    ``model_kwargs`` alone, rebuilt through the registry),
     ``class_names``, ``img_size``, ``mean``, ``std``, ``task`` and ``dataset``: everything
     ``eval`` / ``predict`` / ``embed`` need. ``kwargs`` override stored model arguments
     (inference-time switches such as DCAL's ``sa_only``). The class a ``model_config`` names
