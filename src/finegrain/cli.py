@@ -101,7 +101,7 @@ def _cmd_export(a) -> int:
     from .export import export, format_parity
     overrides = {"sa_only": True} if a.sa_only else None
     report = export(a.checkpoint, a.out, a.format, images=a.images, num_images=a.num_images,
-                    model_overrides=overrides, tolerance=a.tolerance)
+                    model_overrides=overrides, tolerance=a.tolerance, dtype=a.dtype)
     print(json.dumps(report, indent=1) if a.json else format_parity(report))
     if not a.json:
         print(f"written: {a.out} (parity.json, preprocess.json, export.json)")
@@ -233,6 +233,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                          "(torch.export); timm: backbone.safetensors that timm.create_model "
                          "loads (timm.json gives the name and arguments)")
     xp.add_argument("--out", required=True, help="the export folder")
+    xp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="weights and compute of the exported model (onnx / exported); its "
+                         "input and outputs stay float32 (default float32: the checkpoint's)")
     xp.add_argument("--images", nargs="+", default=None,
                     help="parity images (files or folders); default: the test split of a "
                          "generated CUB-layout dataset")
@@ -241,7 +244,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                     help="DCAL: export the SA branch alone (no rollout / GLCA at inference)")
     xp.add_argument("--tolerance", type=float, default=None,
                     help="largest max|exported - PyTorch| / max|PyTorch| per output (default "
-                         "1e-4 for float32)")
+                         "by --dtype: 1e-4 float32, see finegrain.export.TOLERANCES)")
     xp.add_argument("--json", action="store_true", help="print parity.json instead of the "
                                                          "table")
     ex = sub.add_parser("explain", help="attention pictures of a checkpoint on images",

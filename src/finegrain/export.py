@@ -15,6 +15,15 @@ branch, which only training uses: neither the exported model nor the ``weights.s
 written beside it hold a ``cross.*`` parameter. The batch dimension is dynamic; the image size
 is the checkpoint's (``preprocess.json`` says how to resize, crop and normalise to it).
 
+Precision (``--dtype``): ``float32`` (default, the checkpoint's weights), or ``float16`` /
+``bfloat16`` for ``onnx`` and ``exported``: weights and compute in that dtype, with casts at the
+boundaries inside the exported module (float32 images in, float32 outputs out), so the runtime,
+``predict``, ``embed`` and ``serve`` run it unchanged. What a method keeps in fp32 on purpose
+stays fp32 inside (softmax and rollout, TASN's attention sampler, normalised embeddings).
+``weights.safetensors`` stays the float32 checkpoint. Refused, with one line saying what works:
+``--format onnx --dtype bfloat16`` (ONNX Runtime has no bfloat16 ``Conv`` kernel, so it could
+not be checked) and ``--format timm`` with a half dtype.
+
 A folder holds ``model.onnx`` | ``model.pt2`` | ``backbone.safetensors`` + ``timm.json``,
 ``weights.safetensors`` + ``model.json`` (the inference model as a finegrain checkpoint),
 ``preprocess.json``, ``export.json`` (format, input and output names) and ``parity.json``.
@@ -23,7 +32,8 @@ Parity: after every export the written files are loaded back (:mod:`finegrain.ru
 run on real images (a generated dataset's test split, or the user's), in a batch of one and a
 batch of the rest; per output, max and mean ``|exported - PyTorch|``, the error relative to
 the output's scale (``max |PyTorch|``), top-1 agreement (logits) and nearest-neighbour
-agreement (embeddings). The export fails when a relative error is above :data:`TOLERANCES`.
+agreement (embeddings). The export fails when a relative error is above :data:`TOLERANCES`
+(by dtype; the reference is the float32 PyTorch model).
 """
 
 from __future__ import annotations
@@ -44,16 +54,47 @@ from .meta import ModelMeta
 
 FORMATS = ("onnx", "exported", "timm")
 MODEL_FILES = {"onnx": "model.onnx", "exported": "model.pt2", "timm": "backbone.safetensors"}
-TOLERANCES = {"float32": 1e-4}
-"""Largest ``max |exported - PyTorch| / max |PyTorch|`` per output, by the exported dtype.
-Exports are float32 (the checkpoint's weights); fp32 kernels differ in summation order only,
-so outputs agree to about 1e-6 of their scale: 1e-4 leaves room for the ops (attention,
-resampling) whose ONNX kernels accumulate differently."""
+TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+"""Largest ``max |exported - PyTorch| / max |PyTorch|`` per output, by the exported dtype; the
+reference is always the checkpoint's float32 PyTorch model.
+
+- float32 (the checkpoint's weights): kernels differ in summation order only, so outputs agree
+  to about 1e-6 of their scale; 1e-4 leaves room for the ops (attention, resampling) whose ONNX
+  kernels accumulate differently.
+- float16 (10-bit mantissa, eps 9.8e-4): the registered tiny models land at 1.5e-4 to 3.5e-3
+  and the trained demo checkpoints at 2.4e-4 to 6.8e-3 (TASN's embedding through ONNX: its
+  attention maps steer the sampler, which amplifies the rounding); 2e-2 is 3x the largest.
+- bfloat16 (7-bit mantissa, eps 7.8e-3): tiny models 3.2e-3 to 1.8e-2, trained demo
+  checkpoints 2.9e-3 to 4.8e-2 (TASN's embedding again); 1e-1 is 2x the largest.
+
+Not widened for a discrete choice that flips: DCAL's top-R selection on near-tied rollout
+scores (random-weight tiny DCAL: 9.3e-2 in float16, up to 2.3e-1 in bfloat16, from the images
+whose selection changed) fails the check, as it should; the trained demo DCAL passes in both
+(docs/deploy.md, "Half-precision exports")."""
 INPUT_NAME = "images"
 
 
 class ParityError(FinegrainError):
     """An exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _HalfBoundary(nn.Module):
+    """``model`` with weights and compute in ``dtype`` behind float32 boundaries: the float32
+    images are cast to ``dtype`` on the way in, every floating output to float32 on the way
+    out, so the exported model takes and returns what the float32 one does. What a method
+    computes in fp32 on purpose (softmax, rollout, TASN's sampler, normalised embeddings)
+    stays fp32 inside."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = copy.deepcopy(model).to(dtype).eval(), dtype
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(images.to(self.dtype))
+        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
 
 
 class _OutputTuple(nn.Module):
@@ -288,10 +329,11 @@ def _run_split(fn, x: torch.Tensor) -> dict:
 
 
 def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
-                 tolerance: float | None = None) -> dict:
-    """Run ``folder``'s exported model (loaded from disk) and ``model`` on ``x``; returns the
-    parity report (see :func:`compare_outputs`)."""
-    tol = TOLERANCES["float32"] if tolerance is None else float(tolerance)
+                 tolerance: float | None = None, dtype: str = "float32") -> dict:
+    """Run ``folder``'s exported model (loaded from disk) and ``model`` (the float32 PyTorch
+    model) on ``x``; returns the parity report (see :func:`compare_outputs`), judged at
+    ``tolerance`` (default: ``TOLERANCES[dtype]``, ``dtype`` the exported one)."""
+    tol = TOLERANCES[dtype] if tolerance is None else float(tolerance)
     with torch.no_grad():
         if fmt == "timm":
             timm_model = load_timm_backbone(folder)
@@ -303,7 +345,7 @@ def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
             ref = model(x)
             got = _run_split(exported, x)
     outputs = compare_outputs(ref, got, tol)
-    return {"format": fmt, "dtype": "float32", "tolerance": tol,
+    return {"format": fmt, "dtype": dtype, "tolerance": tol,
             "tolerances": dict(TOLERANCES),
             "rule": "max |exported - pytorch| / max |pytorch| <= tolerance, per output",
             "images": len(x), "batches": [1, len(x) - 1] if len(x) > 1 else [1],
@@ -311,9 +353,24 @@ def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
 
 
 # ---- the command ------------------------------------------------------------------------
+def check_dtype(fmt: str, dtype: str) -> None:
+    """Refuse a (format, dtype) pair that cannot be written and checked here."""
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype != "float32" and fmt == "timm":
+        raise InputError(f"--format timm --dtype {dtype}: the timm backbone is written as the "
+                         f"checkpoint's float32 weights (cast it after timm loads it); "
+                         f"--dtype {dtype} works with --format exported or onnx")
+    if dtype == "bfloat16" and fmt == "onnx":
+        raise InputError("--format onnx --dtype bfloat16: ONNX Runtime has no bfloat16 Conv "
+                         "kernel (every model's stem / patch embedding is one), so the export "
+                         "could not be run or checked; use --format exported --dtype bfloat16, "
+                         "or --format onnx --dtype float16")
+
+
 def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | None = None,
            num_images: int = 16, model_overrides: dict | None = None,
-           tolerance: float | None = None) -> dict:
+           tolerance: float | None = None, dtype: str = "float32") -> dict:
     """Export ``checkpoint`` to the folder ``out`` as ``fmt`` and check parity on images.
 
     Args:
@@ -323,7 +380,10 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
         images: parity images (files or folders); None: a generated dataset's test split.
         num_images: at most this many parity images.
         model_overrides: inference-time model arguments (DCAL ``{"sa_only": True}``).
-        tolerance: the largest relative error allowed (default ``TOLERANCES["float32"]``).
+        tolerance: the largest relative error allowed (default ``TOLERANCES[dtype]``).
+        dtype: ``"float32"`` (the checkpoint's weights), ``"float16"`` or ``"bfloat16"``: the
+            exported weights and compute (``onnx`` / ``exported``; inputs and outputs stay
+            float32). Parity is against the float32 PyTorch model.
 
     Returns:
         the parity report, also written to ``out/parity.json``.
@@ -338,6 +398,7 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
     from .retrieval.descriptors import checkpoint_hash
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_dtype(fmt, dtype)
     from .models.registry import with_model_args
     model, meta = load_model(checkpoint, **(model_overrides or {}))
     ck_hash = checkpoint_hash(checkpoint) if os.path.isfile(checkpoint) else None
@@ -351,7 +412,8 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
     example = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         keys = sorted(model(example))
-    module = _OutputTuple(model, keys).eval()
+    inner = model if dtype == "float32" else _HalfBoundary(model, DTYPES[dtype])
+    module = _OutputTuple(inner, keys).eval()
     if fmt == "onnx":
         write_onnx(module, example, keys, os.path.join(out, MODEL_FILES["onnx"]))
     elif fmt == "exported":
@@ -362,20 +424,32 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
               os.path.join(out, "weights.safetensors"))
     _write_json(os.path.join(out, "model.json"), meta.to_dict())
-    _write_json(os.path.join(out, "preprocess.json"), preprocessing(meta))
+    _write_json(os.path.join(out, "preprocess.json"), {**preprocessing(meta), "model_dtype": dtype})
     _write_json(os.path.join(out, "export.json"), {
         "format": fmt, "file": MODEL_FILES[fmt], "input": INPUT_NAME, "outputs": keys,
         "input_size": [H, W], "dynamic": {"batch": True, "height": False, "width": False},
-        "dtype": "float32", "checkpoint": os.path.abspath(checkpoint),
+        "dtype": dtype, "checkpoint": os.path.abspath(checkpoint),
         "checkpoint_hash": ck_hash, "model_name": meta.model_name, "torch": torch.__version__,
         "model_overrides": dict(model_overrides or {})})
     x, source = parity_images(meta, images, num_images)
-    report = {**check_parity(out, model, x, fmt, tolerance), "image_source": source,
+    report = {**check_parity(out, model, x, fmt, tolerance, dtype), "image_source": source,
               "model_name": meta.model_name}
     _write_json(os.path.join(out, "parity.json"), report)
     if not report["passed"]:
         bad = [f"{k} ({r['rel_max']:.2e})" for k, r in report["outputs"].items()
                if not r["passed"]]
+        if dtype != "float32":
+            glca = (meta.model_name.startswith("dcal_")
+                    and not meta.model_kwargs.get("sa_only", False))
+            hint = (" (DCAL: half precision moved the rollout's near-tied scores, so GLCA "
+                    "attends to other top-R patches for some images; --sa-only or --dtype "
+                    "float32)" if glca else "")
+            raise ParityError(f"{os.path.join(out, 'parity.json')}: the {fmt} {dtype} export "
+                              f"of {checkpoint} differs from the float32 PyTorch model above "
+                              f"the {dtype} tolerance {report['tolerance']:.0e} in "
+                              f"{', '.join(bad)}{hint}; try a wider dtype, or --tolerance if "
+                              f"the numbers (top-1 / nearest-neighbour agreement) are "
+                              f"acceptable")
         raise ParityError(f"{os.path.join(out, 'parity.json')}: the {fmt} export of "
                           f"{checkpoint} differs from PyTorch above the tolerance "
                           f"{report['tolerance']:.0e} in {', '.join(bad)}; try --format "
@@ -386,7 +460,8 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
 
 def format_parity(report: dict) -> str:
     """The parity report as a console table."""
-    lines = [f"{report['model_name']} -> {report['format']}: parity on {report['image_source']}"
+    lines = [f"{report['model_name']} -> {report['format']} {report.get('dtype', 'float32')}: "
+             f"parity on {report['image_source']}"
              f" (batches {report['batches']}, tolerance {report['tolerance']:.0e} of the "
              f"output scale)",
              f"{'output':>10s}  {'max |d|':>9s}  {'mean |d|':>9s}  {'rel max':>9s}  "

@@ -4,7 +4,9 @@
 ``finegrain predict`` / ``embed`` feed the PyTorch model, (B, 3, H, W) at the exported size, and
 returns the same dict (``"logits"`` and / or ``"embedding"``), from ONNX Runtime
 (``model.onnx``: the CUDA provider when ONNX Runtime has it, else the CPU, with torch's thread
-count) or from the ``torch.export`` program (``model.pt2``).
+count) or from the ``torch.export`` program (``model.pt2``). Half-precision exports
+(``export.json`` ``dtype``: float16 / bfloat16) cast at their own boundaries: they take and
+return float32 like the float32 ones.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ExportedModel(nn.Module):
                                    f"--out {folder}` first, or pick the other --runtime")
         self.runtime, self.keys = runtime, list(self.info["outputs"])
         self.input_size = tuple(self.info["input_size"])
+        self.export_dtype = self.info.get("dtype", "float32")  # weights and compute inside
         if runtime == "onnx":
             ort = require("onnxruntime", "export")
             opts = ort.SessionOptions()
