@@ -21,6 +21,7 @@ system's temporary folder) and pictures are drawn in a temporary folder, deleted
 """
 
 import base64
+import mimetypes
 import os
 import time
 from typing import Optional
@@ -38,8 +39,6 @@ __all__ = ["create_app", "serve"]
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
-_MEDIA = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
-          ".webp": "image/webp", ".gif": "image/gif", ".bmp": "image/bmp"}
 
 
 def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
@@ -231,8 +230,8 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
             path = s._require_path(gallery_id)
         except FinegrainError as e:
             raise _error(e) from None
-        ext = os.path.splitext(path)[1].lower()
-        return FileResponse(path, media_type=_MEDIA.get(ext, "application/octet-stream"))
+        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

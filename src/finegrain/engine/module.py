@@ -174,11 +174,11 @@ class FinegrainModule(pl.LightningModule):
 
     @property
     def model_name(self) -> str:
-        return self._meta.get("model_name") or type(self.model).__name__
+        return self.meta.model_name or type(self.model).__name__
 
     @property
     def task(self) -> str:
-        return self._meta.get("task", "classification")
+        return self.meta.task
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images)
@@ -319,7 +319,8 @@ def primary_metric(task: str) -> str:
     return {"classification": "top1", "reid": "mAP", "dml": "R@1"}.get(task, "top1")
 
 
-def compute_metrics(task: str, res: dict[str, np.ndarray], meta: Any = None) -> dict:
+def compute_metrics(task: str, res: dict[str, np.ndarray], meta: ModelMeta | None = None
+                    ) -> dict:
     """Metrics of one evaluation pass (arrays in dataset order) with ``finegrain.evaluation``.
 
     Re-ID (and DML with a query split, In-Shop): the samples whose ``query`` flag is set are
@@ -343,7 +344,7 @@ def compute_metrics(task: str, res: dict[str, np.ndarray], meta: Any = None) -> 
         return out
     if task == "dml":
         from ..evaluation.dml import evaluate
-        ks = DML_KS.get(getattr(meta, "dataset", None), (1, 2, 4, 8))
+        ks = DML_KS.get(meta.dataset if meta is not None else None, (1, 2, 4, 8))
         e, y = res["embedding"], res["label"]
         if is_query.any():  # In-Shop: queries search a separate gallery
             q, g = is_query, ~is_query

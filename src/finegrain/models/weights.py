@@ -107,7 +107,9 @@ def read_model_json(path: str) -> ModelMeta:
 
 
 def _read(path: str) -> tuple[dict[str, torch.Tensor], Any]:
-    """``(flat state dict, the stored record as it is or None)`` of a local weights file."""
+    """``(flat state dict, where its record is or None)`` of a local weights file: the path of
+    the ``model.json`` beside a ``.safetensors``, or a ``.ckpt``'s ``finegrain_meta`` mapping
+    as stored (unread, so weights-only callers never fail on a record)."""
     path = str(path)
     if not os.path.isfile(path):
         raise missing_file_error(path)

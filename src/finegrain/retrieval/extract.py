@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..meta import ModelMeta, read_meta
 
-__all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std",
+__all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std", "model_name_of",
            "resolve_img_size", "sample_names", "extraction_dataset", "retrieval_transform",
            "DEFAULT_IMG_SIZE", "PROTOCOL_IMG_SIZE"]
 
@@ -116,6 +116,13 @@ def resolve_img_size(img_size: int | None, meta: ModelMeta | None = None,
     if size is None:
         return DEFAULT_IMG_SIZE
     return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
+
+
+def model_name_of(model: nn.Module, meta: ModelMeta | None = None) -> str:
+    """The name descriptors record for a model: its record's ``model_name``, else the
+    registered name it was built under, else its class name."""
+    return (meta.model_name if meta is not None else "") or \
+        getattr(model, "finegrain_name", None) or type(model).__name__
 
 
 def model_mean_std(model: nn.Module, meta: ModelMeta | None = None

@@ -328,7 +328,7 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     """
     from ..data import build_dataset
     from ..evaluation.revisited import evaluate_positions, query_aps
-    from .extract import embed_dataset, load_checkpoint_model
+    from .extract import embed_dataset, load_checkpoint_model, model_name_of
 
     ex, post, pic = extract or ExtractOptions(), post or PostprocessOptions(), \
         picture or PictureOptions()
@@ -351,11 +351,9 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
         if isinstance(ckpt, nn.Module):
             model, ck_hash = ckpt.to(ex.device).eval(), "in-memory"
             meta = read_meta(meta, "meta", require_model=False) if meta is not None else None
-            model_name = (meta.model_name if meta is not None else "") or \
-                getattr(model, "finegrain_name", None) or type(model).__name__
         else:
             model, meta, ck_hash = load_checkpoint_model(ckpt, ex.device)
-            model_name = meta.model_name
+        model_name = model_name_of(model, meta)
         opts = dict(batch_size=ex.batch_size, device=ex.device, num_workers=ex.num_workers,
                     amp=ex.amp, progress=ex.progress)
         stats_q: dict = {}

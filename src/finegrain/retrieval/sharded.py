@@ -341,7 +341,8 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
         "shards", "resumed" (shards kept), "paths", "global_zero"}``.
     """
     from .descriptors import checkpoint_hash as _hash
-    from .extract import extraction_dataset, load_checkpoint_model, sample_names
+    from .extract import (extraction_dataset, load_checkpoint_model, model_name_of,
+                          sample_names)
 
     if model is None:
         model, meta, ck_hash = load_checkpoint_model(checkpoint, "cpu")
@@ -349,8 +350,7 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
         meta = read_meta(meta, "meta", require_model=False) if meta is not None else None
         ck_hash = (meta.checkpoint_hash if meta is not None else None) or (  # an export's
             _hash(checkpoint) if os.path.isfile(checkpoint) else "in-memory")
-    model_name = (meta.model_name if meta is not None else "") or \
-        getattr(model, "finegrain_name", None) or type(model).__name__
+    model_name = model_name_of(model, meta)
     model.eval()
     if not scales:
         raise InputError("scales is empty; use (1.0,) for single-scale extraction")
