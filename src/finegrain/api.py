@@ -153,6 +153,39 @@ def _image_files(folder: str) -> list[str]:
     return [p for p, _ in resolve_images(folder)[1]]
 
 
+def confine_to_root(paths: dict[str, str], root: str | None, index_dir: str) -> dict[str, str]:
+    """``paths`` (name -> file) with each file resolved, links followed, after checking it
+    lies inside ``root`` and is an image file (a ``.jpg``, ``.png`` ... name).
+
+    A gallery's names come from an index folder, which may be edited or foreign: a name like
+    ``/etc/passwd`` or ``../../etc/passwd`` must never reach a reader. Raises
+    :class:`InputError` naming the first entry that leaves the root.
+    """
+    from .data.datasets._parsing import IMAGE_EXTENSIONS
+    if not paths:
+        return {}
+    if not root:
+        raise InputError(f"{index_dir}: the index records gallery files but no gallery root; "
+                         f"pass --gallery-root with the folder (or dataset root) they are in")
+    folder = root.split("*")[0].split("?")[0].split("[")[0]  # a glob's fixed head
+    base = os.path.realpath(folder if os.path.isdir(folder) else os.path.dirname(folder) or ".")
+    out = {}
+    for name, path in paths.items():
+        real = os.path.realpath(path)
+        inside = os.path.commonpath([base, real]) == base
+        if not inside or not real.lower().endswith(IMAGE_EXTENSIONS):
+            why = (f"resolves to {real}, outside the gallery root {base}" if not inside else
+                   f"resolves to {real}, which is not an image file "
+                   f"({' '.join(IMAGE_EXTENSIONS)})")
+            raise InputError(f"{index_dir}: gallery entry {name!r} {why}; the index folder was "
+                             f"edited or comes from elsewhere: nothing outside the gallery root "
+                             f"is served. Rebuild the index with 'finegrain index build' from "
+                             f"your own descriptors, or pass --gallery-root with the folder "
+                             f"that holds its images")
+        out[name] = real
+    return out
+
+
 class Searcher:
     """Search an index folder by image (module docstring).
 
@@ -274,7 +307,7 @@ class Searcher:
             with self._lock:
                 q = self.index.reconstruct(np.array([gallery_id]))
         except InputError:  # an index that cannot give its vectors back: embed the file
-            q = self.embed([self._require_path(gallery_id)])
+            q = self.embed([self.require_path(gallery_id)])
         return self.search_vectors(q, k, [name])[0]
 
     # ------------------------------------------------------------------ gallery images
@@ -287,7 +320,12 @@ class Searcher:
         return self.index.names[row]
 
     def _gallery_paths(self) -> dict[str, str]:
-        """Image name -> file, from the dataset the index was embedded from (built once)."""
+        """Image name -> file, from the dataset the index was embedded from (built once).
+
+        Every file is confined to the gallery root: it must resolve (links followed) inside
+        the root folder and be an image file, whatever names the index records; an index
+        that names anything else is refused (:func:`confine_to_root`).
+        """
         if self._paths is not None:
             return self._paths
         from .data import build_dataset
@@ -306,16 +344,22 @@ class Searcher:
             except FinegrainError:
                 paths = {}
         if not paths and root and os.path.isdir(root):  # names relative to a folder
-            paths = {n: os.path.join(root, n) for n in wanted
+            paths = {n: os.path.join(root, n) for n in self.index.names
                      if os.path.isfile(os.path.join(root, n))}
-        self._paths = paths
-        return paths
+        self._paths = confine_to_root(paths, root, self.index_dir)
+        return self._paths
+
+    def check_gallery(self) -> int:
+        """Resolve every gallery file now (``serve`` calls it at start): refuses an index
+        whose names lead outside the gallery root; returns how many images are found."""
+        return len(self._gallery_paths())
 
     def gallery_path(self, gallery_id: int) -> str | None:
         """The image file of a gallery id (None when the images are not found)."""
         return self._gallery_paths().get(self.name_of(gallery_id))
 
-    def _require_path(self, gallery_id: int) -> str:
+    def require_path(self, gallery_id: int) -> str:
+        """The image file of a gallery id; :class:`MissingFileError` when it is not found."""
         p = self.gallery_path(gallery_id)
         if p is None or not os.path.isfile(p):
             raise MissingFileError(f"the image of gallery id {gallery_id} "
@@ -364,7 +408,7 @@ class Searcher:
         tf = eval_transform(self.meta)
         x = tf(self._decode(image)[1])[None]
         name = self.name_of(gallery_id)
-        px = tf(self._decode(self._require_path(gallery_id))[1])[None]
+        px = tf(self._decode(self.require_path(gallery_id))[1])[None]
         with self._lock, torch.no_grad():
             emb = self.model(torch.cat([x, px]).to(self.device)).get("embedding")
             maps = self.model.explain(x.to(self.device), pair=px.to(self.device))

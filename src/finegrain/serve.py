@@ -58,6 +58,7 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
         searcher: an already opened :class:`~finegrain.api.Searcher` (tests, benchmarks).
     """
     s = searcher or Searcher(index_dir, model=model, device=device, gallery_root=gallery_root)
+    s.check_gallery()  # an index naming files outside its gallery root is refused now
     max_bytes = int(max_upload_mb * 1e6)
     app = FastAPI(title="finegrain search", version="1",
                   description=f"Search {index_dir} ({len(s)} images) by image.")
@@ -207,7 +208,7 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
                                      f"attention (DCAL Re-ID and cross-image models do)")
         try:
             name, img, gid = _query(image, gallery_id)
-            query = img if img is not None else s._require_path(gid)
+            query = img if img is not None else s.require_path(gid)
             png = s.explain_pair(query, result_id, name)
         except FinegrainError as e:
             raise _error(e) from None
@@ -227,7 +228,7 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
     def gallery_image(gallery_id: int):
         """The image file of a gallery id."""
         try:
-            path = s._require_path(gallery_id)
+            path = s.require_path(gallery_id)
         except FinegrainError as e:
             raise _error(e) from None
         media = mimetypes.guess_type(path)[0] or "application/octet-stream"
