@@ -79,6 +79,7 @@ def _cmd_eval(a, extra) -> int:
     else:
         print(f"{res['dataset']} / {res['split']} of {a.checkpoint}"
               + (" (re-ranked)" if a.rerank else "") + (f" (aqe {a.aqe})" if a.aqe else ""))
+        print(f"checkpoint chosen in its run on: {res['selected_on']}")
         print(f"{'metric':>8s}  {'%':>6s}")
         for k, v in metrics.items():
             if isinstance(v, float):
@@ -188,8 +189,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                                  "`finegrain train --help`)", add_help=False)
     ckpt_help = "a finegrain checkpoint (runs/<run>/best.ckpt or last.ckpt)"
     e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset",
-                       description="Evaluate a checkpoint on its dataset's evaluation split "
-                                   "(the split training evaluated). Also takes --data.<name> "
+                       description="Evaluate a checkpoint on its dataset's test protocol "
+                                   "(query + gallery for Re-ID; --data.val_split holdout: the "
+                                   "held-out part of train that chose best.ckpt). Also takes "
+                                   "--data.<name> "
                                    "VALUE overrides (--data.root DIR ...) and inference-time "
                                    "--model.<name> VALUE overrides (--model.sa_only true). "
                                    "Metrics are fractions in [0, 1] in the JSON; the console "

@@ -22,7 +22,8 @@ def eval_transform(meta: ModelMeta | dict):
     meta = read_meta(meta, "eval_transform", require_model=False)
     task = "reid" if meta.task == "retrieval" else meta.task  # retrieval: a plain resize
     return build_transform(task, False, meta.img_size, meta.resize_size, meta.mean, meta.std,
-                           resize_mode=meta.resize_mode)
+                           resize_mode=meta.resize_mode, interpolation=meta.interpolation,
+                           crop_pct=meta.crop_pct)
 
 
 def load_images(paths: list[str], meta: ModelMeta | dict):
@@ -107,7 +108,8 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     module.set_data_meta(meta)
     data = {"dataset": meta.dataset, "img_size": meta.img_size,
             "resize_size": meta.resize_size, "mean": meta.mean, "resize_mode": meta.resize_mode,
-            "std": meta.std, "num_workers": 2, "batch_size": 64,
+            "std": meta.std, "interpolation": meta.interpolation, "crop_pct": meta.crop_pct,
+            "val_split": "test", "num_workers": 2, "batch_size": 64,
             "dataset_kwargs": meta.dataset_kwargs}
     overrides = dict(overrides or {})
     if overrides.get("dataset", meta.dataset) != meta.dataset:
@@ -121,8 +123,10 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     if info is not None:
         hp = dm.hparams
         info.update(dataset=hp.dataset, root=hp.root, task=dm.task,
-                    split=hp.val_split or ("query+gallery" if isinstance(dm.val_set, QueryGallery)
-                                           else "test"))
+                    selected_on=meta.selected_on or "not recorded (before finegrain recorded "
+                                                    "it, the test split by default)",
+                    split=("query+gallery" if isinstance(dm.val_set, QueryGallery)
+                           else dm.val_mode))
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, devices=devices,
                          accelerator=accelerator, use_distributed_sampler=False,
                          enable_model_summary=False, enable_progress_bar=progress)

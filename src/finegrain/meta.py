@@ -10,7 +10,10 @@ Schema versions (the ``schema`` key):
 - 1: the untyped dicts written before 2026-11-30 (no ``schema`` key). They also held
   ``num_query``, which is dropped on reading: the evaluation now flags each query sample
   (``engine.datamodule.QueryGallery``) instead of assuming the queries come first.
-- 2 (current): the fields of :class:`ModelMeta`, ``schema`` included. An unknown key is an
+- 2: the fields of :class:`ModelMeta` but ``interpolation``, ``crop_pct`` and
+  ``selected_on`` (read as bilinear, no crop share, not recorded: what those records were
+  made with; their checkpoints were chosen on the test split by default).
+- 3 (current): the fields of :class:`ModelMeta`, ``schema`` included. An unknown key is an
   error (a misspelt hand edit is not silently ignored); a newer schema asks for a newer
   finegrain.
 
@@ -27,8 +30,9 @@ from typing import Any, Mapping
 
 from .errors import InputError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TASKS = ("classification", "reid", "dml", "retrieval")
+INTERPOLATIONS = ("bilinear", "bicubic")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _DROPPED_V1 = ("num_query",)  # keys of schema 1 that no longer mean anything
@@ -54,6 +58,10 @@ class ModelMeta:
         resize_mode: ``square`` or ``shorter``.
         mean: normalisation mean (RGB).
         std: normalisation std (RGB).
+        interpolation: resize interpolation, ``bilinear`` or ``bicubic`` (the weights').
+        crop_pct: eval crop share when ``resize_size`` is None (None: 224/256).
+        selected_on: what chose the run's ``best.ckpt`` (``held-out 10% of the training
+            images (seed 0)``, ``the test split ...``), None when not recorded.
         checkpoint_hash: the hash of the checkpoint an export was made from (export folders'
             ``model.json``; descriptors of the checkpoint and of the export then match).
         schema: version of this record (:data:`SCHEMA_VERSION`).
@@ -71,6 +79,9 @@ class ModelMeta:
     resize_mode: str = "square"
     mean: tuple = _IMAGENET_MEAN
     std: tuple = _IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+    selected_on: str | None = None
     checkpoint_hash: str | None = None
     schema: int = SCHEMA_VERSION
 
@@ -159,6 +170,13 @@ def read_meta(record: ModelMeta | Mapping[str, Any], source: str = "checkpoint",
         if not isinstance(d.get(key) or {}, dict):
             raise InputError(f"{source}: {key} is not a mapping")
     default = ModelMeta()
+    interpolation = d.get("interpolation") or "bilinear"
+    if interpolation not in INTERPOLATIONS:
+        raise InputError(f"{source}: interpolation {interpolation!r} is not one of "
+                         f"{', '.join(INTERPOLATIONS)}")
+    crop_pct = d.get("crop_pct")
+    if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
+        raise InputError(f"{source}: crop_pct {crop_pct!r} is not a share in (0, 1]")
     return ModelMeta(
         model_name=str(d.get("model_name") or ""),
         model_kwargs=dict(d.get("model_kwargs") or {}),
@@ -172,5 +190,8 @@ def read_meta(record: ModelMeta | Mapping[str, Any], source: str = "checkpoint",
         resize_mode=str(d.get("resize_mode") or "square"),
         mean=_triple(d.get("mean", default.mean), "mean", source),
         std=_triple(d.get("std", default.std), "std", source),
+        interpolation=interpolation,
+        crop_pct=None if crop_pct is None else float(crop_pct),
+        selected_on=None if d.get("selected_on") is None else str(d["selected_on"]),
         checkpoint_hash=d.get("checkpoint_hash"),
     )

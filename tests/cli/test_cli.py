@@ -23,6 +23,7 @@ def run(tmp_path_factory):
                "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
                "--model.model", model_arg("vit_tiny_patch16_224", TINY),
+               "--data.val_split", "test",  # eval must equal training's last evaluation
                "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp / "cache"),
                "--data.dataset_kwargs", json.dumps({"config": CFG}),
                "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"])

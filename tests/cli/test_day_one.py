@@ -115,8 +115,17 @@ def test_eval_json_one_unit_and_provenance(two, capsys):
     assert res["checkpoint"].endswith("run0/best.ckpt") and res["dataset"] == "synthetic_fgvc"
     assert res["split"] == "test" and res["unit"] == "fraction"
     assert 0 <= res["metrics"]["top1"] <= 1
-    saved = json.load(open(run0 / "metrics.json"))["best"]
-    assert res["metrics"]["top1"] == pytest.approx(saved["top1"])
+    saved = json.load(open(run0 / "metrics.json"))
+    # best.ckpt is chosen on a held-out part of train; the test protocol is scored after fit
+    assert saved["selected_on"].startswith("held-out 10% of the training images")
+    assert saved["test"]["checkpoint"] == "best.ckpt"
+    assert res["metrics"]["top1"] == pytest.approx(saved["test"]["top1"])
+    assert res["selected_on"] == saved["selected_on"]
+    capsys.readouterr()
+    assert main(["eval", str(run0 / "best.ckpt"), "--json", "--data.num_workers", "0",
+                 "--data.root", str(run0.parent / "cache"), "--data.val_split", "holdout"]) == 0
+    held = json.loads(capsys.readouterr().out)
+    assert held["metrics"]["top1"] == pytest.approx(saved["best"]["top1"])
     assert main(["eval", str(run0 / "best.ckpt"), "--data.num_workers", "0",
                  "--data.root", str(run0.parent / "cache")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -129,13 +138,14 @@ def test_compare_two_runs_by_recipe_and_against_a_baseline(two, capsys):
     assert main(["compare", str(run0), str(run1), "--group-by", "recipe", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     (row,) = res["rows"]
-    vals = [json.load(open(r / "metrics.json"))["best"]["top1"] for r in (run0, run1)]
+    vals = [json.load(open(r / "metrics.json"))["test"]["top1"] for r in (run0, run1)]
     assert row["group"] == "tiny_dcal" and row["n"] == 2 and row["paper"] == "91.4"
     assert row["mean"] == pytest.approx(sum(vals) / 2)
     assert row["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
     assert main(["compare", str(run0), str(run1), "--baseline", str(run0), "--markdown"]) == 0
     table = capsys.readouterr().out
-    assert table.startswith("| run | n | top1 (%) | paper (%) | vs ") and "baseline" in table
+    assert table.startswith("| run | n | top1 (%) | evaluated on | paper (%) | vs ")
+    assert "baseline" in table and "| test |" in table
     assert f"{100 * (vals[1] - vals[0]):+.2f}" in table
     assert main(["compare", str(run0), str(run1)]) == 0
     assert "91.4" in capsys.readouterr().out

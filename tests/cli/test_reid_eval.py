@@ -26,7 +26,8 @@ def run(tmp_path_factory):
                  "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                  "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary",
                  "false", "--model.model", model_arg(NAME, kw),
-                 "--data.dataset", "synthetic_reid", "--data.root", str(tmp / "cache"),
+                 "--data.val_split", "test",  # eval must equal training's last evaluation
+               "--data.dataset", "synthetic_reid", "--data.root", str(tmp / "cache"),
                  "--data.dataset_kwargs", json.dumps({"config": DATA}),
                  "--data.img_size", "[32, 16]", "--data.batch_size", "8",
                  "--data.sampler", "pk", "--data.num_instances", "2",

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from finegrain.engine import train
+from finegrain.meta import SCHEMA_VERSION
 from finegrain.models import create_model, load_model
 from finegrain.models.registry import model_arg
 from finegrain.models.tiny import tiny_kwargs
@@ -26,6 +27,7 @@ def _argv(tmp_path, run_dir, epochs=3, extra=()):
                                        {**tiny_kwargs("vit_tiny_patch16_224"),
                                         "drop_path_rate": 0.1}),
             "--model.optimizer.lr", "0.003", "--model.warmup_epochs", "1",
+            "--data.val_split", "test",  # the full training split: these test the run
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": cfg}),
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0",
@@ -65,7 +67,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path):
     assert ck["global_step"] == 9
     meta = ck["finegrain_meta"]
     assert meta["model_name"] == "vit_tiny_patch16_224" and len(meta["class_names"]) == 4
-    assert meta["img_size"] == 32 and len(meta["mean"]) == 3 and meta["schema"] == 2
+    assert meta["img_size"] == 32 and len(meta["mean"]) == 3 and meta["schema"] == SCHEMA_VERSION
     for name in ("config.yaml", "metrics.csv", "metrics.json", "best.ckpt", "weights.safetensors",
                  "model.json"):
         assert (full / name).is_file(), name

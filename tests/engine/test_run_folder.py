@@ -25,6 +25,7 @@ def _argv(tmp, run_dir, epochs=2):
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_model_summary", "false",
             "--model.model", model_arg("vit_tiny_patch16_224", TINY),
             "--model.optimizer.lr", "0.003",
+            "--data.val_split", "test",  # the full training split: these test the run
             "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp / "cache"),
             "--data.dataset_kwargs", json.dumps({"config": CFG}),
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0"]

@@ -13,6 +13,7 @@ from jsonargparse import ArgumentParser
 
 from finegrain import demo
 from finegrain.errors import InputError
+from finegrain.meta import SCHEMA_VERSION
 from finegrain.models import create_model, load_model
 from finegrain.models.registry import (FinegrainModel, config_meta, list_models, model_config,
                                        model_from_meta, registry_name, resolve_class)
@@ -106,7 +107,7 @@ def test_checkpoint_of_the_earlier_format_still_loads(tmp_path):
     path = _checkpoint(tmp_path, {"model_name": NAME, "model_kwargs": kw, **_data_meta()},
                        trained)
     model, meta = load_model(path)
-    assert meta.model_config is None and meta.schema == 2 and not model.training
+    assert meta.model_config is None and meta.schema == SCHEMA_VERSION and not model.training
     assert type(model).__name__ == "DCAL" and not model.glca and _same(model, trained)
 
 

@@ -5,7 +5,8 @@
 - reid: train plain resize + flip + pad/crop + random erasing; eval plain resize;
 - retrieval: eval keeps the aspect ratio (longest side S); train random-resized crop;
 - dml: train random-resized crop + flip; eval resize of the shorter side to 256 + centre crop
-  224 (the DML convention; classification resizes to a square, as TransFG / DCAL).
+  224 (the DML convention, whatever ``resize_size`` says of the eval resize; classification
+  resizes to a square, as TransFG / DCAL).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAIN_CROPS = ("random_resized", "resize_crop")
 
 
 def _size(s: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -76,15 +78,19 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
                     resize_size: int | tuple[int, int] | None = None,
                     mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                     random_erasing: float | None = None, color_jitter: float = 0.0,
-                    rotation: float = 0.0, resize_mode: str = "square") -> v2.Compose:
+                    rotation: float = 0.0, resize_mode: str = "square",
+                    interpolation: str | None = None, crop_pct: float | None = None,
+                    train_crop: str | None = None) -> v2.Compose:
     """The transform of ``task`` (classification | reid | retrieval | dml) for train or eval.
 
     Args:
         task: which protocol's transform.
         train: augmentation (True) or the evaluation transform (False).
         img_size: output size (int or (H, W)); for retrieval eval the longest side S.
-        resize_size: classification / dml: the resize before the crop (550 for a 448 crop;
-            default 256/224 of img_size). Re-ID ignores it.
+        resize_size: classification: the resize before the crop (550 for a 448 crop;
+            default ``img_size / crop_pct``); DML: the eval resize of the shorter side before
+            the centre crop (training is a random-resized crop, the DML standard). Re-ID
+            ignores it.
         mean, std: normalisation (the backbone's).
         random_erasing: probability (Re-ID default 0.5; 0 turns it off).
         color_jitter: brightness / contrast / saturation strength (0 = off).
@@ -92,30 +98,45 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
         resize_mode: classification: ``square`` resizes to ``resize_size`` x ``resize_size``
             (TransFG / DCAL), ``shorter`` resizes the shorter side and keeps the aspect ratio
             (TASN). DML always resizes the shorter side.
+        interpolation: ``bilinear`` (None) or ``bicubic``: the pretrained weights' own.
+        crop_pct: eval crop share when ``resize_size`` is None (None: 224/256).
+        train_crop: ``random_resized`` (RandomResizedCrop) or ``resize_crop`` (resize to
+            ``resize_size``, random crop); None: the task's default (DML and retrieval
+            random-resized; classification resize-crop when ``resize_size`` is given).
     """
     H, W = _size(img_size)
+    interp = v2.InterpolationMode(interpolation or "bilinear")
     ops: list = []
     if task == "reid":
-        ops = [v2.Resize((H, W), antialias=True)]
+        ops = [v2.Resize((H, W), interpolation=interp, antialias=True)]
         if train:
             ops += [v2.RandomHorizontalFlip(), v2.Pad(10), v2.RandomCrop((H, W))]
     elif task == "retrieval" and not train:
         ops = [LongestSide(max(H, W))]
     else:
+        share = crop_pct or 224 / 256
         rs = _size(resize_size) if resize_size is not None else \
-            (round(H * 256 / 224), round(W * 256 / 224))
+            (round(H / share), round(W / share))
+        if task == "dml" and resize_size is None and H == W:
+            rs = rs[0]  # an int: torchvision resizes the shorter side
         if isinstance(resize_size, int) and (task == "dml" or resize_mode == "shorter"):
             rs = resize_size  # an int: torchvision resizes the shorter side
-        if train and resize_size is None:
+        if train_crop is None:
+            train_crop = "random_resized" if resize_size is None or task == "dml" \
+                else "resize_crop"
+        if train and train_crop not in TRAIN_CROPS:
+            raise ValueError(f"train_crop {train_crop!r}: choose one of {TRAIN_CROPS}")
+        if train and train_crop == "random_resized":
             # landmarks: keep at least a quarter of the image, or the building is often gone
             scale = (0.25, 1.0) if task == "retrieval" else (0.08, 1.0)
-            ops = [v2.RandomResizedCrop((H, W), scale=scale, antialias=True),
+            ops = [v2.RandomResizedCrop((H, W), scale=scale, interpolation=interp,
+                                        antialias=True),
                    v2.RandomHorizontalFlip()]
         elif train:
-            ops = [v2.Resize(rs, antialias=True), v2.RandomCrop((H, W)),
+            ops = [v2.Resize(rs, interpolation=interp, antialias=True), v2.RandomCrop((H, W)),
                    v2.RandomHorizontalFlip()]
         else:
-            ops = [v2.Resize(rs, antialias=True), v2.CenterCrop((H, W))]
+            ops = [v2.Resize(rs, interpolation=interp, antialias=True), v2.CenterCrop((H, W))]
     if train and rotation > 0:
         ops.insert(1 if task != "reid" else 2, v2.RandomRotation(rotation))
     if train and color_jitter > 0:

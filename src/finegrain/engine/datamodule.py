@@ -9,12 +9,15 @@ back in dataset order).
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import dataclasses
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.holdout import holdout
 from ..data.registry import build_dataset, get_dataset_class
 from ..data.samplers import PKBatchSampler, RandomBatchSampler, SeededDataset, ShardSampler
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
@@ -68,10 +71,26 @@ class FinegrainDataModule(pl.LightningDataModule):
         sampler: ``random`` or ``pk`` (P identities x K instances; Re-ID and DML).
         num_instances: K of the P x K sampler.
         num_workers: DataLoader worker processes (decoding + augmentation).
-        val_split: split evaluated during training (default: ``test`` for classification and
-            DML, query + gallery for Re-ID; ``none`` turns validation off).
-        mean: normalisation mean.
-        std: normalisation std.
+        val_split: what training evaluates, and so what chooses ``best.ckpt``: ``holdout``
+            (the default: ``val_fraction`` of the training split held out, seeded by
+            ``holdout_seed``; images per class for classification, whole classes for DML,
+            whole identities for Re-ID, see :mod:`finegrain.data.holdout`), ``test`` (the
+            test protocol: query + gallery where the dataset has them; the checkpoint is
+            then chosen on the test split), another split of the dataset (``val``), or
+            ``none``. Retrieval sets have no training-time evaluation.
+        val_fraction: share held out by ``val_split: holdout``.
+        holdout_seed: seed of the held-out draw (not the training seed: runs of different
+            seeds hold out the same images).
+        mean: normalisation mean (None: the weights' own, set by ``finegrain train`` from
+            ``model.pretrained``; ImageNet's without weights).
+        std: normalisation std (as ``mean``).
+        interpolation: resize interpolation (None: the weights', else bilinear).
+        crop_pct: classification / DML eval crop share when ``resize_size`` is not set
+            (None: the weights', else 224/256).
+        train_crop: ``random_resized`` or ``resize_crop`` (resize to ``resize_size``, random
+            crop); None: the task's default (DML: random-resized crop 224 + flip, evaluated
+            with the shorter side at 256 + centre crop 224, the standard DML pipeline;
+            classification: resize-crop when ``resize_size`` is set).
         random_erasing: probability (None: 0.5 for Re-ID, 0 otherwise).
         color_jitter: colour jitter strength for training (0 = off).
         rotation: training random rotation in degrees (0 = off).
@@ -89,9 +108,13 @@ class FinegrainDataModule(pl.LightningDataModule):
                  img_size: int | list[int] = 224, resize_size: int | list[int] | None = None,
                  batch_size: int = 32, eval_batch_size: int | None = None,
                  sampler: str = "random", num_instances: int = 4, num_workers: int = 4,
-                 val_split: str | None = None,
-                 mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD,
+                 val_split: str | None = None, val_fraction: float = 0.1,
+                 holdout_seed: int = 0,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None,
+                 interpolation: Literal["bilinear", "bicubic"] | None = None,
+                 crop_pct: float | None = None,
+                 train_crop: Literal["random_resized", "resize_crop"] | None = None,
                  random_erasing: float | None = None, color_jitter: float = 0.0,
                  rotation: float = 0.0, resize_mode: str = "square", augment: bool = True,
                  on_error: str = "raise", seed: int = 0,
@@ -99,9 +122,12 @@ class FinegrainDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.task = get_dataset_class(dataset).task
+        self.mean = tuple(mean) if mean is not None else IMAGENET_MEAN
+        self.std = tuple(std) if std is not None else IMAGENET_STD
         self._train = None
         self._val = None
         self._train_sampler = None
+        self._holdout = None
 
     # ---- datasets ---------------------------------------------------------------------
     def _build(self, split: str, train: bool):
@@ -110,20 +136,63 @@ class FinegrainDataModule(pl.LightningDataModule):
             # the evaluation transform at a fixed size (retrieval evaluates at the longest
             # side, of varying shape: a plain resize, as `finegrain predict` does)
             task = "reid" if self.task == "retrieval" else self.task
-            tf = build_transform(task, False, hp.img_size, hp.resize_size, tuple(hp.mean),
-                                 tuple(hp.std), resize_mode=hp.resize_mode)
+            tf = build_transform(task, False, hp.img_size, hp.resize_size, self.mean,
+                                 self.std, resize_mode=hp.resize_mode,
+                                 interpolation=hp.interpolation, crop_pct=hp.crop_pct)
         else:
             tf = build_transform(self.task, train, hp.img_size, hp.resize_size,
-                                 tuple(hp.mean), tuple(hp.std), hp.random_erasing,
+                                 self.mean, self.std, hp.random_erasing,
                                  hp.color_jitter, hp.rotation if train else 0.0,
-                                 hp.resize_mode)
+                                 hp.resize_mode, interpolation=hp.interpolation,
+                                 crop_pct=hp.crop_pct, train_crop=hp.train_crop)
         return build_dataset(hp.dataset, hp.root, split, transform=tf, on_error=hp.on_error,
                              **(hp.dataset_kwargs or {}))
 
     @property
+    def val_mode(self) -> str:
+        """What training evaluates: ``holdout``, ``test``, a split name, or ``none``."""
+        split = self.hparams.val_split or "holdout"
+        if self.task == "retrieval" and self.hparams.val_split is None:
+            return "none"  # retrieval is evaluated by `finegrain retrieval eval`
+        return split
+
+    @property
+    def selected_on(self) -> str:
+        """Which data chooses ``best.ckpt``, in words (printed and saved with results)."""
+        mode = self.val_mode
+        if mode == "holdout":
+            what = {"classification": "images", "dml": "classes",
+                    "reid": "identities"}.get(self.task, "images")
+            return (f"held-out {100 * self.hparams.val_fraction:g}% of the training {what} "
+                    f"(seed {self.hparams.holdout_seed})")
+        if mode == "none":
+            return "none (last checkpoint)"
+        return f"the {mode} split" + (" (the test protocol)" if mode == "test" else "")
+
+    def _split_train(self, ds, part: str):
+        """The reader ``ds`` of the training split narrowed to the held-out draw's ``part``
+        (``train``: relabelled 0..n-1; ``val``: raw labels)."""
+        h = self._holdout
+        if h is None:
+            h = self._holdout = holdout(self.task, ds.labels, self.hparams.val_fraction,
+                                        self.hparams.holdout_seed)
+        out = copy.copy(ds)
+        rows = h.train if part == "train" else h.val
+        if part == "train":
+            out.samples = [dataclasses.replace(ds.samples[i], label=h.relabel[ds.samples[i].label])
+                           for i in rows]
+            if self.task != "classification":
+                kept = sorted(h.relabel, key=h.relabel.get)
+                out.classes = [ds.classes[c] for c in kept]
+        else:
+            out.samples = [ds.samples[i] for i in rows]
+        return out
+
+    @property
     def train_set(self):
         if self._train is None:
-            self._train = self._build("train", True)
+            ds = self._build("train", True)
+            self._train = self._split_train(ds, "train") if self.val_mode == "holdout" else ds
         return self._train
 
     @property
@@ -134,16 +203,49 @@ class FinegrainDataModule(pl.LightningDataModule):
     @property
     def val_set(self):
         if self._val is None:
-            split = self.hparams.val_split
-            if split == "none" or (split is None and self.task == "retrieval"):
-                return None  # retrieval is evaluated by `finegrain retrieval eval`
+            mode = self.val_mode
+            if mode == "none":
+                return None
             cls = get_dataset_class(self.hparams.dataset)
-            if split is None and self.task in ("reid", "dml") and "query" in cls.splits:
+            if mode == "holdout":
+                if self.task not in ("classification", "dml", "reid"):
+                    raise InputError(f"data.val_split holdout: no held-out evaluation for "
+                                     f"{self.task} sets; use none")
+                self.train_set  # draws the held-out part
+                val = self._split_train(self._build("train", False), "val")
+                if self.task == "reid":
+                    q = self._holdout.query
+                    qs, gs = copy.copy(val), copy.copy(val)
+                    qs.samples = [s for s, f in zip(val.samples, q) if f]
+                    gs.samples = [s for s, f in zip(val.samples, q) if not f]
+                    val = QueryGallery(qs, gs)
+                self._val = val
+            elif mode == "test" and self.task in ("reid", "dml") and "query" in cls.splits:
                 self._val = QueryGallery(self._build("query", False),
                                          self._build("gallery", False))
             else:
-                self._val = self._build(split or "test", False)
+                self._val = self._build(mode, False)
         return self._val
+
+    def test_set(self):
+        """The test protocol's evaluation set (query + gallery where the dataset has them),
+        whatever ``val_split`` chose the checkpoint on; None for retrieval sets."""
+        if self.task == "retrieval":
+            return None
+        if self.val_mode == "test":
+            return self.val_set
+        cls = get_dataset_class(self.hparams.dataset)
+        if self.task in ("reid", "dml") and "query" in cls.splits:
+            return QueryGallery(self._build("query", False), self._build("gallery", False))
+        return self._build("test", False)
+
+    def eval_dataloader(self, ds) -> DataLoader:
+        """An evaluation loader over ``ds``, sharded across DDP ranks without padding."""
+        rank, world = self._rank()
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+                          sampler=ShardSampler(len(ds), rank, world),
+                          num_workers=self.hparams.num_workers, collate_fn=_collate,
+                          generator=torch.Generator().manual_seed(0))
 
     def meta(self) -> dict[str, Any]:
         """The data fields of the checkpoint's record (:class:`finegrain.meta.ModelMeta`, set by
@@ -152,8 +254,9 @@ class FinegrainDataModule(pl.LightningDataModule):
         return {"dataset": hp.dataset, "dataset_kwargs": dict(hp.dataset_kwargs or {}),
                 "task": self.task, "class_names": list(self.train_set.classes),
                 "img_size": hp.img_size, "resize_size": hp.resize_size,
-                "resize_mode": hp.resize_mode, "mean": list(hp.mean),
-                "std": list(hp.std)}
+                "resize_mode": hp.resize_mode, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": hp.interpolation or "bilinear",
+                "crop_pct": hp.crop_pct, "selected_on": self.selected_on}
 
     # ---- loaders ----------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
@@ -196,10 +299,4 @@ class FinegrainDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         ds = self.val_set
-        if ds is None:
-            return []
-        rank, world = self._rank()
-        return DataLoader(ds, batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-                          sampler=ShardSampler(len(ds), rank, world),
-                          num_workers=self.hparams.num_workers, collate_fn=_collate,
-                          generator=torch.Generator().manual_seed(0))
+        return [] if ds is None else self.eval_dataloader(ds)

@@ -148,6 +148,7 @@ class FinegrainModule(pl.LightningModule):
         self.last_metrics: dict[str, Any] | None = None  # of the last evaluation pass
         self.skipped_steps = 0
         self.nonfinite_outputs = 0  # evaluated images with NaN / inf logits or embedding
+        self.log_evaluation = True  # evaluations log val/* (False: the test pass after fit)
 
     # ---- self-description -------------------------------------------------------------
     def set_model_config(self, config: dict) -> None:
@@ -303,6 +304,8 @@ class FinegrainModule(pl.LightningModule):
         self.last_metrics = metrics
         if self.trainer.state.fn == "validate":  # `finegrain eval`: re-ranking, pictures
             self.last_outputs = res
+        if not self.log_evaluation:  # the test pass after fit chooses nothing: not logged
+            return
         primary = primary_metric(self.task)
         for k, v in metrics.items():
             if np.isscalar(v):  # the metric that picks best.ckpt also in the progress bar

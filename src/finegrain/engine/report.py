@@ -88,7 +88,8 @@ def random_init_warning(model_name: str, recipe: str | None) -> str:
 
 
 # ---- lines printed during and after training ----------------------------------------------
-def _pct(v: Any) -> str:
+def percent(v: Any) -> str:
+    """A fraction as a percentage with two decimals (other numbers as they are)."""
     return f"{100 * v:.2f}" if isinstance(v, (int, float)) and 0 <= v <= 1 else f"{v:.4g}"
 
 
@@ -98,11 +99,11 @@ def format_eval_line(row: dict, primary: str, best: dict | None, max_epochs: int
     ep = f"epoch {row['epoch'] + 1}" + (f"/{max_epochs}" if max_epochs and max_epochs > 0
                                          else "")
     keys = [primary] + [k for k in row if k not in ("epoch", "step", primary)]
-    vals = "  ".join(f"{k} {_pct(row[k])}" for k in keys
+    vals = "  ".join(f"{k} {percent(row[k])}" for k in keys
                      if isinstance(row.get(k), (int, float)) and not isinstance(row[k], bool))
     line = f"{ep}  step {row['step']}  val (%): {vals}"
     if best is not None and primary in best:
-        line += f"  | best {primary} {_pct(best[primary])} @ epoch {best['epoch'] + 1}"
+        line += f"  | best {primary} {percent(best[primary])} @ epoch {best['epoch'] + 1}"
     return line
 
 
@@ -114,8 +115,8 @@ def format_summary(run_dir: str, primary: str, best: dict | None, final: dict | 
         ckpt = os.path.join(run_dir, "last.ckpt")
     out = ["", "=" * 78]
     if best is not None and primary in best:
-        out.append(f"best {primary} {_pct(best[primary])}% at epoch {best['epoch'] + 1} "
-                   f"(step {best['step']})" + (f"; final {_pct(final[primary])}%"
+        out.append(f"best {primary} {percent(best[primary])}% at epoch {best['epoch'] + 1} "
+                   f"(step {best['step']})" + (f"; final {percent(final[primary])}%"
                                                 if final and primary in final else ""))
     else:
         out.append("no evaluation during training")
@@ -158,10 +159,15 @@ def read_run(run_dir: str) -> dict:
         name = re.sub(r"(-seed\d+|-\d+)$", "", base)
     best = m.get("best") or {}
     primary = m.get("primary")
+    test = m.get("test")
+    if test is not None:  # the test protocol on the checkpoint the validation chose
+        value, on = test.get(primary), "test"
+    else:  # validated on the test split itself, or on what metrics.json names
+        value, on = best.get(primary), m.get("selected_on") or "test (chosen on it)"
     return {"run": run_dir, "recipe": recipe, "group": name,
             "seed": cfg.get("seed_everything"), "primary": primary,
-            "value": best.get(primary), "epoch": best.get("epoch"), "task": m.get("task"),
-            "paper": recipe_paper_number(recipe)}
+            "value": value, "epoch": best.get("epoch"), "task": m.get("task"),
+            "evaluated_on": on, "paper": recipe_paper_number(recipe)}
 
 
 def compare_runs(runs: list[str], group_by: str | None = None,
@@ -189,6 +195,7 @@ def compare_runs(runs: list[str], group_by: str | None = None,
         table.append({"group": g, "n": len(vals), "seeds": [r["seed"] for r in rs],
                       "mean": sum(vals) / len(vals) if vals else None, "std": std,
                       "runs": [r["run"] for r in rs], "values": [r["value"] for r in rs],
+                      "evaluated_on": sorted({r["evaluated_on"] for r in rs}),
                       "paper": next((r["paper"] for r in rs if r["paper"]), None)})
     base_group = None
     if baseline is not None:
@@ -224,14 +231,15 @@ def format_compare(res: dict, markdown: bool = False) -> str:
     """The table of :func:`compare_runs`, in percentages (plain text or Markdown)."""
     p = res["primary"]
     head = ["run" if res["group_by"] != "recipe" else "recipe", "n", f"{p} (%)",
-            "paper (%)"]
+            "evaluated on", "paper (%)"]
     if res["baseline"] is not None:
         head.append(f"vs {res['baseline']} (points, 95% CI)")
     lines = []
     for t in res["rows"]:
         val = "-" if t["mean"] is None else f"{100 * t['mean']:.2f}" + (
             f" +- {100 * t['std']:.2f}" if t["std"] is not None else "")
-        cells = [t["group"], str(t["n"]), val, t["paper"] or "-"]
+        cells = [t["group"], str(t["n"]), val, " / ".join(t["evaluated_on"]),
+                 t["paper"] or "-"]
         if res["baseline"] is not None:
             d = t.get("vs_baseline")
             if t.get("baseline"):

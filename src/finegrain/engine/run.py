@@ -171,10 +171,12 @@ class RunFolder(Callback):
         self.run_dir = run_dir
         self.recipe = os.path.abspath(recipe) if recipe else None
         self.history: list[dict] = []
+        self.test: dict | None = None  # the test protocol's metrics of the chosen checkpoint
 
     def on_validation_end(self, trainer, pl_module):
         metrics = pl_module.last_metrics
-        if trainer.sanity_checking or metrics is None or not trainer.is_global_zero:
+        if trainer.sanity_checking or metrics is None or not trainer.is_global_zero or \
+                trainer.state.fn != "fit":  # the test evaluation after fit is not history
             return
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()})
@@ -189,11 +191,22 @@ class RunFolder(Callback):
         from .module import primary_metric
         key = primary_metric(pl_module.task)
         best = max(self.history, key=lambda r: r.get(key, float("-inf")), default=None)
+        record = {"task": pl_module.task, "primary": key, "recipe": self.recipe,
+                  "selected_on": pl_module.meta.selected_on,
+                  "best": best, "final": self.history[-1] if self.history else None,
+                  "history": self.history}
+        if self.test is not None:
+            record["test"] = self.test
         with open(os.path.join(self.run_dir, "metrics.json"), "w") as f:
-            json.dump({"task": pl_module.task, "primary": key, "recipe": self.recipe,
-                       "best": best, "final": self.history[-1] if self.history else None,
-                       "history": self.history}, f, indent=1)
+            json.dump(record, f, indent=1)
         return best
+
+    def record_test(self, pl_module, checkpoint: str, metrics: dict) -> None:
+        """Add the test protocol's metrics of ``checkpoint`` to ``metrics.json``."""
+        self.test = {"checkpoint": os.path.basename(checkpoint),
+                     **{k: (v.tolist() if hasattr(v, "tolist") else v)
+                        for k, v in metrics.items()}}
+        self._write_json(pl_module)
 
     def state_dict(self) -> dict:
         return {"history": json.dumps(self.history)}
@@ -316,6 +329,7 @@ class FinegrainCLI(LightningCLI):
                  callbacks: list[Callback] | None = None, **kwargs):
         self.recipe, self.extra_callbacks = recipe, list(callbacks or [])
         self.run_dir: str | None = None
+        self.inputs_note: str | None = None
         self.resuming = False
         self.keep_before: int | None = None
         super().__init__(*args, **kwargs)
@@ -359,6 +373,7 @@ class FinegrainCLI(LightningCLI):
             self.run_dir = cfg.run_dir or run_dir_for(self.recipe, cfg.runs_root)
         if cfg.init_weights:
             cfg.model.pretrained = cfg.init_weights
+        self.inputs_note = follow_weights(cfg)
         os.makedirs(self.run_dir, exist_ok=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -385,6 +400,36 @@ class FinegrainCLI(LightningCLI):
             ProgressFile(run_dir),
             *(user if isinstance(user, list) else [user]), *self.extra_callbacks]
         return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self):
+        """The test protocol on the chosen checkpoint, when validation did not run on it:
+        ``metrics.json`` gets ``test`` and the console one line saying what chose it."""
+        dm, module, trainer = self.datamodule, self.model, self.trainer
+        if trainer.interrupted or dm.val_mode in ("test", "none"):
+            return
+        ds = dm.test_set()
+        if ds is None:
+            return
+        best = os.path.join(self.run_dir, "best.ckpt")
+        ckpt = best if os.path.isfile(best) else os.path.join(self.run_dir, "last.ckpt")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        module.log_evaluation = False  # no val/ rows: this pass chooses nothing
+        try:
+            trainer.validate(module, dataloaders=dm.eval_dataloader(ds), verbose=False)
+        except (InputError, ValueError) as e:  # a test set the metrics cannot score
+            log.warning("the test evaluation of %s failed (%s); the run itself is complete: "
+                        "evaluate it with `finegrain eval %s`", ckpt, e, ckpt)
+            return
+        if not trainer.is_global_zero or module.last_metrics is None:
+            return
+        from .module import primary_metric
+        from .report import percent
+        folder = next(c for c in trainer.callbacks if isinstance(c, RunFolder))
+        folder.record_test(module, ckpt, module.last_metrics)
+        key = primary_metric(module.task)
+        print(f"test {key} {percent(module.last_metrics[key])}% of {os.path.basename(ckpt)} "
+              f"(chosen on {dm.selected_on}; metrics.json 'test')", flush=True)
 
     def resolved_config(self) -> str:
         """The resolved ``fit`` config as YAML, without run locations (see
@@ -422,10 +467,55 @@ class FinegrainCLI(LightningCLI):
                 f.write(resolved)
             print(f"{'resuming' if self.resuming else 'run folder'}: {self.run_dir}",
                   flush=True)
+            if self.inputs_note:
+                print(self.inputs_note, flush=True)
+            print(f"checkpoint choice: best.ckpt is chosen on "
+                  f"{self.datamodule.selected_on}", flush=True)
             hp = self.model.hparams
             if not hp.get("pretrained") and not self.resuming:
                 from .report import random_init_warning
                 log.warning(random_init_warning(self.model.model_name, self.recipe))
+
+
+_INPUT_KEYS = ("mean", "std", "interpolation", "crop_pct")
+
+
+def follow_weights(cfg) -> str | None:
+    """Set ``data.mean``, ``std``, ``interpolation`` and ``crop_pct`` that the config leaves
+    unset from the weights ``model.pretrained`` expect (timm's pretrained cfg of a Hub tag, a
+    finegrain file's record; a foreign local file: the backbone's default weights in timm), so
+    inputs are prepared as the weights were trained. A value the config sets that contradicts
+    weights whose inputs are known is refused, naming both. Returns the line that says what
+    was followed (None without weights)."""
+    from ..models.weights import pretrained_input_config
+    init = cfg.model.model.get("init_args") if cfg.model.get("model") is not None else None
+    backbone = init.get("backbone") if init is not None else None
+    ic = pretrained_input_config(cfg.model.get("pretrained"), backbone)
+    if ic is None:
+        return None
+    data, set_here = cfg.data, []
+    for key in _INPUT_KEYS:
+        want = getattr(ic, key)
+        have = data.get(key)
+        if key == "crop_pct" and data.get("resize_size") is not None:
+            continue  # the recipe's own resize decides the crop
+        if have is None:
+            data[key] = list(want) if isinstance(want, tuple) else want
+            set_here.append(key)
+            continue
+        same = (tuple(float(v) for v in have) == want) if isinstance(want, tuple) \
+            else (have == want if key != "crop_pct" else abs(float(have) - want) < 1e-9)
+        if not same and ic.known and key in ("mean", "std"):
+            raise InputError(
+                f"data.{key} {list(have) if isinstance(have, (list, tuple)) else have} "
+                f"contradicts the weights model.pretrained {cfg.model.pretrained}, which expect "
+                f"{key} {list(want)} ({ic.source}): the network would see inputs it was not "
+                f"trained on. Remove data.{key} from the recipe (it follows the weights), or "
+                f"pass weights trained with that {key}")
+    if not set_here:
+        return None
+    shown = ", ".join(f"{k} {data.get(k)}" for k in set_here)
+    return f"inputs follow the weights: {shown} (from {ic.source})"
 
 
 def run_dir_for(config: str | None, runs_root: str = "runs") -> str:

@@ -319,3 +319,65 @@ def load_pretrained(model: nn.Module, pretrained: str,
     log.warning(str(report)) if (report.missing or report.unexpected or report.skipped_shape) \
         else log.info(str(report))
     return report
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How the images of some weights were prepared: normalisation, resize interpolation and
+    eval crop share. ``known``: read from the weights' own record (a Hub tag's timm
+    pretrained cfg, a finegrain file's model record); False when assumed from the
+    architecture's default weights (a foreign local file says nothing of its inputs)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float | None
+    source: str
+    known: bool
+
+
+def _timm_input_config(name: str, source: str, known: bool) -> InputConfig | None:
+    import timm
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # an unknown architecture or tag: nothing to follow
+        return None
+    if cfg is None:
+        return None
+    interp = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bilinear"
+    return InputConfig(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std),
+                       interp, float(cfg.crop_pct) if cfg.crop_pct else None, source, known)
+
+
+def pretrained_input_config(pretrained: str | None, backbone: str | None = None
+                            ) -> InputConfig | None:
+    """The input preparation that the weights ``pretrained`` expect (:class:`InputConfig`),
+    or None without weights (the data module's defaults, ImageNet's, apply).
+
+    - a Hub tag ``timm/<arch>.<tag>``: timm's pretrained cfg of that tag (no download);
+    - a finegrain checkpoint / ``weights.safetensors`` + ``model.json``: its model record;
+    - another local file (timm / DeiT / torchvision weights): the default pretrained cfg of
+      ``backbone`` in timm, marked as assumed.
+    """
+    if not pretrained:
+        return None
+    path = str(pretrained)
+    if is_hub_tag(path):
+        name = path.split(":", 1)[1] if path.startswith("hf-hub:") else path
+        name = name.split("/", 1)[1] if "/" in name else name
+        return _timm_input_config(name, f"timm's pretrained cfg of {name}", True)
+    meta = None
+    record = path.endswith(".ckpt") or (path.endswith(".safetensors") and os.path.isfile(
+        os.path.join(os.path.dirname(path), "model.json")))
+    if os.path.isfile(path) and record:
+        try:
+            meta = load_checkpoint_meta(path)
+        except InputError:  # foreign weights: no record
+            meta = None
+    if meta is not None:
+        return InputConfig(meta.mean, meta.std, meta.interpolation, meta.crop_pct,
+                           f"the model record of {path}", True)
+    if backbone:
+        return _timm_input_config(backbone, f"timm's default pretrained cfg of {backbone} "
+                                            f"(assumed for the local file {path})", False)
+    return None
