@@ -108,8 +108,10 @@ def format_eval_line(row: dict, primary: str, best: dict | None, max_epochs: int
 
 
 def format_summary(run_dir: str, primary: str, best: dict | None, final: dict | None,
-                   task: str, data_root: str | None, explainable: bool) -> str:
-    """End of training: the best metric and its epoch, the run folder, the next commands."""
+                   task: str, data_root: str | None, explainable: bool,
+                   learned: dict[str, float] | None = None) -> str:
+    """End of training: the best metric and its epoch, the scalars the model learned (DCAL's
+    uncertainty weights), the run folder, the next commands."""
     ckpt = os.path.join(run_dir, "best.ckpt")
     if not os.path.isfile(ckpt):
         ckpt = os.path.join(run_dir, "last.ckpt")
@@ -120,6 +122,8 @@ def format_summary(run_dir: str, primary: str, best: dict | None, final: dict | 
                                                 if final and primary in final else ""))
     else:
         out.append("no evaluation during training")
+    if learned:
+        out.append("learned: " + ", ".join(f"{k} {v:.4g}" for k, v in learned.items()))
     out.append(f"run folder: {run_dir}  (best.ckpt, last.ckpt, metrics.json, curves.png)")
     root = f" --data.root {data_root}" if data_root else ""
     out.append("next:")

@@ -242,9 +242,10 @@ class RunFolder(Callback):
         dm = getattr(trainer, "datamodule", None)
         root = getattr(getattr(dm, "hparams", None), "root", None)
         # plain print: the progress bars are closed by now
+        learned = getattr(pl_module.model, "learned_scalars", dict)()
         print(format_summary(self.run_dir, key, top, self.history[-1] if self.history else None,
-                             pl_module.task, root, hasattr(pl_module.model, "explain")),
-              flush=True)
+                             pl_module.task, root, hasattr(pl_module.model, "explain"),
+                             learned), flush=True)
 
 
 def _say(trainer, text: str) -> None:

@@ -44,9 +44,18 @@ Readings we take where the paper is silent (each one is an argument or a documen
   ``fc_norm`` over an average pool; the GLCA LayerNorm starts as a copy of the SA final norm).
 - The rollout's head-mean attention uses the probabilities before attention dropout; the
   rollout is not differentiated through (the top-R choice is discrete).
-- The distractor I2 of each image is given by a random derangement of the batch drawn from
-  torch's global RNG (a random single cycle: never the image itself); a batch of one pairs
-  the image with itself. Gradients flow into I2's keys / values (one joint graph) unless
+- **Deviation: the GLCA feature is not a class token.** The paper's Fig. 2a draws a [CLS]
+  among the "Local Q" tokens and Sec. 4.1 (Re-ID) concatenates "the two final class tokens of
+  SA and GLCA". Read literally, that class token's query attends to all keys / values and
+  the MLP is per token, so its output cannot depend on which R patches were selected
+  (changing the selection moves it by exactly 0), while the paper's Table 5 (random 82.6 vs
+  rollout 83.1) shows the selection matters. We read the normed mean of the R outputs
+  instead; ``glca_feature="class_token"`` is the literal reading, offered for comparison.
+- The distractor I2 of each image is drawn from the batch with torch's global RNG: for Re-ID
+  an image of another identity (``pwca_partner="other_class"``: the paper draws it "randomly
+  from the training set", where a P x K batch would pair an identity with itself 3 / 63 of
+  the time); for FGVC a random derangement (a random single cycle: never the image itself;
+  ``pwca_partner="any"``); a batch of one pairs the image with itself. Gradients flow into I2's keys / values (one joint graph) unless
   ``detach_pair=True``.
 - Re-ID: each branch's loss is CE (label smoothing 0.1) + batch-hard triplet on that branch's
   class-token feature; with ``bnneck`` the triplet sees the feature before the BN, CE the
@@ -65,6 +74,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -202,20 +212,27 @@ class GlobalLocalCrossAttention(nn.Module):
         _check_block(block)
         self.block = copy.deepcopy(block)
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: torch.Tensor,
+                with_class_token: bool = False) -> torch.Tensor:
         """Run GLCA.
 
         Args:
             x: (B, N + 1, C) global tokens (input of the last SA block), class token first.
             index: (B, R) selected patch indices in ``[0, N)``.
+            with_class_token: add the class token as a first query (the literal reading of
+                Fig. 2a, ``glca_feature: class_token``).
 
         Returns:
-            (B, R, C) updated local tokens, in the order of ``index``.
+            (B, R, C) updated local tokens, in the order of ``index`` ((B, 1 + R, C), class
+            token first, ``with_class_token``).
         """
         blk, attn = self.block, self.block.attn
         B, T, C = x.shape
         A = attn.num_heads * attn.head_dim
-        gather = (index + 1).unsqueeze(-1).expand(-1, -1, C)  # (B, R, C) token positions
+        pos = index + 1
+        if with_class_token:
+            pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+        gather = pos.unsqueeze(-1).expand(-1, -1, C)  # (B, R, C) token positions
         h = blk.norm1(x)  # pre-LN of all N+1 tokens: the keys / values see them all
         x_l, h_l = x.gather(1, gather), h.gather(1, gather)  # (B, R, C) local tokens
         w, b = attn.qkv.weight, attn.qkv.bias
@@ -259,6 +276,23 @@ def random_derangement(n: int, device: torch.device | str | None = None) -> torc
     return partner
 
 
+def random_other_class_partner(targets: torch.Tensor) -> torch.Tensor:
+    """Partner index (n,): for each image one of the batch's images of *another* class,
+    uniformly (torch global RNG); an image whose class fills the batch gets a
+    :func:`random_derangement` partner instead. DCAL draws the distractor "randomly from the
+    training set" (Sec. 3.3); in a P x K Re-ID batch a partner drawn from the whole batch
+    shares the identity (K - 1) / (B - 1) of the time (3 / 63 at 16 x 4), against about one
+    in the number of identities from the training set."""
+    n = targets.shape[0]
+    other = targets[:, None] != targets[None, :]  # (n, n)
+    has = other.any(dim=1)
+    partner = random_derangement(n, device=targets.device)
+    if bool(has.any()):
+        drawn = torch.multinomial(other[has].float(), 1).squeeze(1)
+        partner[has] = drawn
+    return partner
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
@@ -288,6 +322,15 @@ class DCAL(FinegrainModel):
         glca_selection: how GLCA picks its R query patches: ``"rollout"`` (Eqs. 2-3, the
             paper) or ``"random"`` (R patches drawn uniformly per image and forward pass:
             the paper's control, Table 5; its outputs are stochastic at eval too).
+        glca_feature: what the GLCA head reads: ``"local_mean"`` (default) the normed mean
+            of the R local-query outputs, a function of the selection; ``"class_token"``
+            the literal reading of the paper, a class token among the local queries whose
+            output is the feature, which no selection can move (a deliberate deviation,
+            module docstring).
+        pwca_partner: how PWCA draws each image's distractor from the batch:
+            ``"other_class"`` (an image of another class; the default for Re-ID, whose
+            P x K batches would otherwise pair an identity with itself 3 / 63 of the time)
+            or ``"any"`` (any other image; the default for FGVC). None: the task's default.
         sa_only: inference from the SA branch alone (GLCA and the rollout are skipped:
             zero extra cost; the paper's SA-only results). Training is unchanged.
         w_init: initial uncertainty weights ``w_b`` (Eq. 6): one value, or
@@ -312,7 +355,10 @@ class DCAL(FinegrainModel):
     def __init__(self, backbone: str = "deit_tiny_patch16_224", num_classes: int = 1000,
                  img_size: int | tuple[int, int] | None = None, task: str = "classification",
                  top_ratio: float | None = None, glca: bool = True, pwca: bool = True,
-                 glca_selection: str = "rollout", sa_only: bool = False,
+                 glca_selection: str = "rollout",
+                 glca_feature: Literal["local_mean", "class_token"] = "local_mean",
+                 pwca_partner: Literal["other_class", "any"] | None = None,
+                 sa_only: bool = False,
                  w_init: float | dict[str, float] = 0.0, w_lr: float | None = None,
                  detach_pair: bool = False, bnneck: bool | None = None,
                  label_smoothing: float | None = None, triplet_margin: float = 0.3,
@@ -342,6 +388,8 @@ class DCAL(FinegrainModel):
                              f"{glca_selection!r}")
         self.glca, self.pwca, self.detach_pair = glca, pwca, detach_pair
         self.glca_selection, self.sa_only, self.w_lr = glca_selection, sa_only, w_lr
+        self.glca_feature = glca_feature
+        self.pwca_partner = pwca_partner or ("other_class" if task == "reid" else "any")
         self.use_bnneck = (task == "reid") if bnneck is None else bnneck
         self.label_smoothing = (0.1 if task == "reid" else 0.0) if label_smoothing is None \
             else label_smoothing
@@ -410,6 +458,15 @@ class DCAL(FinegrainModel):
             return
         self.glca_block.block.load_state_dict(self.backbone.blocks[-1].state_dict())
         self.glca_norm.load_state_dict(self.backbone.norm.state_dict())
+
+    def learned_scalars(self) -> dict[str, float]:
+        """The uncertainty weights ``w_b`` (Eq. 6) and the factor ``exp(-w_b) / 2`` each puts
+        on its branch loss."""
+        if self.uncertainty is None:
+            return {}
+        w = {name: float(v) for name, v in self.uncertainty.weights().items()}
+        return {**{f"w_{n}": v for n, v in w.items()},
+                **{f"loss factor {n}": 0.5 * math.exp(-v) for n, v in w.items()}}
 
     # ---- features ----------------------------------------------------------------------------
 
@@ -511,8 +568,10 @@ class DCAL(FinegrainModel):
                 out["selected"] = select_top_patches(out["rollout"], self.top_ratio)  # (B, R)
             else:  # the paper's control: R patches uniformly at random
                 out["selected"] = random_patches(B, x.shape[1] - 1, self.top_ratio, x.device)
-            x_l = self.glca_block(x_last_in, out["selected"])  # Eq. 4, (B, R, C)
-            out["glca"] = self.glca_norm(x_l.mean(dim=1))  # LN(mean_r z_r)
+            literal = self.glca_feature == "class_token"
+            x_l = self.glca_block(x_last_in, out["selected"], literal)  # Eq. 4, (B, R, C)
+            # LN(mean_r z_r); the literal reading: LN of the class-token query's output
+            out["glca"] = self.glca_norm(x_l[:, 0] if literal else x_l.mean(dim=1))
         if pairs is not None:
             out["pwca"] = bb.forward_head(bb.norm(x_p), pre_logits=True)
             if pair_probs:
@@ -543,8 +602,10 @@ class DCAL(FinegrainModel):
         B = images.shape[0]
         pairs = None
         if self.pwca and self.training and targets is not None:
-            pairs = (torch.arange(B, device=images.device),
-                     random_derangement(B, device=images.device))
+            partner = random_other_class_partner(targets) \
+                if self.pwca_partner == "other_class" else \
+                random_derangement(B, device=images.device)
+            pairs = (torch.arange(B, device=images.device), partner)
         f = self.forward_features(images, pairs=pairs)
         neck = {"sa": self._neck(self.bnneck, f["sa"])}
         logits = {"sa": self.head(neck["sa"])}

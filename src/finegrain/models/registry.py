@@ -34,6 +34,11 @@ class FinegrainModel(nn.Module):
     pairwise_explain: bool = False
     """``explain(images, pair=...)`` draws a pair-wise map (DCAL, cross-image attention)."""
 
+    def learned_scalars(self) -> dict[str, float]:
+        """Scalars the model learns that a user should see at the end of a run (DCAL's
+        uncertainty weights); none by default."""
+        return {}
+
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DRY_RUN = contextvars.ContextVar("finegrain_registry_dry_run", default=False)
