@@ -245,4 +245,12 @@ def serve(index_dir: str, model: str | None = None, host: str = "127.0.0.1", por
     if not 0 <= port < 65536:
         raise InputError(f"--port {port}: give a port between 1 and 65535 (0: any free one)")
     app = create_app(index_dir, model=model, **kwargs)
+    if port == 0:  # any free port: pick it now, so the address can be printed
+        import socket
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    print(f"finegrain serve: {index_dir} ({len(app.state.searcher)} images) at "
+          f"http://{shown}:{port}/  (API: /docs; Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -134,12 +134,23 @@ def test_upload_results_pictures_gallery_pick_and_error(driver, demo_server):
     wait.until(lambda d: attention.is_displayed() and _loaded(d, attention))
     assert driver.find_element(By.ID, "query-name").text == \
         os.path.basename(demo_server["query"])
-    # a gallery image as the query
+    # choosing a file starts a search at k = 10; k changed and Search clicked at once win
+    driver.find_element(By.ID, "file").send_keys(demo_server["query"])
+    k = driver.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("5")
+    driver.find_element(By.ID, "go").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 5)
+    wait.until(lambda d: d.find_element(By.ID, "busy").get_attribute("hidden") is not None)
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#results li")) == 5
+    assert driver.find_element(By.ID, "results-title").text == "Top 5 results"
+    # a gallery image as the query: the file field no longer names the uploaded file
     pick = driver.find_elements(By.CSS_SELECTOR, "#gallery img")[2]
     name = pick.get_attribute("title")
     pick.click()
     wait.until(lambda d: d.find_element(By.ID, "query-name").text == name)
     assert driver.find_element(By.CSS_SELECTOR, "#results .name").text.startswith(name)
+    assert driver.find_element(By.ID, "file").get_attribute("value") == ""
     # a bad file: the error is shown, the page keeps working
     bad = demo_server["tmp"] / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")

@@ -79,3 +79,29 @@ def test_the_untouched_index_serves_its_images_from_inside_the_root(dalg_index):
         r = client.get(f"/gallery/{i}")
         with open(s.require_path(i), "rb") as f:
             assert r.status_code == 200 and r.content == f.read()
+
+
+def test_serve_prints_its_address_at_start(dalg_index):
+    import subprocess
+    import sys
+    import urllib.request
+    proc = subprocess.Popen([sys.executable, "-m", "finegrain", "serve", dalg_index["index"],
+                             "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"finegrain serve: {dalg_index['index']} (8 images) at "
+                               f"http://localhost:")
+        url = line.split(" at ")[1].split()[0]
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(url + "health", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                import time
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"{url} does not answer")
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -4,6 +4,7 @@ const $ = (id) => document.getElementById(id);
 let health = null;
 let lastQuery = null;  // {file} or {galleryId}: what the pair pictures are asked for
 let galleryOffset = 0;
+let inFlight = null;  // the AbortController of the search in flight: a newer search wins
 
 function showError(msg) {
   $("error").textContent = msg;
@@ -22,20 +23,28 @@ function queryForm(query) {
 }
 
 async function search(query) {
+  // Search stays usable while a search runs: a new one (another file, another k) cancels
+  // the one in flight, so the results always match the k and the query on the page.
   showError("");
+  if (inFlight) inFlight.abort();
+  const mine = new AbortController();
+  inFlight = mine;
+  if (!query.file) $("file").value = "";  // a gallery pick: the file field names no file
   const form = queryForm(query);
   form.append("k", $("k").value);
   form.append("explain", $("explain").checked ? "true" : "false");
-  $("go").disabled = true;
+  $("busy").hidden = false;
   try {
-    const resp = await fetch("/search", { method: "POST", body: form });
+    const resp = await fetch("/search", { method: "POST", body: form, signal: mine.signal });
     if (!resp.ok) { showError(`Error ${resp.status}: ${await detail(resp)}`); return; }
+    const res = await resp.json();
+    if (inFlight !== mine) return;  // a newer search was started meanwhile
     lastQuery = query;
-    render(await resp.json());
+    render(res);
   } catch (e) {
-    showError(`The server did not answer: ${e}`);
+    if (e.name !== "AbortError") showError(`The server did not answer: ${e}`);
   } finally {
-    $("go").disabled = false;
+    if (inFlight === mine) { inFlight = null; $("busy").hidden = true; }
   }
 }
 
@@ -46,6 +55,7 @@ function render(res) {
   $("attention").hidden = !res.attention;
   if (res.attention) $("attention").src = res.attention;
   $("results-title").hidden = false;
+  $("results-title").textContent = `Top ${res.k} results`;
   $("pair").hidden = true;
   const list = $("results");
   list.replaceChildren();
@@ -125,5 +135,6 @@ $("search-form").addEventListener("submit", (ev) => {
   search({ file });
 });
 $("file").addEventListener("change", () => { if ($("file").files[0]) search({ file: $("file").files[0] }); });
+$("k").addEventListener("change", () => { if (lastQuery && $("k").checkValidity()) search(lastQuery); });
 $("more").addEventListener("click", loadGallery);
 start();
