@@ -35,10 +35,12 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from ..errors import InputError, MissingFileError
 from .datamodule import FinegrainDataModule
+from .folder import RunClaim, is_global_zero_process
 from .module import DEFAULT_OPTIMIZER, FinegrainModule, planned_steps
 from .resume import NOT_RESUMABLE_WARNING, ExactResume
 
 log = logging.getLogger("finegrain")
+_CLAIMS: list[RunClaim] = []  # run folders claimed by the trainings of this process
 
 
 class LastCheckpoint(Callback):
@@ -267,7 +269,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 RUN_KEYS = ("ckpt_path", "config", "resume", "init_weights", "run_dir", "runs_root",
-            "checkpoint_every", "trainer.logger", "trainer.callbacks", "trainer.default_root_dir")
+            "checkpoint_every", "overwrite", "trainer.logger", "trainer.callbacks",
+            "trainer.default_root_dir")
 """Keys of the resolved config that locate or manage a run, not what it computes."""
 
 
@@ -305,7 +308,8 @@ def _clean_config(cfg: dict) -> dict:
     """``cfg`` without run locations (``ckpt_path``, ``resume``, ``init_weights``, ``run_dir``,
     ``config``) and without placeholders of instances."""
     cfg = dict(cfg)
-    for k in ("ckpt_path", "resume", "init_weights", "run_dir", "config", "__path__"):
+    for k in ("ckpt_path", "resume", "init_weights", "run_dir", "config", "overwrite",
+              "__path__"):
         cfg.pop(k, None)
     trainer = dict(cfg.get("trainer") or {})
     for k in ("logger", "callbacks", "default_root_dir"):
@@ -361,6 +365,9 @@ class FinegrainCLI(LightningCLI):
                             help="the run folder (default: RUNS_ROOT/<date>-<recipe>)")
         parser.add_argument("--runs-root", type=str, default="runs", metavar="RUNS_ROOT",
                             help="where new run folders are made")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace the run in --run-dir (its run files are removed); "
+                                 "without it a folder that holds a run is refused")
 
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand]
@@ -375,7 +382,10 @@ class FinegrainCLI(LightningCLI):
         if cfg.init_weights:
             cfg.model.pretrained = cfg.init_weights
         self.inputs_note = follow_weights(cfg)
-        os.makedirs(self.run_dir, exist_ok=True)
+        if is_global_zero_process():  # the other ranks write into the folder it claimed
+            _CLAIMS.append(RunClaim(self.run_dir, self.resuming, cfg.overwrite))
+        else:
+            os.makedirs(self.run_dir, exist_ok=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The trainer of the config, plus the run folder's loggers and callbacks."""
@@ -450,7 +460,10 @@ class FinegrainCLI(LightningCLI):
         return {"class_path": node.class_path, "init_args": init}
 
     def before_fit(self):
-        self.model.set_model_config(self.model_config())
+        config = self.model_config()
+        if self.resuming:
+            check_resumable(self.run_dir, self.model, config)
+        self.model.set_model_config(config)
         self.model.set_data_meta(self.datamodule.meta())
         path = os.path.join(self.run_dir, "config.yaml")
         resolved = self.resolved_config()
@@ -476,6 +489,40 @@ class FinegrainCLI(LightningCLI):
             if not hp.get("pretrained") and not self.resuming:
                 from .report import random_init_warning
                 log.warning(random_init_warning(self.model.model_name, self.recipe))
+
+
+def check_resumable(run_dir: str, module: FinegrainModule, config: dict) -> None:
+    """Refuse, in one paragraph, a resume whose config builds another model than the one in
+    ``RUN/last.ckpt`` (``config.yaml`` edited to another width or depth): the tensors that
+    differ and the model arguments that changed, instead of a ``size mismatch`` traceback."""
+    from ..meta import read_meta
+    path = os.path.join(run_dir, "last.ckpt")
+    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved, own = ck.get("state_dict", {}), module.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k} {list(saved[k].shape)} in the checkpoint, {list(v.shape)} now"
+              for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{len(shapes)} of another shape (first: {shapes[0]})" if shapes else "",
+             f"{len(missing)} missing from the checkpoint (first: {', '.join(missing[:3])})"
+             if missing else "",
+             f"{len(unexpected)} not in the model (first: {', '.join(unexpected[:3])})"
+             if unexpected else ""]
+    why = ""
+    stored = ck.get("finegrain_meta")
+    if stored:
+        old = yaml.safe_load(read_meta(stored, path, require_model=False).model_config or "{}")
+        diff = changed_keys((old or {}).get("init_args") or {}, config.get("init_args") or {},
+                            ignore=("num_classes",))
+        if diff:
+            why = f"; the model arguments that changed: {', '.join(diff)}"
+    raise InputError(f"--resume {run_dir}: its config.yaml builds a model that does not match "
+                     f"{path} ({'; '.join(p for p in parts if p)}){why}. The checkpoint is "
+                     f"unchanged: restore config.yaml (or drop the option that changed the "
+                     f"model), or start a new run from these weights with --init-weights "
+                     f"{path}")
 
 
 _INPUT_KEYS = ("mean", "std", "interpolation", "crop_pct")
@@ -549,7 +596,6 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
     pre.add_argument("--resume", default=None)
     known, _ = pre.parse_known_args(argv)
     recipe = known.config[-1] if known.config else None
-    fresh = True
     if known.resume:
         last = os.path.join(known.resume, "last.ckpt")
         if not os.path.isfile(last):
@@ -558,33 +604,30 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
         resume_step(last)  # a truncated file is named before anything starts
         argv = ["--config", read_run_config(known.resume), *argv]
         recipe = recipe or _run_recipe(known.resume)
-    else:
-        run_dir = _pre_run_dir(argv)
-        fresh = run_dir is None or not any(
-            os.path.exists(os.path.join(run_dir, f))
-            for f in ("metrics.csv", "last.ckpt", "best.ckpt"))
     # we pass `finegrain train`'s own argv as args: LightningCLI's "args and sys.argv" warning
     # is for a different mistake
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     quiet_lightning()
-    with warnings.catch_warnings():
-        # ExactResume restores the sampler position that this warning says is lost
-        warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING)
-        if fresh:  # the folder holds only this run's own files
-            warnings.filterwarnings("ignore", message=r".*directory .* exists and is not empty")
-        return FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *argv],
-                            recipe=recipe, callbacks=callbacks,
-                            seed_everything_default=0,
-                            trainer_defaults={"use_distributed_sampler": False},
-                            save_config_callback=None,
-                            auto_configure_optimizers=False)
-
-
-def _pre_run_dir(argv: list[str]) -> str | None:
-    """``--run-dir`` of the command line, when given."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--run-dir", dest="run_dir", default=None)
-    return pre.parse_known_args(argv)[0].run_dir
+    claimed = len(_CLAIMS)
+    failed = True
+    try:
+        with warnings.catch_warnings():
+            # ExactResume restores the sampler position that this warning says is lost
+            warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING)
+            if not known.resume:  # a claimed folder holds only this run's own files
+                warnings.filterwarnings("ignore",
+                                        message=r".*directory .* exists and is not empty")
+            cli = FinegrainCLI(FinegrainModule, FinegrainDataModule, args=["fit", *argv],
+                               recipe=recipe, callbacks=callbacks,
+                               seed_everything_default=0,
+                               trainer_defaults={"use_distributed_sampler": False},
+                               save_config_callback=None,
+                               auto_configure_optimizers=False)
+        failed = False
+        return cli
+    finally:
+        while len(_CLAIMS) > claimed:  # this call's claims: the lock, an empty failed folder
+            _CLAIMS.pop().release(failed)
 
 
 def _run_recipe(run_dir: str) -> str | None:
