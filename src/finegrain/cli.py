@@ -111,10 +111,17 @@ def _cmd_export(a) -> int:
 
 # ---- data check -------------------------------------------------------------------------
 def _cmd_data(a) -> int:
-    from .data.check import check_dataset, format_check
+    from .data.check import check_dataset, corrupt_images, format_check
     res = check_dataset(a.name, a.root, verify_images=a.verify_images,
                         progress=not a.json and sys.stderr.isatty())
     print(json.dumps(res, indent=1) if a.json else format_check(res))
+    bad = corrupt_images(res)
+    if bad:  # the report is out (text or JSON); the exit code and one paragraph say it failed
+        first = ", ".join(b["image"] for b in bad[:3])
+        print(f"error: {len(bad)} image(s) of {a.name} at {a.root} cannot be decoded (first: "
+              f"{first}); re-extract or replace them, or train with --data.on_error skip to "
+              f"skip and count them", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

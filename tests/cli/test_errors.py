@@ -325,9 +325,12 @@ def test_index_build_and_add_refuse_duplicate_names(tmp_path, capsys):
 def test_data_check_stats_every_image_without_decoding(run, tmp_path, capsys):
     cub, img = _corrupt_cache(run, tmp_path)
     assert main(["data", "check", "cub200", cub]) == 0  # a corrupt file: only decoding sees it
-    capsys.readouterr()
-    assert main(["data", "check", "cub200", cub, "--verify-images"]) == 2
-    assert str(img) in _error(capsys)
+    assert "not decoded: --verify-images decodes every one" in capsys.readouterr().out
+    assert main(["data", "check", "cub200", cub, "--verify-images", "--json"]) == 2
+    out, err = capsys.readouterr()
+    report = json.loads(out)  # the report is printed, then the error
+    assert [b["image"] for s in report.values() for b in s["corrupt"]] == [str(img)]
+    assert str(img) in err and "1 image(s)" in err
     img.write_bytes(b"")
     assert main(["data", "check", "cub200", cub]) == 2
     err = _error(capsys)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from finegrain.data import DatasetError, ImageDataset, Sample, registry
-from finegrain.data.check import check_dataset, format_check
+from finegrain.data.check import check_dataset, corrupt_images, format_check
 from .files import write_bytes
 
 
@@ -46,10 +46,19 @@ def test_check_verify_images(market_root):
     assert "verified" not in res["query"]
     res = check_dataset("market1501", str(market_root), splits=["train"], verify_images=True)
     assert res["train"]["verified"] == 3
-    bad = market_root / "bounding_box_test" / "0005_c4s1_000226_02.jpg"
-    bad.write_bytes(b"\xff\xd8 truncated")
-    with pytest.raises(DatasetError, match=r"split 'gallery', image 3 of 3: .*0005_c4s1_000226_02"):
-        check_dataset("market1501", str(market_root), verify_images=True)
+    assert res["train"]["corrupt"] == []
+    bad = [market_root / "bounding_box_test" / "0005_c4s1_000226_02.jpg",
+           market_root / "query" / sorted(os.listdir(market_root / "query"))[0]]
+    for b in bad:
+        b.write_bytes(b"\xff\xd8 truncated")
+    res = check_dataset("market1501", str(market_root), verify_images=True)
+    found = sorted(b["image"] for b in corrupt_images(res))
+    assert found == sorted(str(b) for b in bad)  # every bad file, not the first only
+    assert res["gallery"]["verified"] == 2 and len(res["gallery"]["corrupt"]) == 1
+    assert "corrupt (gallery): " in format_check(res)
+    plain = check_dataset("market1501", str(market_root))
+    assert not any("verified" in r for r in plain.values())
+    assert "not decoded: --verify-images decodes every one" in format_check(plain)
 
 
 def test_check_single_camera(tmp_path):

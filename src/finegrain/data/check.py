@@ -13,7 +13,8 @@ something is wrong:
 - MSMT17: list files of one version next to the images of the other (the reader's check);
 - Revisited Oxford / Paris: queries not cropped to their ``bbx``;
 - every listed image exists and is not empty (a stat per file, with a progress bar);
-- ``verify_images=True``: the first image that cannot be decoded.
+- ``verify_images=True``: every image that cannot be decoded (all of them, per split, in
+  ``corrupt``); without it images are not decoded, and the printed table says so.
 
 :func:`format_check` prints the result as a small table.
 """
@@ -127,14 +128,16 @@ def _stat_images(name: str, ds: ImageDataset, bar) -> None:
         bar.update()
 
 
-def _verify_images(name: str, ds: ImageDataset) -> int:
+def _verify_images(ds: ImageDataset, bar) -> list[dict]:
+    """Decode every image; returns the ones that fail (``{"image", "error"}``), all of them."""
+    bad = []
     for i in range(len(ds)):
         try:
             ds.load_image(i)
         except DatasetError as e:
-            raise DatasetError(f"{name} split {ds.split!r}, image {i + 1} of {len(ds)}: {e}"
-                               ) from None
-    return len(ds)
+            bad.append({"image": ds.samples[i].path, "error": str(e)})
+        bar.update()
+    return bad
 
 
 def default_splits(name: str, root: str | None, **kwargs) -> tuple[str, ...]:
@@ -160,7 +163,7 @@ def check_dataset(name: str, root: str | None, splits: Iterable[str] | None = No
         name: registry name (``cub200``, ``market1501`` ...).
         root: dataset root.
         splits: splits to read (default: all the dataset has).
-        verify_images: also decode every image (slow) and fail on the first corrupt one
+        verify_images: also decode every image (slow) and list every one that fails
             (without it, every image is only checked to exist and be non-empty).
         progress: show a progress bar (stderr) while the images are checked.
         **kwargs: reader options (``train_only=True`` for MSMT17 ...).
@@ -170,7 +173,8 @@ def check_dataset(name: str, root: str | None, splits: Iterable[str] | None = No
         ...}}``, JSON-serialisable. Query splits add ``ids_in_gallery``,
         ``queries_without_gallery_id`` (and ``queries_with_valid_match`` for Re-ID);
         Revisited queries add ``cropped``; MSMT17 adds ``version``; with ``verify_images``
-        every split adds ``verified`` (images decoded).
+        every split adds ``verified`` (images decoded) and ``corrupt`` (``{"image",
+        "error"}`` of each that failed).
 
     Raises:
         DatasetError: the first problem found, with the fix.
@@ -203,14 +207,22 @@ def check_dataset(name: str, root: str | None, splits: Iterable[str] | None = No
         elif "gallery" in datasets:
             _check_query_gallery(name, q, datasets["gallery"], result)
     from tqdm.auto import tqdm
-    with tqdm(total=sum(len(ds) for ds in datasets.values()), unit="img", desc="data check",
-              disable=not progress, leave=False) as bar:
+    total = sum(len(ds) for ds in datasets.values()) * (2 if verify_images else 1)
+    with tqdm(total=total, unit="img", desc="data check", disable=not progress,
+              leave=False) as bar:
         for ds in datasets.values():
             _stat_images(name, ds, bar)
-    if verify_images:
         for split, ds in datasets.items():
-            result[split]["verified"] = _verify_images(name, ds)
+            if verify_images:
+                bad = _verify_images(ds, bar)
+                result[split]["verified"] = len(ds) - len(bad)
+                result[split]["corrupt"] = bad
     return result
+
+
+def corrupt_images(result: dict) -> list[dict]:
+    """Every image ``verify_images`` could not decode, over all splits."""
+    return [dict(b, split=split) for split, r in result.items() for b in r.get("corrupt", ())]
 
 
 def format_check(result: dict) -> str:
@@ -219,7 +231,10 @@ def format_check(result: dict) -> str:
     cols = [c for c in main if any(c in r for r in result.values())]
     rows = [["split"] + cols + ["notes"]]
     for split, r in result.items():
-        notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in main)
+        notes = ", ".join(f"{k}={v}" for k, v in r.items()
+                          if k not in main + ["corrupt"])
+        if r.get("corrupt"):
+            notes += f"{', ' if notes else ''}corrupt={len(r['corrupt'])}"
         rows.append([split] + [str(r.get(c, "-")) for c in cols] + [notes])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
@@ -228,4 +243,10 @@ def format_check(result: dict) -> str:
         lines.append("  ".join(cells + [row[-1]]).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths[:-1]))
+    bad = corrupt_images(result)
+    for b in bad:
+        lines.append(f"corrupt ({b['split']}): {b['image']}")
+    if not any("verified" in r for r in result.values()):
+        lines.append("images were checked to exist and be non-empty, not decoded: "
+                     "--verify-images decodes every one and lists the corrupt files")
     return "\n".join(lines)

@@ -168,7 +168,7 @@ def read_run(run_dir: str) -> dict:
         value, on = test.get(primary), "test"
     else:  # validated on the test split itself, or on what metrics.json names
         value, on = best.get(primary), m.get("selected_on") or "test (chosen on it)"
-    return {"run": run_dir, "recipe": recipe, "group": name,
+    return {"run": run_dir, "recipe": recipe, "group": name, "config": cfg,
             "seed": cfg.get("seed_everything"), "primary": primary,
             "value": value, "epoch": best.get("epoch"), "task": m.get("task"),
             "evaluated_on": on, "paper": recipe_paper_number(recipe)}
@@ -188,10 +188,21 @@ def compare_runs(runs: list[str], group_by: str | None = None,
         raise InputError(f"runs of different tasks ({', '.join(sorted(map(str, primaries)))}) "
                          f"cannot share one table; compare runs of one task")
     primary = primaries.pop() if primaries else None
+    if group_by == "recipe":
+        _name_variants(rows)
     key = (lambda r: r["group"]) if group_by == "recipe" else (lambda r: r["run"])
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(key(r), []).append(r)
+    if group_by == "recipe":
+        for g, rs in groups.items():
+            seen: dict = {}
+            for r in rs:
+                if r["seed"] in seen:
+                    raise InputError(f"{seen[r['seed']]} and {r['run']} are runs of {g} with "
+                                     f"the same seed {r['seed']} and configuration: the same "
+                                     f"run twice would count twice; compare one of them")
+                seen[r["seed"]] = r["run"]
     table = []
     for g, rs in groups.items():
         vals = [r["value"] for r in rs if r["value"] is not None]
@@ -224,6 +235,34 @@ def compare_runs(runs: list[str], group_by: str | None = None,
                 t["vs_baseline"] = paired_difference([p[0] for p in pairs],
                                                      [p[1] for p in pairs])
     return {"primary": primary, "group_by": group_by, "baseline": base_group, "rows": table}
+
+
+SEED_KEYS = ("seed_everything", "data.seed")
+"""Keys that pair runs rather than tell configurations apart."""
+
+
+def _name_variants(rows: list[dict]) -> None:
+    """Runs of one recipe whose resolved configurations differ (another dataset, image size,
+    an override) are not pooled: each configuration is its own group, named after the recipe
+    and the settings where it differs from the recipe's first configuration."""
+    from .run import RUN_KEYS, changed_keys, flatten_config
+    ignore = RUN_KEYS + SEED_KEYS
+    by_recipe: dict[str, list[dict]] = {}
+    for r in rows:
+        by_recipe.setdefault(r["group"], []).append(r)
+    for name, rs in by_recipe.items():
+        variants: list[dict] = []  # one resolved config per variant
+        for r in rs:
+            match = next((i for i, v in enumerate(variants)
+                          if not changed_keys(v, r["config"], ignore)), None)
+            if match is None:
+                variants.append(r["config"])
+                match = len(variants) - 1
+            if match:
+                diff = changed_keys(variants[0], r["config"], ignore)
+                flat = {k: v for k, v in flatten_config(r["config"]).items() if k in diff}
+                shown = ", ".join(f"{k}={flat.get(k)}" for k in diff[:3])
+                r["group"] = f"{name} [{shown}{', ...' if len(diff) > 3 else ''}]"
 
 
 def _std(v: list[float]) -> float:

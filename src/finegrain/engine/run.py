@@ -259,11 +259,12 @@ def _say(trainer, text: str) -> None:
         print(text, flush=True)
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted key: value}``."""
     if isinstance(d, dict):
         out = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
 
@@ -276,7 +277,7 @@ RUN_KEYS = ("ckpt_path", "config", "resume", "init_weights", "run_dir", "runs_ro
 
 def changed_keys(old: dict, new: dict, ignore: tuple[str, ...] = RUN_KEYS) -> list[str]:
     """Dotted keys whose values differ between two resolved configs."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if not k.startswith(ignore) and a.get(k) != b.get(k)]
 
