@@ -14,7 +14,8 @@ import os
 import sys
 import traceback
 
-from .errors import EXIT_USER_ERROR, FinegrainError, InputError, one_paragraph
+from .errors import (EXIT_INTERRUPTED, EXIT_USER_ERROR, FinegrainError, InputError,
+                     Interrupted, one_paragraph)
 
 log = logging.getLogger("finegrain")
 
@@ -345,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         debug, argv = True, argv[1:]
     try:
         return _run(argv)
+    except Interrupted as e:
+        print(f"interrupted: {one_paragraph(e)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except FinegrainError as e:
         if debug:
             traceback.print_exc()

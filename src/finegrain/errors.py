@@ -10,6 +10,8 @@ traceback. Each class also derives from the built-in error it refines, so code t
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+"""A training stopped by Ctrl-C (SIGINT), with its last checkpoint intact (128 + SIGINT)."""
 
 
 class FinegrainError(Exception):
@@ -33,6 +35,11 @@ class UnknownNameError(FinegrainError, KeyError):
 
 class NonFiniteError(FinegrainError, FloatingPointError):
     """A loss or an output became NaN / inf; the message names the step or the checkpoint."""
+
+
+class Interrupted(FinegrainError):
+    """Ctrl-C stopped a training; the message says which step ``last.ckpt`` holds and the
+    command that continues it (exit :data:`EXIT_INTERRUPTED`)."""
 
 
 class MissingDependencyError(FinegrainError, ImportError):

@@ -96,3 +96,40 @@ def test_planned_steps_for_the_schedule_and_the_progress_file():
     # max_steps alone: Lightning sets max_epochs = -1; the schedule spans max_steps
     # (it used to span one epoch)
     assert planned_steps(trainer(-1, max_steps=45)) == (10, 45)
+
+
+class PoisonGradients(Callback):
+    """A finite loss whose gradients are not: one parameter's gradient becomes inf at
+    ``step`` (an overflow in backward); records the weights before and after that step."""
+
+    def __init__(self, step):
+        self.step, self.before, self.after = step, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:  # before the forward moves BatchNorm statistics
+            self.before = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.model.parameters() if p.grad is not None).grad.fill_(
+                float("inf"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.before is not None and self.after is None:
+            self.after = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def test_nonfinite_gradients_of_a_finite_loss_are_skipped_or_named(tmp_path):
+    from finegrain.models.tiny import tiny_kwargs
+    model = ["--model.model", model_arg("resnet18", tiny_kwargs("resnet18"))]
+    poison = PoisonGradients(1)
+    cli = train(_argv(tmp_path, tmp_path / "skip", epochs=1,
+                      extra=[*model, "--model.nonfinite", "skip"]), callbacks=[poison])
+    changed = [k for k, v in poison.before.items() if not torch.equal(v, poison.after[k])]
+    assert changed == [] and cli.model.skipped_steps == 1
+    assert all(torch.isfinite(v).all() for v in cli.model.model.state_dict().values()
+               if v.is_floating_point())
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradients at epoch 0 step 1 in 1 "
+                                                 r"parameter.*although the loss is finite"):
+        train(_argv(tmp_path, tmp_path / "raise", epochs=1, extra=model),
+              callbacks=[PoisonGradients(1)])

@@ -105,3 +105,30 @@ def test_resume_after_the_config_was_edited_names_what_differs(done, tmp_path, c
     assert "of another shape (first: " in err
     assert "model arguments that changed: backbone_kwargs.embed_dim" in err
     assert "Traceback" not in err and os.stat(run / "last.ckpt").st_mtime_ns == before
+
+
+def test_ctrl_c_exits_130_naming_the_step_and_the_resume_command(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    argv = _train(tmp_path, run, "--trainer.max_epochs", "200", "--checkpoint-every", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "finegrain", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until a few steps are checkpointed
+            if (run / "progress.json").is_file() and \
+                    json.loads((run / "progress.json").read_text() or "{}").get("step", 0) >= 3:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert f"interrupted: {run}: stopped by Ctrl-C; {run / 'last.ckpt'} holds step " in err
+    assert f"finegrain train --resume {run}" in err and "Traceback" not in err
+    step = int(err.split("holds step ")[1].split()[0])
+    import torch
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == step

@@ -145,6 +145,7 @@ class FinegrainModule(pl.LightningModule):
         if config is not None:  # built by the registry (or rebuilt from a checkpoint)
             self.set_model_config(config)
         self._val_outputs: list[dict] = []
+        self._buffers_before: dict[str, torch.Tensor] = {}
         self.last_metrics: dict[str, Any] | None = None  # of the last evaluation pass
         self.skipped_steps = 0
         self.nonfinite_outputs = 0  # evaluated images with NaN / inf logits or embedding
@@ -189,6 +190,7 @@ class FinegrainModule(pl.LightningModule):
         skip = self.hparams.nonfinite == "skip"
         # a skipped step must not keep what its forward changed (BatchNorm statistics)
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()} if skip else {}
+        self._buffers_before = buffers
         out = self.model(batch["image"], targets=batch["label"])
         losses = out["losses"]
         loss = sum(v.float() for v in losses.values())
@@ -199,11 +201,7 @@ class FinegrainModule(pl.LightningModule):
                    f"model.max_grad_norm, or use trainer.precision=bf16-mixed instead of "
                    f"16-mixed. last.ckpt holds the last good state (resume with --resume)")
             if skip:
-                with torch.no_grad():
-                    for n, b in self.model.named_buffers():
-                        b.copy_(buffers[n])
-                self.skipped_steps += 1
-                self.log("train/skipped_steps", float(self.skipped_steps))
+                self._skip_step()
                 return None
             raise NonFiniteLossError(msg)
         bs = batch["image"].shape[0]
@@ -212,6 +210,39 @@ class FinegrainModule(pl.LightningModule):
             self.log(f"train/{k}", v.float(), batch_size=bs)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
+
+    def _skip_step(self) -> None:
+        """Leave every parameter and buffer as before this step, and count it."""
+        with torch.no_grad():
+            for n, b in self.model.named_buffers():
+                b.copy_(self._buffers_before[n])
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give non-finite gradients (an overflow in backward); they
+        would make every weight NaN. ``raise`` stops naming them; ``skip`` drops the step
+        (no parameter moves). Under 16-mixed the gradient scaler skips such steps itself."""
+        if str(self.trainer.precision).startswith("16"):
+            return
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        norms = torch.stack(torch._foreach_norm([g for _, g in named]))
+        if bool(torch.isfinite(norms).all()):
+            return
+        bad = [n for (n, _), v in zip(named, norms.tolist()) if not math.isfinite(v)]
+        if self.hparams.nonfinite == "skip":
+            for p in self.model.parameters():
+                p.grad = None  # optimizers leave parameters without a gradient alone
+            self._skip_step()
+            return
+        raise NonFiniteLossError(
+            f"non-finite gradients at epoch {self.current_epoch} step {self.global_step} in "
+            f"{len(bad)} parameter(s) (first: {', '.join(bad[:3])}) although the loss is "
+            f"finite; lower model.optimizer.init_args.lr or set model.max_grad_norm, or "
+            f"--model.nonfinite skip to skip such steps. last.ckpt holds the last good state "
+            f"(resume with --resume)")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None):
@@ -300,6 +331,12 @@ class FinegrainModule(pl.LightningModule):
         self.nonfinite_outputs = int(bad.sum())
         if self.nonfinite_outputs and self.trainer.state.fn == "validate":
             return  # `finegrain eval` reports them, naming the checkpoint
+        if self.nonfinite_outputs:
+            raise NonFiniteError(
+                f"evaluation at epoch {self.current_epoch} (step {self.global_step}): "
+                f"{self.nonfinite_outputs} of {len(bad)} outputs are NaN / inf, so the weights "
+                f"went non-finite during training; last.ckpt holds the last good state: resume "
+                f"with --resume and a lower model.optimizer.init_args.lr or model.max_grad_norm")
         metrics = compute_metrics(self.task, res, self.meta)
         self.last_metrics = metrics
         if self.trainer.state.fn == "validate":  # `finegrain eval`: re-ranking, pictures

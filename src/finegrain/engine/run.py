@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from ..errors import InputError, MissingFileError
+from ..errors import InputError, Interrupted, MissingFileError
 from .datamodule import FinegrainDataModule
 from .folder import RunClaim, is_global_zero_process
 from .module import DEFAULT_OPTIMIZER, FinegrainModule, planned_steps
@@ -121,6 +121,31 @@ def resume_step(path: str) -> int:
                          f"cannot continue from it: restore the file from a copy, or start a "
                          f"new run from the run's best weights with --init-weights "
                          f"{os.path.join(os.path.dirname(path), 'best.ckpt')}") from None
+
+
+class InterruptNote(Callback):
+    """Notes a Ctrl-C (Lightning then shuts down and exits 1), so ``finegrain train`` can say
+    which step ``last.ckpt`` holds, print the command that continues, and exit 130."""
+
+    interrupted_run: str | None = None
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            InterruptNote.interrupted_run = self.run_dir
+
+
+def interrupted(run_dir: str) -> Interrupted:
+    """The one paragraph of a training stopped by Ctrl-C in ``run_dir``."""
+    last = os.path.join(run_dir, "last.ckpt")
+    if not os.path.isfile(last):
+        return Interrupted(f"{run_dir}: stopped before its first checkpoint; nothing to "
+                           f"continue from (start it again)")
+    return Interrupted(f"{run_dir}: stopped by Ctrl-C; {last} holds step {resume_step(last)} "
+                       f"(complete: it is written atomically). Continue exactly with: "
+                       f"finegrain train --resume {run_dir}")
 
 
 class ProgressFile(Callback):
@@ -408,6 +433,7 @@ class FinegrainCLI(LightningCLI):
                             auto_insert_metric_name=False, save_last=False),
             ExactResume(),  # before LastCheckpoint: it counts the batch about to be saved
             LastCheckpoint(run_dir, cfg.checkpoint_every),
+            InterruptNote(run_dir),
             RunFolder(run_dir, self.recipe),
             ProgressFile(run_dir),
             *(user if isinstance(user, list) else [user]), *self.extra_callbacks]
@@ -626,6 +652,12 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
                                auto_configure_optimizers=False)
         failed = False
         return cli
+    except SystemExit:
+        run = InterruptNote.interrupted_run
+        if run is None:
+            raise
+        InterruptNote.interrupted_run = None
+        raise interrupted(run) from None
     finally:
         while len(_CLAIMS) > claimed:  # this call's claims: the lock, an empty failed folder
             _CLAIMS.pop().release(failed)
