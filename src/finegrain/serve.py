@@ -123,8 +123,12 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
             raise HTTPException(415, f"send a form, multipart/form-data (an 'image' file field "
                                      f"or a 'gallery_id' field), not {ctype or 'no body'}")
 
-    def _query(image: Optional[UploadFile], gallery_id: Optional[int]):
+    def _query(images: Optional[list[UploadFile]], gallery_id: Optional[int]):
         """(query name, decoded image or None, gallery id or None)."""
+        if images and len(images) > 1:
+            raise HTTPException(400, f"the form holds {len(images)} 'image' files; send one "
+                                     f"image per request (one search per image)")
+        image = images[0] if images else None
         if (image is None) == (gallery_id is None):
             raise HTTPException(400, "send one of: an 'image' file field, or a 'gallery_id' "
                                      "field (a gallery image as the query)")
@@ -174,7 +178,8 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
                          415: {"description": "not multipart, or not an image type"},
                          422: {"description": "k out of range"}})
     def search(request: Request,
-               image: Optional[UploadFile] = File(None, description="the query image"),
+               image: Optional[list[UploadFile]] = File(None, description="the query image "
+                                                                     "(one)"),
                gallery_id: Optional[int] = Form(None, description="or: a gallery id as query"),
                k: int = Form(10, ge=1, le=k_max, description="results"),
                explain: bool = Form(False, description="add the query's attention picture")):
@@ -199,7 +204,7 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
               responses={200: {"content": {"image/png": {}},
                                "description": "where the query attends in the result"}})
     def explain_pair(request: Request, result_id: int = Form(...),
-                     image: Optional[UploadFile] = File(None),
+                     image: Optional[list[UploadFile]] = File(None),
                      gallery_id: Optional[int] = Form(None)):
         """Why a result matches: the query's pair-wise attention over it (Re-ID models)."""
         _check_multipart(request)

@@ -235,8 +235,22 @@ def test_pretrained_of_another_architecture_stops_unless_not_strict(run, tmp_pat
     assert main(_train_argv(tmp_path / "r", run / "cache", "--model.pretrained", str(path))) == 2
     err = _error(capsys)
     assert str(path) in err and "--model.pretrained_strict false" in err
+    from finegrain.models.weights import LoadReport
+    many = LoadReport(str(path), "backbone", missing=[f"blocks.{i}.w" for i in range(300)])
+    assert len(str(many)) < 300 and "missing (300): blocks.0.w" in str(many)
+    assert "... (292 more)" in str(many)  # counts and the first few, not 25 KB of names
     assert main(_train_argv(tmp_path / "r2", run / "cache", "--model.pretrained", str(path),
                             "--model.pretrained_strict", "false")) == 0
+
+
+def test_train_unknown_backbone_names_the_closest(run, tmp_path, capsys):
+    model = model_arg("vit_tiny_patch16_224", TINY).replace("vit_tiny_patch16_224", "resnet81")
+    argv = _train_argv(tmp_path / "r", run / "cache")
+    argv[argv.index("--model.model") + 1] = model
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert "backbone 'resnet81' is not a timm architecture (closest:" in err
+    assert not (tmp_path / "r").exists()  # a failed start leaves no folder
 
 
 # ---- eval / predict ------------------------------------------------------------------------

@@ -105,3 +105,15 @@ def test_serve_prints_its_address_at_start(dalg_index):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_form_with_many_images_is_refused_not_answered_for_one(dalg_index):
+    client = TestClient(create_app(dalg_index["index"]))
+    files = []
+    for p in dalg_index["files"][:3]:
+        with open(p, "rb") as f:
+            files.append(("image", (os.path.basename(p), f.read(), "image/png")))
+    r = client.post("/search", files=files, data={"k": "2"})
+    assert r.status_code == 400 and "holds 3 'image' files; send one image" in r.json()["detail"]
+    r = client.post("/search", files=files[:1], data={"k": "2"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2

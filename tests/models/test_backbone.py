@@ -89,3 +89,10 @@ def test_img_size_and_optional_arguments_are_read_from_timm():
     model_init_arguments.cache_clear()
     model_init_arguments("resnet50")  # finding the class draws no random numbers
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_an_unknown_backbone_is_named_with_the_closest_timm_names():
+    from finegrain.errors import UnknownNameError
+    with pytest.raises(UnknownNameError, match=r"backbone 'resnet81' is not a timm "
+                                               r"architecture \(closest: .*resnet18"):
+        create_backbone("resnet81")

@@ -25,6 +25,8 @@ import timm
 import torch
 import torch.nn as nn
 
+from ..errors import UnknownNameError
+
 __all__ = ["BackboneInfo", "create_backbone", "model_init_arguments", "takes_img_size"]
 
 
@@ -43,6 +45,18 @@ class BackboneInfo:
     is_vit: bool
     num_prefix_tokens: int
     fixed_input_size: bool
+
+
+def check_architecture(name: str) -> None:
+    """Refuse a name timm does not know, with the closest names it does (not timm's
+    ``RuntimeError: Unknown model``)."""
+    if timm.is_model(name):
+        return
+    import difflib
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}" if close else "no close name"
+    raise UnknownNameError(f"backbone {name!r} is not a timm architecture ({hint}); "
+                           f"timm.list_models('{name.split('_')[0]}*') lists the names timm has")
 
 
 def takes_img_size(name: str) -> bool:
@@ -80,6 +94,7 @@ def create_backbone(name: str, img_size: int | tuple[int, int] | list[int] | Non
     Returns:
         ``(backbone, info)``.
     """
+    check_architecture(name)
     kw: dict[str, Any] = {}
     if if_supported:
         accepted = model_init_arguments(name)

@@ -43,12 +43,16 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     skipped_shape: list[str] = field(default_factory=list)
 
+    SHOWN = 8
+    """Keys named per list in the printed report (the lists themselves are complete)."""
+
     def __str__(self) -> str:
         parts = [f"loaded {self.path} into {self.target}"]
         for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
                            ("skipped (shape mismatch)", self.skipped_shape)):
             if keys:
-                parts.append(f"{name} ({len(keys)}): {', '.join(keys)}")
+                more = f", ... ({len(keys) - self.SHOWN} more)" if len(keys) > self.SHOWN else ""
+                parts.append(f"{name} ({len(keys)}): {', '.join(keys[:self.SHOWN])}{more}")
         return "; ".join(parts)
 
 
