@@ -70,6 +70,9 @@ class RunClaim:
                              f"folder") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        for name in os.listdir(path):  # temporaries of writes a kill interrupted
+            if name.startswith(".") and ".tmp-" in name:
+                os.remove(os.path.join(path, name))
         if entries and overwrite and not resuming:
             self._clear()
 

@@ -32,7 +32,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..atomic import atomic_path, save_safetensors, write_json, write_text
 from ..errors import InputError, Interrupted, MissingFileError
 from .datamodule import FinegrainDataModule
 from .folder import RunClaim, is_global_zero_process
@@ -43,20 +45,29 @@ log = logging.getLogger("finegrain")
 _CLAIMS: list[RunClaim] = []  # run folders claimed by the trainings of this process
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with :mod:`finegrain.atomic`'s guarantee for
+    ``last.ckpt`` and ``best.ckpt``: a temporary file in the run folder itself, synced, then
+    renamed (Lightning's own writes a temporary file elsewhere, ``/tmp``, and copies it, so a
+    kill during the copy to another disk left a torn ``best.ckpt``); a full disk is one
+    paragraph and the previous checkpoint stays."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        from ..atomic import save_torch
+        save_torch(checkpoint, os.fspath(path))
+
+
 class LastCheckpoint(Callback):
-    """Write ``last.ckpt`` atomically every ``every_n_steps`` steps and at each epoch end, so a
-    run killed at any moment resumes from a complete file."""
+    """Write ``last.ckpt`` (atomically: :class:`AtomicCheckpointIO`) every ``every_n_steps``
+    steps and at each epoch end, so a run killed at any moment resumes from a complete
+    file."""
 
     def __init__(self, run_dir: str, every_n_steps: int = 50):
         self.path = os.path.join(run_dir, "last.ckpt")
         self.every_n_steps = every_n_steps
 
     def _save(self, trainer: pl.Trainer) -> None:
-        tmp = self.path + ".tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-        trainer.strategy.barrier()
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
@@ -84,12 +95,10 @@ class _KeepingWriter(ExperimentWriter):
                     for r in csv.DictReader(f)]
         rows = [r for r in rows if int(float(r.get("step", 0))) < self.keep_before]
         self.metrics_keys = sorted(set().union(*rows)) if rows else []
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
 
 
 class RunCSVLogger(CSVLogger):
@@ -174,11 +183,8 @@ class ProgressFile(Callback):
         step, total = trainer.global_step, self._total
         done, elapsed = step - self._step0, now - self._t0
         eta = (total - step) * elapsed / done if total and done > 0 else None
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"step": step, "total": total, "epoch": trainer.current_epoch,
-                       "elapsed_s": elapsed, "eta_s": eta}, f)
-        os.replace(tmp, self.path)
+        write_json(self.path, {"step": step, "total": total, "epoch": trainer.current_epoch,
+                               "elapsed_s": elapsed, "eta_s": eta}, indent=None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._write(trainer)
@@ -224,8 +230,7 @@ class RunFolder(Callback):
                   "history": self.history}
         if self.test is not None:
             record["test"] = self.test
-        with open(os.path.join(self.run_dir, "metrics.json"), "w") as f:
-            json.dump(record, f, indent=1)
+        write_json(os.path.join(self.run_dir, "metrics.json"), record)
         return best
 
     def record_test(self, pl_module, checkpoint: str, metrics: dict) -> None:
@@ -244,8 +249,6 @@ class RunFolder(Callback):
     def on_fit_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
-        from safetensors.torch import save_file
-
         from .module import primary_metric
         best = os.path.join(self.run_dir, "best.ckpt")
         if os.path.isfile(best):
@@ -253,10 +256,10 @@ class RunFolder(Callback):
             sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
         else:
             sd = pl_module.model.state_dict()
-        save_file({k: v.contiguous() for k, v in sd.items()},
-                  os.path.join(self.run_dir, "weights.safetensors"))
-        with open(os.path.join(self.run_dir, "model.json"), "w") as f:
-            json.dump(pl_module.meta.to_dict(), f, indent=1)
+        # weights first, their record last: a model.json names complete weights
+        save_safetensors({k: v.contiguous() for k, v in sd.items()},
+                         os.path.join(self.run_dir, "weights.safetensors"))
+        write_json(os.path.join(self.run_dir, "model.json"), pl_module.meta.to_dict())
         key = primary_metric(pl_module.task)
         try:
             from ..visualize import plot_curves
@@ -426,6 +429,9 @@ class FinegrainCLI(LightningCLI):
                                      {"purge_step": self.keep_before}))]
         if trainer.get("default_root_dir") is None:
             kwargs["default_root_dir"] = run_dir
+        plugins = trainer.get("plugins") or []
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]),
+                             AtomicCheckpointIO()]
         user = trainer.get("callbacks") or []
         kwargs["callbacks"] = [
             ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/score", mode="max",
@@ -504,8 +510,7 @@ class FinegrainCLI(LightningCLI):
                               f"states (learning rates included) come from last.ckpt",
                               stacklevel=1)
         if self.trainer.is_global_zero:  # the resolved config, whatever the loggers
-            with open(path, "w") as f:
-                f.write(resolved)
+            write_text(path, resolved)
             print(f"{'resuming' if self.resuming else 'run folder'}: {self.run_dir}",
                   flush=True)
             if self.inputs_note:
