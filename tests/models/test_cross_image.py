@@ -124,7 +124,7 @@ def test_mutual_needs_the_batch_as_its_own_partners_and_names_unknown_hierarchie
         model.cross(tokens, torch.randn(2, 32))
     with pytest.raises(ValueError, match="pairs"):
         model.cross(tokens, torch.randn(3, 1, 32))
-    with pytest.raises(ValueError, match="stack, mutual"):
+    with pytest.raises(ValueError, match="'stack' or 'mutual'"):
         _model(hierarchy="ladder")
 
 

@@ -21,7 +21,23 @@ from ..data.holdout import holdout
 from ..data.registry import build_dataset, get_dataset_class
 from ..data.samplers import PKBatchSampler, RandomBatchSampler, SeededDataset, ShardSampler
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from ..choices import check_choice, refusal
 from ..errors import InputError
+
+Sampler = Literal["random", "pk"]
+"""``data.sampler``: the training batch samplers."""
+
+ResizeMode = Literal["square", "shorter"]
+"""``data.resize_mode``: how ``resize_size`` resizes."""
+
+OnError = Literal["raise", "skip"]
+"""``data.on_error``: what a corrupt / missing image does."""
+
+Interpolation = Literal["bilinear", "bicubic"]
+"""``data.interpolation``: the resize filter (None: the weights')."""
+
+TrainCrop = Literal["random_resized", "resize_crop"]
+"""``data.train_crop``: the training crop (None: the task's)."""
 
 
 def _collate(items: list[dict]) -> dict:
@@ -107,21 +123,34 @@ class FinegrainDataModule(pl.LightningDataModule):
     def __init__(self, dataset: str, root: str | None = None,
                  img_size: int | list[int] = 224, resize_size: int | list[int] | None = None,
                  batch_size: int = 32, eval_batch_size: int | None = None,
-                 sampler: str = "random", num_instances: int = 4, num_workers: int = 4,
+                 sampler: Sampler = "random", num_instances: int = 4, num_workers: int = 4,
                  val_split: str | None = None, val_fraction: float = 0.1,
                  holdout_seed: int = 0,
                  mean: tuple[float, float, float] | None = None,
                  std: tuple[float, float, float] | None = None,
-                 interpolation: Literal["bilinear", "bicubic"] | None = None,
+                 interpolation: Interpolation | None = None,
                  crop_pct: float | None = None,
-                 train_crop: Literal["random_resized", "resize_crop"] | None = None,
+                 train_crop: TrainCrop | None = None,
                  random_erasing: float | None = None, color_jitter: float = 0.0,
-                 rotation: float = 0.0, resize_mode: str = "square", augment: bool = True,
-                 on_error: str = "raise", seed: int = 0,
+                 rotation: float = 0.0, resize_mode: ResizeMode = "square", augment: bool = True,
+                 on_error: OnError = "raise", seed: int = 0,
                  dataset_kwargs: dict[str, Any] | None = None):
         super().__init__()
+        check_choice("data.sampler", sampler, Sampler)
+        check_choice("data.resize_mode", resize_mode, ResizeMode)
+        check_choice("data.on_error", on_error, OnError)
+        for option, value, kind in (("data.interpolation", interpolation, Interpolation),
+                                    ("data.train_crop", train_crop, TrainCrop)):
+            if value is not None:
+                check_choice(option, value, kind)
         self.save_hyperparameters()
-        self.task = get_dataset_class(dataset).task
+        cls = get_dataset_class(dataset)
+        self.task = cls.task
+        # the splits depend on the dataset: checked here, before anything is read
+        protocol = [s for s in ("test", "holdout", "none") if s not in cls.splits]
+        if val_split is not None and val_split not in (*cls.splits, *protocol):
+            raise InputError(refusal(f"data.val_split (of {dataset})", val_split,
+                                     [*cls.splits, *protocol]))
         self.mean = tuple(mean) if mean is not None else IMAGENET_MEAN
         self.std = tuple(std) if std is not None else IMAGENET_STD
         self._train = None
@@ -272,7 +301,7 @@ class FinegrainDataModule(pl.LightningDataModule):
         elif hp.sampler == "random":
             bs = RandomBatchSampler(len(self.train_set), hp.batch_size, hp.seed, rank, world)
         else:
-            raise InputError(f"data.sampler {hp.sampler!r}: choose random or pk")
+            check_choice("data.sampler", hp.sampler, Sampler)
         return bs
 
     @property

@@ -13,7 +13,7 @@ position, RNG) is :class:`finegrain.engine.resume.ExactResume`'s.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.cli import OptimizerCallable
 
+from ..choices import check_choice
 from ..errors import InputError, NonFiniteError
 from ..meta import ModelMeta, read_meta
 from ..models.registry import FinegrainModel
@@ -33,6 +34,13 @@ DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW",
 def default_optimizer(params) -> torch.optim.Optimizer:
     """AdamW, lr 5e-4, weight decay 0.05 (:data:`DEFAULT_OPTIMIZER`)."""
     return torch.optim.AdamW(params, **DEFAULT_OPTIMIZER["init_args"])
+
+
+Scheduler = Literal["cosine", "step", "constant"]
+"""``model.scheduler``: the learning-rate schedules."""
+
+NonFinite = Literal["raise", "skip"]
+"""``model.nonfinite``: what a NaN / inf loss does."""
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -124,11 +132,13 @@ class FinegrainModule(pl.LightningModule):
 
     def __init__(self, model: FinegrainModel, optimizer: OptimizerCallable | None = None,
                  pretrained: str | None = None, pretrained_strict: bool = True,
-                 scheduler: str = "cosine", warmup_epochs: float = 0.0, min_lr: float = 0.0,
+                 scheduler: Scheduler = "cosine", warmup_epochs: float = 0.0, min_lr: float = 0.0,
                  milestones: list[int] | None = None, gamma: float = 0.1,
                  max_grad_norm: float | None = None, head_lr_mult: float = 1.0,
-                 nonfinite: str = "raise"):
+                 nonfinite: NonFinite = "raise"):
         super().__init__()
+        check_choice("model.scheduler", scheduler, Scheduler)
+        check_choice("model.nonfinite", nonfinite, NonFinite)
         # the model and the optimizer are objects: checkpoints keep their configs as text
         # (meta.model_config), so they load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["model", "optimizer"])

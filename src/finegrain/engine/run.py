@@ -14,11 +14,13 @@ interruption, each step once. ``--init-weights FILE`` only loads weights.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import datetime as _dt
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -35,6 +37,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..atomic import atomic_path, save_safetensors, write_json, write_text
+from ..choices import nearest, refusal
 from ..errors import InputError, Interrupted, MissingFileError
 from .datamodule import FinegrainDataModule
 from .folder import RunClaim, is_global_zero_process
@@ -349,6 +352,61 @@ def _clean_config(cfg: dict) -> dict:
     return cfg
 
 
+def _literal_values(text: str) -> list | None:
+    """The values of the first ``typing.Literal[...]`` in a jsonargparse message."""
+    m = re.search(r"Literal\[(.*?)\]", text)
+    if not m:
+        return None
+    try:
+        return list(ast.literal_eval(f"({m.group(1)},)"))
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _arguments(class_path: str) -> list[str]:
+    """The constructor arguments of the class ``class_path`` names (none if it cannot be
+    imported)."""
+    import importlib
+    import inspect
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return list(inspect.signature(cls).parameters)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+
+
+def parse_error(message: str, options: list[str] = ()) -> str:
+    """A jsonargparse parse error of ``finegrain train`` as one paragraph: a closed-set option
+    with its accepted values and the nearest one; an unknown option with the nearest of
+    ``options`` (the parser's option strings); anything else as it is, on one line."""
+    m = re.search(r"class_path '([\w.]+)'.*Option '(\w+)' is not accepted", message, re.S)
+    if m:
+        class_path, name = m.groups()
+        near = nearest(name, _arguments(class_path))
+        return (f"finegrain train: {class_path} has no argument {name!r}"
+                + (f" (did you mean {near!r}?)" if near else "")
+                + f"; `finegrain train --model.model.help {class_path}` lists them")
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if keys:
+        option = "--" + ".".join(keys)
+        accepted = _literal_values(message)
+        got = re.search(r"(?:Got value|Given value): (.*)", message)
+        if accepted is not None and got:
+            value = got.group(1).strip()
+            if "Optional" in message or "NoneType" in message:
+                accepted = [*accepted, "null"]  # YAML's None
+            return f"finegrain train: {refusal(option, value, accepted)}"
+    m = re.search(r"unrecognized arguments: (.*)", message)
+    if m:
+        unknown = [t for t in m.group(1).split() if t.startswith("-")] or m.group(1).split()
+        hints = [f"{t} (did you mean {n}?)" if (n := nearest(t.split("=")[0], options))
+                 else t for t in unknown]
+        return (f"finegrain train: unknown option {', '.join(hints)}; `finegrain train "
+                f"--help` lists the options (`--model.model.help CLASS` a model's)")
+    return "finegrain train: " + " ".join(message.split())
+
+
 class FinegrainCLI(LightningCLI):
     """LightningCLI ``fit`` with the run folder: ``num_classes`` and ``img_size`` linked from
     the data, the run options of ``finegrain train`` (``--resume``, ``--init-weights``,
@@ -367,6 +425,20 @@ class FinegrainCLI(LightningCLI):
         self.resuming = False
         self.keep_before: int | None = None
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any):
+        # a parse error is raised, for parse_arguments to say in one paragraph (not printed
+        # under jsonargparse's usage of every option)
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as e:
+            options = [o for p in (parser, *_subparsers(parser)) for a in p._actions
+                       for o in a.option_strings if o.startswith("--")]
+            raise InputError(parse_error(str(e), options)) from None
 
     def add_arguments_to_parser(self, parser):
         from ..models.registry import list_models
@@ -596,6 +668,12 @@ def follow_weights(cfg) -> str | None:
         return None
     shown = ", ".join(f"{k} {data.get(k)}" for k in set_here)
     return f"inputs follow the weights: {shown} (from {ic.source})"
+
+
+def _subparsers(parser) -> list:
+    """The sub-command parsers of a jsonargparse parser (``fit``'s)."""
+    action = getattr(parser, "_subcommands_action", None)
+    return list(action._name_parser_map.values()) if action is not None else []
 
 
 def run_dir_for(config: str | None, runs_root: str = "runs") -> str:

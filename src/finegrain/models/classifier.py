@@ -8,6 +8,8 @@ adds ``"losses"`` (cross-entropy with optional label smoothing, plus batch-hard 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +20,9 @@ from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 from .tasks import task_name
+
+ClassifierTask = Literal["classification", "reid", "dml", "fgvc"]
+"""``task`` of :class:`Classifier` (``fgvc``: the older name of ``classification``)."""
 
 
 class Classifier(FinegrainModel):
@@ -39,11 +44,11 @@ class Classifier(FinegrainModel):
     """
 
     def __init__(self, backbone: str = "vit_small_patch16_224", num_classes: int = 1000,
-                 img_size: int | tuple[int, int] | None = None, task: str = "classification",
+                 img_size: int | tuple[int, int] | None = None, task: ClassifierTask = "classification",
                  label_smoothing: float | None = None, triplet_margin: float = 0.3,
                  drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None):
         super().__init__()
-        task = task_name(task, ("classification", "reid", "dml"), "Classifier")
+        task = task_name(task, get_args(ClassifierTask), "Classifier")
         self.task = task
         self.label_smoothing = (0.1 if task == "reid" else 0.0) if label_smoothing is None \
             else label_smoothing

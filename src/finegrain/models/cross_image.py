@@ -68,21 +68,40 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from ..losses.dml import PAIR_LOSSES, build_embedding_loss, build_similarity_loss
+from ..choices import check_choice, refusal
+from ..errors import InputError
+from ..losses.dml import (DML_LOSSES, MINERS, PAIR_LOSSES, build_embedding_loss,
+                          build_similarity_loss)
 from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
-POOLS = ("avg", "max", "avgmax", "token")
+Pool = Literal["avg", "max", "avgmax", "token"]
+"""``pool``: how z pools the backbone tokens (``token``: ViTs only)."""
+
+POOLS = get_args(Pool)
 
 
-HIERARCHIES = ("stack", "mutual")
+Hierarchy = Literal["stack", "mutual"]
+"""``hierarchy``: what the deeper cross-attention layers read."""
+
+HIERARCHIES = get_args(Hierarchy)
+
+DMLLoss = Literal[DML_LOSSES]
+"""``loss``: :data:`finegrain.losses.dml.DML_LOSSES`."""
+
+PairLoss = Literal[PAIR_LOSSES]
+"""``cond_loss``: :data:`finegrain.losses.dml.PAIR_LOSSES`."""
+
+Miner = Literal[MINERS]
+"""``miner``: :data:`finegrain.losses.dml.MINERS`."""
 
 DEFAULT_MAX_ATTN_DIM = 256
 """``attn_dim=None`` resolves to ``min(embedding_dim, 256)``: the branch then costs 1.05x the
@@ -180,14 +199,13 @@ class ConditionalEmbedding(nn.Module):
     """
 
     def __init__(self, feat_dim: int, embedding_dim: int, dim: int, depth: int = 2,
-                 num_heads: int = 8, mlp_ratio: float = 4.0, hierarchy: str = "stack",
+                 num_heads: int = 8, mlp_ratio: float = 4.0, hierarchy: Hierarchy = "stack",
                  query_residual: bool = True):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth}: the conditional branch needs at least one "
                              f"cross-attention layer (cross_attention=False turns it off)")
-        if hierarchy not in HIERARCHIES:
-            raise ValueError(f"hierarchy={hierarchy!r}: choose one of {', '.join(HIERARCHIES)}")
+        check_choice("hierarchy", hierarchy, Hierarchy)
         self.hierarchy = hierarchy
         self.query_residual = query_residual
         self.token_proj = nn.Linear(feat_dim, dim)
@@ -323,15 +341,22 @@ class CrossImageDML(FinegrainModel):
     def __init__(self, backbone: str = "resnet50", embedding_dim: int = 512,
                  cross_attention: bool = True, depth: int = 2, num_heads: int = 8,
                  attn_dim: int | None = None, mlp_ratio: float = 4.0,
-                 hierarchy: str = "stack", query_residual: bool = True, asymmetric: bool = False,
-                 pool: str | None = None, loss: str = "multi_similarity",
-                 loss_kwargs: dict | None = None, cond_loss: str = "multi_similarity",
+                 hierarchy: Hierarchy = "stack", query_residual: bool = True,
+                 asymmetric: bool = False, pool: Pool | None = None,
+                 loss: DMLLoss = "multi_similarity", loss_kwargs: dict | None = None,
+                 cond_loss: PairLoss = "multi_similarity",
                  cond_loss_kwargs: dict | None = None, cond_weight: float = 1.0,
-                 miner: str | None = None, miner_kwargs: dict | None = None,
+                 miner: Miner | None = None, miner_kwargs: dict | None = None,
                  num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
                  freeze_bn: bool = True, drop_path_rate: float = 0.0,
                  backbone_kwargs: dict | None = None):
         super().__init__()
+        check_choice("hierarchy", hierarchy, Hierarchy)
+        check_choice("loss", loss, DMLLoss)
+        if cond_loss not in DML_LOSSES:  # a proxy loss: build_similarity_loss says why not
+            check_choice("cond_loss", cond_loss, PairLoss)
+        check_choice("miner", miner, Miner | None)
+        check_choice("pool", pool, Pool | None)
         optional: dict = {"drop_path_rate": drop_path_rate}
         if freeze_bn:
             # timm zero-initialises each ResNet block's last BN weight; frozen at zero, every
@@ -343,12 +368,10 @@ class CrossImageDML(FinegrainModel):
         self.num_prefix_tokens = info.num_prefix_tokens
         self.is_vit = info.is_vit
         pool = pool or ("token" if self.is_vit else "avg")
-        if pool not in POOLS or (pool == "token" and not self.is_vit):
-            raise ValueError(f"pool={pool!r}: choose one of avg, max, avgmax"
-                             f"{', token' if self.is_vit else ''}")
+        if pool == "token" and not self.is_vit:
+            raise InputError(refusal(f"pool (of the CNN {backbone})", pool,
+                                     [p for p in POOLS if p != "token"]))
         self.pool = pool
-        if hierarchy not in HIERARCHIES:
-            raise ValueError(f"hierarchy={hierarchy!r}: choose one of {', '.join(HIERARCHIES)}")
         feat_dim = info.num_features  # C
         self.embedding_dim = embedding_dim
         self.head = nn.Linear(feat_dim, embedding_dim)

@@ -56,6 +56,16 @@ from ..losses.arcface import ArcFaceHead
 from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
+from ..choices import check_choice
+
+Local = Literal["window_attention", "none"]
+"""``local``: the local branch (``none``: global only)."""
+
+Fusion = Literal["cross_attention", "orthogonal", "none"]
+"""``fusion``: how the local features join the global one."""
+
+GlobalPool = Literal["token", "avg"]
+"""``global_pool``: how ``f_g`` pools the tokens."""
 
 __all__ = ["DALG", "WindowAttentionBlock", "SpatialAttention2d", "CrossAttentionFusion",
            "OrthogonalFusion", "window_padding_mask"]
@@ -248,25 +258,20 @@ class DALG(FinegrainModel):
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 1000,
                  img_size: int | tuple[int, int] | None = None, global_dim: int = 1024,
                  local_dim: int = 1024, embedding_dim: int = 512,
-                 local: Literal["window_attention", "none"] = "window_attention",
-                 fusion: Literal["cross_attention", "orthogonal", "none"] = "cross_attention",
+                 local: Local = "window_attention", fusion: Fusion = "cross_attention",
                  local_block: int | None = None, window_size: int = 8,
                  window_heads: int | None = None, fusion_heads: int = 8, mlp_ratio: float = 4.0,
-                 global_pool: Literal["token", "avg"] = "token", arcface_s: float = 30.0,
+                 global_pool: GlobalPool = "token", arcface_s: float = 30.0,
                  arcface_m: float = 0.15, drop_path_rate: float = 0.1,
                  backbone_kwargs: dict | None = None):
         super().__init__()
-        if local not in ("window_attention", "none"):
-            raise ValueError(f"local={local!r}: choose 'window_attention' or 'none'")
-        if fusion not in ("cross_attention", "orthogonal", "none"):
-            raise ValueError(f"fusion={fusion!r}: choose 'cross_attention', 'orthogonal' or "
-                             f"'none'")
+        check_choice("local", local, Local)
+        check_choice("fusion", fusion, Fusion)
         if (local == "none") != (fusion == "none"):
             raise ValueError(f"local={local!r} with fusion={fusion!r}: a fusion needs the local "
                              f"branch and the local branch needs a fusion; use both 'none' for "
                              f"the global-only baseline")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool={global_pool!r}: choose 'token' or 'avg'")
+        check_choice("global_pool", global_pool, GlobalPool)
         self.backbone, info = create_backbone(
             backbone, img_size, **{"drop_path_rate": drop_path_rate, "dynamic_img_size": True,
                                    "dynamic_img_pad": True, **(backbone_kwargs or {})})

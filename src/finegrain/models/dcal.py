@@ -55,8 +55,8 @@ Readings we take where the paper is silent (each one is an argument or a documen
   an image of another identity (``pwca_partner="other_class"``: the paper draws it "randomly
   from the training set", where a P x K batch would pair an identity with itself 3 / 63 of
   the time); for FGVC a random derangement (a random single cycle: never the image itself;
-  ``pwca_partner="any"``); a batch of one pairs the image with itself. Gradients flow into I2's keys / values (one joint graph) unless
-  ``detach_pair=True``.
+  ``pwca_partner="any"``); a batch of one pairs the image with itself. Gradients flow into
+  I2's keys / values (one joint graph) unless ``detach_pair=True``.
 - Re-ID: each branch's loss is CE (label smoothing 0.1) + batch-hard triplet on that branch's
   class-token feature; with ``bnneck`` the triplet sees the feature before the BN, CE the
   one after. The PWCA feature goes through the SA BNNeck with its own batch statistics,
@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -86,6 +86,19 @@ from .backbone import create_backbone
 from .explain import AttentionMap
 from .registry import FinegrainModel, build, register_model
 from .tasks import task_name
+from ..choices import check_choice
+
+DCALTask = Literal["classification", "reid", "fgvc"]
+"""``task`` of :class:`DCAL` (``fgvc``: the older name of ``classification``)."""
+
+GlcaSelection = Literal["rollout", "random"]
+"""``glca_selection``: GLCA's query selection."""
+
+GlcaFeature = Literal["local_mean", "class_token"]
+"""``glca_feature``: what GLCA's classifier reads (see the module docstring)."""
+
+PwcaPartner = Literal["other_class", "any"]
+"""``pwca_partner``: where PWCA's distractor image comes from."""
 
 __all__ = ["DCAL", "GlobalLocalCrossAttention", "attention_rollout_class_row",
            "num_selected", "pwca_attention", "random_derangement", "select_top_patches"]
@@ -353,18 +366,18 @@ class DCAL(FinegrainModel):
     pairwise_explain = True  # explain(images, pair=...): PWCA attention over the pair
 
     def __init__(self, backbone: str = "deit_tiny_patch16_224", num_classes: int = 1000,
-                 img_size: int | tuple[int, int] | None = None, task: str = "classification",
+                 img_size: int | tuple[int, int] | None = None, task: DCALTask = "classification",
                  top_ratio: float | None = None, glca: bool = True, pwca: bool = True,
-                 glca_selection: str = "rollout",
-                 glca_feature: Literal["local_mean", "class_token"] = "local_mean",
-                 pwca_partner: Literal["other_class", "any"] | None = None,
+                 glca_selection: GlcaSelection = "rollout",
+                 glca_feature: GlcaFeature = "local_mean",
+                 pwca_partner: PwcaPartner | None = None,
                  sa_only: bool = False,
                  w_init: float | dict[str, float] = 0.0, w_lr: float | None = None,
                  detach_pair: bool = False, bnneck: bool | None = None,
                  label_smoothing: float | None = None, triplet_margin: float = 0.3,
                  drop_path_rate: float = 0.1, backbone_kwargs: dict | None = None):
         super().__init__()
-        task = task_name(task, ("classification", "reid"), "DCAL")
+        task = task_name(task, get_args(DCALTask), "DCAL")
         kw = {"drop_path_rate": drop_path_rate, **(backbone_kwargs or {})}
         self.backbone, _ = create_backbone(backbone, img_size, **kw)
         bb = self.backbone
@@ -383,11 +396,12 @@ class DCAL(FinegrainModel):
         self.top_ratio = (0.3 if task == "reid" else 0.1) if top_ratio is None else top_ratio
         if not 0.0 < self.top_ratio <= 1.0:
             raise ValueError(f"top_ratio must be in (0, 1], got {self.top_ratio}")
-        if glca_selection not in ("rollout", "random"):
-            raise ValueError(f"glca_selection must be 'rollout' or 'random', got "
-                             f"{glca_selection!r}")
+        check_choice("glca_selection", glca_selection, GlcaSelection)
         self.glca, self.pwca, self.detach_pair = glca, pwca, detach_pair
         self.glca_selection, self.sa_only, self.w_lr = glca_selection, sa_only, w_lr
+        check_choice("glca_feature", glca_feature, GlcaFeature)
+        if pwca_partner is not None:
+            check_choice("pwca_partner", pwca_partner, PwcaPartner)
         self.glca_feature = glca_feature
         self.pwca_partner = pwca_partner or ("other_class" if task == "reid" else "any")
         self.use_bnneck = (task == "reid") if bnneck is None else bnneck

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..errors import InputError
+
 __all__ = ["TASK_ALIASES", "task_name"]
 
 #: Older task names still accepted -> the name used today.
@@ -21,15 +23,16 @@ def task_name(task: str, accepted: Sequence[str], model: str) -> str:
     """``task`` with its alias resolved (``"fgvc"`` -> ``"classification"``).
 
     Raises:
-        ValueError: ``task`` is not one of ``accepted`` (nor an alias of one); the message
-            names the accepted values.
+        InputError: ``task`` is not one of ``accepted`` (nor an alias of one); the message
+            names the accepted values (a ``ValueError``).
     """
+    accepted = [a for a in accepted if a not in TASK_ALIASES]  # a Literal lists the aliases
     name = TASK_ALIASES.get(task, task)
     if name not in accepted:
         aliases = [f"{old!r} for {new!r}" for old, new in TASK_ALIASES.items() if new in accepted]
         names = [repr(a) for a in accepted]
         listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
-        raise ValueError(f"{model} task must be {listed}"
+        raise InputError(f"{model} task must be {listed}"
                          + (f" (older name: {', '.join(aliases)})" if aliases else "")
                          + f", got {task!r}")
     return name

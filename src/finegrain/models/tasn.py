@@ -91,7 +91,7 @@ the zoom, are the same.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn as nn
@@ -101,6 +101,13 @@ from ..losses.distillation import soft_cross_entropy_distillation
 from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
+from ..choices import check_choice
+
+SamplerMap = Literal["attention", "uniform"]
+"""``sampler_map``: the map the sampler zooms by (``uniform``: the no-zoom control)."""
+
+TestHead = Literal["shared", "master"]
+"""``test_head``: the head of the test logits."""
 
 log = logging.getLogger("finegrain")
 
@@ -261,14 +268,16 @@ def max_marginals(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return attention.amax(1), attention.amax(2)
 
 
-CLIP_RULES = ("coupled", "per_axis")
+ClipRule = Literal["coupled", "per_axis"]
+"""``clip``: how the zoom bound is applied to the two marginals."""
+
+CLIP_RULES = get_args(ClipRule)
 
 
 def _check_clip(max_zoom: float, clip: str) -> None:
     if max_zoom < 1:
         raise ValueError(f"max_zoom must be >= 1 (relative to the uniform density), got {max_zoom}")
-    if clip not in CLIP_RULES:
-        raise ValueError(f"clip must be one of {CLIP_RULES}, got {clip!r}")
+    check_choice("clip", clip, ClipRule)
 
 
 def _relative_density(profile: torch.Tensor) -> torch.Tensor:
@@ -283,7 +292,7 @@ def _relative_density(profile: torch.Tensor) -> torch.Tensor:
 
 def zoom_bounded_densities(profiles: Sequence[torch.Tensor], out_lens: Sequence[int],
                            max_zoom: float = 4.0, iterations: int = 5,
-                           clip: str = "coupled") -> list[torch.Tensor]:
+                           clip: ClipRule = "coupled") -> list[torch.Tensor]:
     """Normalise the marginals of one map into sampling densities with a bounded zoom (step 2).
 
     Each profile (length ``n``) is scaled to sum to its output length ``m`` (output pixels per
@@ -363,7 +372,7 @@ def inverse_cdf(density: torch.Tensor, out_len: int) -> torch.Tensor:
 
 def attention_grid(attention: torch.Tensor, img_size: int | Sequence[int],
                    out_size: int | Sequence[int], max_zoom: float = 4.0,
-                   iterations: int = 5, clip: str = "coupled") -> torch.Tensor:
+                   iterations: int = 5, clip: ClipRule = "coupled") -> torch.Tensor:
     """The separable sampling grid of an attention map (steps 1 to 3), no gradient, fp32.
 
     Args:
@@ -399,7 +408,7 @@ def attention_grid(attention: torch.Tensor, img_size: int | Sequence[int],
 
 def attention_sample(images: torch.Tensor, attention: torch.Tensor,
                      out_size: int | Sequence[int], max_zoom: float = 4.0,
-                     iterations: int = 5, clip: str = "coupled") -> torch.Tensor:
+                     iterations: int = 5, clip: ClipRule = "coupled") -> torch.Tensor:
     """Attention-based non-uniform sampling (paper Sec. 3.2, spec §2).
 
     Regions with high attention are magnified (about ``max_zoom`` times the uniform resize at
@@ -487,20 +496,18 @@ class TASN(FinegrainModel):
                  attention_backbone: str = "resnet18", sample_size: int | tuple[int, int] = 224,
                  attention_size: int | tuple[int, int] = 224, attention_scale: float = 7.0,
                  square_structure: bool = True, distinct_maps: bool = True,
-                 max_zoom: float = 4.0, clip_iterations: int = 5, clip: str = "coupled",
-                 sampler_map: str = "attention",
+                 max_zoom: float = 4.0, clip_iterations: int = 5, clip: ClipRule = "coupled",
+                 sampler_map: SamplerMap = "attention",
                  head_weight: float = 0.5,
                  attention_weight: float = 1.0, distill_weight: float = 1.0,
                  distill_temperature: float = 10.0, detach_teacher: bool = False,
-                 t2_scale: bool = False, test_head: str = "shared",
+                 t2_scale: bool = False, test_head: TestHead = "shared",
                  attention_pretrained: str | None = None, backbone_kwargs: dict | None = None,
                  attention_backbone_kwargs: dict | None = None):
         super().__init__()
-        if sampler_map not in ("attention", "uniform"):
-            raise ValueError(f"sampler_map must be 'attention' or 'uniform', got {sampler_map!r}")
+        check_choice("sampler_map", sampler_map, SamplerMap)
         self.sampler_map = sampler_map
-        if test_head not in ("shared", "master"):
-            raise ValueError(f"test_head must be 'shared' or 'master', got {test_head!r}")
+        check_choice("test_head", test_head, TestHead)
         _check_clip(max_zoom, clip)
         self.num_classes = num_classes
         self.sample_size = _pair(sample_size)
