@@ -662,7 +662,9 @@ def test_recipes_are_valid_and_twinned():
             assert opt["class_path"] == "torch.optim.SGD" and lr == 0.008, stem
             assert r["data"]["sampler"] == "pk" and r["data"]["batch_size"] == 64, stem
         else:
-            assert lr == pytest.approx(5e-4 / 512 * r["data"]["batch_size"]), stem
+            # the paper's rule, 5e-4 / 512 x batch, computed from the global batch at fit time
+            assert lr == 5e-4 and r["model"]["lr_batch"] == 512, stem
+            assert init["w_lr"] == 1e-3, stem
             assert (r["data"]["img_size"], r["data"]["resize_size"]) == (448, 550), stem
         if not stem.endswith("_baseline"):
             twin = by_stem[f"{stem}_baseline"]

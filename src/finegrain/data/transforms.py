@@ -80,7 +80,8 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
                     random_erasing: float | None = None, color_jitter: float = 0.0,
                     rotation: float = 0.0, resize_mode: str = "square",
                     interpolation: str | None = None, crop_pct: float | None = None,
-                    train_crop: str | None = None) -> v2.Compose:
+                    train_crop: str | None = None,
+                    crop_scale: tuple[float, float] | None = None) -> v2.Compose:
     """The transform of ``task`` (classification | reid | retrieval | dml) for train or eval.
 
     Args:
@@ -103,6 +104,8 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
         train_crop: ``random_resized`` (RandomResizedCrop) or ``resize_crop`` (resize to
             ``resize_size``, random crop); None: the task's default (DML and retrieval
             random-resized; classification resize-crop when ``resize_size`` is given).
+        crop_scale: the area range of the random-resized crop (None: torchvision's
+            (0.08, 1), retrieval (0.25, 1): a landmark crop keeps a quarter of the image).
     """
     H, W = _size(img_size)
     interp = v2.InterpolationMode(interpolation or "bilinear")
@@ -128,7 +131,8 @@ def build_transform(task: str, train: bool, img_size: int | tuple[int, int],
             raise ValueError(f"train_crop {train_crop!r}: choose one of {TRAIN_CROPS}")
         if train and train_crop == "random_resized":
             # landmarks: keep at least a quarter of the image, or the building is often gone
-            scale = (0.25, 1.0) if task == "retrieval" else (0.08, 1.0)
+            scale = tuple(crop_scale) if crop_scale is not None else \
+                ((0.25, 1.0) if task == "retrieval" else (0.08, 1.0))
             ops = [v2.RandomResizedCrop((H, W), scale=scale, interpolation=interp,
                                         antialias=True),
                    v2.RandomHorizontalFlip()]

@@ -107,6 +107,8 @@ class FinegrainDataModule(pl.LightningDataModule):
             crop); None: the task's default (DML: random-resized crop 224 + flip, evaluated
             with the shorter side at 256 + centre crop 224, the standard DML pipeline;
             classification: resize-crop when ``resize_size`` is set).
+        crop_scale: area range of the random-resized training crop (None: (0.08, 1), for
+            retrieval (0.25, 1)).
         random_erasing: probability (None: 0.5 for Re-ID, 0 otherwise).
         color_jitter: colour jitter strength for training (0 = off).
         rotation: training random rotation in degrees (0 = off).
@@ -131,6 +133,7 @@ class FinegrainDataModule(pl.LightningDataModule):
                  interpolation: Interpolation | None = None,
                  crop_pct: float | None = None,
                  train_crop: TrainCrop | None = None,
+                 crop_scale: tuple[float, float] | None = None,
                  random_erasing: float | None = None, color_jitter: float = 0.0,
                  rotation: float = 0.0, resize_mode: ResizeMode = "square", augment: bool = True,
                  on_error: OnError = "raise", seed: int = 0,
@@ -173,7 +176,8 @@ class FinegrainDataModule(pl.LightningDataModule):
                                  self.mean, self.std, hp.random_erasing,
                                  hp.color_jitter, hp.rotation if train else 0.0,
                                  hp.resize_mode, interpolation=hp.interpolation,
-                                 crop_pct=hp.crop_pct, train_crop=hp.train_crop)
+                                 crop_pct=hp.crop_pct, train_crop=hp.train_crop,
+                                 crop_scale=hp.get("crop_scale"))
         return build_dataset(hp.dataset, hp.root, split, transform=tf, on_error=hp.on_error,
                              **(hp.dataset_kwargs or {}))
 

@@ -80,6 +80,19 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     return [{"params": buckets[k], "lr": k[0], "weight_decay": k[1]} for k in order]
 
 
+def global_batch(trainer: pl.Trainer) -> tuple[int, str]:
+    """The images of one optimizer step over all processes (devices x nodes x per-process
+    batch x gradient accumulation), and that product in words."""
+    dm = getattr(trainer, "datamodule", None)
+    per = getattr(dm, "batch_size", None) or getattr(getattr(dm, "hparams", None),
+                                                     "batch_size", None)
+    if per is None:
+        raise InputError("model.lr_batch needs the data module's batch_size to compute the "
+                         "global batch; set data.batch_size or drop lr_batch")
+    world, acc = int(trainer.world_size), int(trainer.accumulate_grad_batches)
+    return world * int(per) * acc, f"{world} process(es) x {int(per)} x {acc} accumulation"
+
+
 def planned_steps(trainer: pl.Trainer) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a fit: the schedule's length and
     the progress file's total. ``max_steps`` caps the epochs; with ``max_steps`` alone
@@ -128,6 +141,10 @@ class FinegrainModule(pl.LightningModule):
         nonfinite: ``raise`` stops with the step and term that went NaN / inf (the last
             checkpoint stays intact); ``skip`` skips that step and counts it, leaving every
             parameter and buffer (BatchNorm statistics) as it was.
+        lr_batch: the optimizer's lr is the rate for this many images per step: the rate used
+            is ``lr x global batch / lr_batch``, the global batch counted over every process
+            and accumulation (DCAL's "5e-4 / 512 x batch size": ``lr 5e-4, lr_batch 512``).
+            Absolute group rates (``w_lr``) are not scaled. None: ``lr`` as given.
     """
 
     def __init__(self, model: FinegrainModel, optimizer: OptimizerCallable | None = None,
@@ -135,8 +152,11 @@ class FinegrainModule(pl.LightningModule):
                  scheduler: Scheduler = "cosine", warmup_epochs: float = 0.0, min_lr: float = 0.0,
                  milestones: list[int] | None = None, gamma: float = 0.1,
                  max_grad_norm: float | None = None, head_lr_mult: float = 1.0,
-                 nonfinite: NonFinite = "raise"):
+                 nonfinite: NonFinite = "raise", lr_batch: int | None = None):
         super().__init__()
+        if lr_batch is not None and lr_batch <= 0:
+            raise InputError(f"model.lr_batch must be a positive number of images, got "
+                             f"{lr_batch}")
         check_choice("model.scheduler", scheduler, Scheduler)
         check_choice("model.nonfinite", nonfinite, NonFinite)
         # the model and the optimizer are objects: checkpoints keep their configs as text
@@ -266,6 +286,12 @@ class FinegrainModule(pl.LightningModule):
         # the optimizer's own lr / weight_decay are the backbone's: read them off a probe
         probe = make([nn.Parameter(torch.zeros(1))]).defaults
         lr, wd = float(probe["lr"]), float(probe.get("weight_decay", 0.0))
+        if hp.lr_batch is not None:  # the optimizer's lr is per lr_batch images (linear rule)
+            batch, how = global_batch(self.trainer)
+            if self.trainer.is_global_zero:
+                print(f"lr {lr:g} x {batch} / {hp.lr_batch} = {lr * batch / hp.lr_batch:g} "
+                      f"(model.lr_batch: the global batch {batch} = {how})", flush=True)
+            lr = lr * batch / hp.lr_batch
         opt = make(param_groups(self.model, lr, wd, hp.head_lr_mult))
         per_epoch, total = planned_steps(self.trainer)
         warm = int(hp.warmup_epochs * per_epoch)

@@ -587,12 +587,27 @@ class FinegrainCLI(LightningCLI):
                   flush=True)
             if self.inputs_note:
                 print(self.inputs_note, flush=True)
+            card = recipe_card_text(yaml.safe_load(resolved) or {}, self.recipe)
+            if card:
+                print(card, flush=True)
             print(f"checkpoint choice: best.ckpt is chosen on "
                   f"{self.datamodule.selected_on}", flush=True)
             hp = self.model.hparams
             if not hp.get("pretrained") and not self.resuming:
                 from .report import random_init_warning
                 log.warning(random_init_warning(self.model.model_name, self.recipe))
+
+
+def recipe_card_text(config: dict, recipe: str | None) -> str | None:
+    """The recipe card of a run (its method's protocol, with this run's values), as printed at
+    the start of ``finegrain train``; None when no card applies."""
+    from ..cards import card_for, card_rows, format_card, recipe_labels
+    flat = flatten_config(config)
+    found = card_for(flat, recipe)
+    if found is None:
+        return None
+    labels = recipe_labels(recipe) if recipe and os.path.isfile(recipe) else {}
+    return format_card(*found, card_rows(*found, flat, labels))
 
 
 def check_resumable(run_dir: str, module: FinegrainModule, config: dict) -> None:
@@ -744,6 +759,29 @@ def train(argv: list[str] | None = None, callbacks: list[Callback] | None = None
     finally:
         while len(_CLAIMS) > claimed:  # this call's claims: the lock, an empty failed folder
             _CLAIMS.pop().release(failed)
+
+
+class _Parsed(Exception):
+    """Carries the parsed config out of :class:`_ParseOnly`."""
+
+
+class _ParseOnly(FinegrainCLI):
+    def before_instantiate_classes(self):
+        raise _Parsed(self.config[self.subcommand])
+
+
+def parse_config(argv: list[str]) -> dict:
+    """The configuration ``finegrain train ARGV`` resolves (every default filled), as a
+    dict; nothing is built, claimed or written."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        _ParseOnly(FinegrainModule, FinegrainDataModule, args=["fit", *argv],
+                   seed_everything_default=0, save_config_callback=None,
+                   trainer_defaults={"use_distributed_sampler": False},
+                   auto_configure_optimizers=False)
+    except _Parsed as e:
+        return e.args[0].as_dict()
+    raise RuntimeError("parse_config: the parser did not stop before instantiation")
 
 
 def _run_recipe(run_dir: str) -> str | None:
