@@ -1,0 +1,76 @@
+"""Every shipped recipe builds at its own image size and class count and trains: two optimizer
+steps at batch 2 (P x K recipes: 2 classes x 2 images) on CPU in the recipe's precision give a
+finite loss and a gradient to every trainable parameter. Slow (ViT-B at 448 px and 512 px on CPU): ``make test-slow`` or
+``pytest -m slow tests/engine/test_recipes_real_size.py``."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from lightning.pytorch.cli import instantiate_class
+
+from finegrain.engine.module import param_groups
+from finegrain.engine.run import parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "*.yaml")))
+# training classes of the real sets (the published splits)
+CLASSES = {"cub200": 200, "cars196": 196, "aircraft": 100, "inat2017": 5089, "market1501": 751,
+           "dukemtmcreid": 702, "msmt17": 1041, "veri776": 576, "gldv2": 81313,
+           "cub200_dml": 100, "cars196_dml": 98, "sop": 11318, "inshop": 3997}
+
+
+def build(path: str):
+    """(model, optimizer, image size, dtype of autocast or None, class count) of a recipe at
+    its real size, from random weights (the sizes, not the values, are under test)."""
+    cfg = parse_config(["--config", path, "--model.pretrained", "null"])
+    data, spec = cfg["data"], dict(cfg["model"]["model"])
+    classes = CLASSES[data["dataset"]]
+    init = dict(spec.get("init_args") or {})
+    init["num_classes"] = classes
+    if "img_size" in init:
+        init["img_size"] = data["img_size"]
+    init.pop("attention_pretrained", None)
+    model = instantiate_class((), {"class_path": spec["class_path"], "init_args": init})
+    opt_cfg = cfg["model"]["optimizer"]
+    lr = float(opt_cfg["init_args"]["lr"])
+    opt = instantiate_class((param_groups(model, lr, float(opt_cfg["init_args"].get(
+        "weight_decay", 0.0)), cfg["model"].get("head_lr_mult", 1.0)),), opt_cfg)
+    size = data["img_size"]
+    hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    precision = str(cfg["trainer"].get("precision"))
+    dtype = torch.bfloat16 if "bf16" in precision else None
+    return model, opt, hw, dtype, classes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RECIPES, ids=[os.path.basename(p) for p in RECIPES])
+def test_recipe_trains_two_steps_at_its_real_size(path):
+    torch.manual_seed(0)
+    model, opt, (h, w), dtype, classes = build(path)
+    model.train()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    reached = set()
+    y = torch.tensor([0, 1])
+    if "sampler: pk" in open(path).read():  # pair losses: positives and negatives, 2 x 2
+        y = torch.tensor([0, 0, 1, 1])
+    x = torch.randn(len(y), 3, h, w)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = model(x, targets=y)
+        loss = sum(v.float() for v in out["losses"].values())
+        assert torch.isfinite(loss), (path, {k: float(v) for k, v in out["losses"].items()})
+        loss.backward()
+        bad = [n for n, p in trainable.items()
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        assert not bad, f"non-finite gradients: {bad[:8]}"
+        # a parameter is trained when its gradient is non-zero (a value can stay equal: an
+        # update of 1e-9 vanishes in fp32 beside a BatchNorm weight of 1.0)
+        reached |= {n for n, p in trainable.items() if p.grad is not None and p.grad.any()}
+        opt.step()
+    missed = sorted(set(trainable) - reached)
+    assert not missed, f"{os.path.basename(path)}: no gradient: {missed[:8]} ({len(missed)})"
