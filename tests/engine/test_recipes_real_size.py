@@ -1,7 +1,7 @@
 """Every shipped recipe builds at its own image size and class count and trains: two optimizer
 steps at batch 2 (P x K recipes: 2 classes x 2 images) on CPU in the recipe's precision give a
-finite loss and a gradient to every trainable parameter. Slow (ViT-B at 448 px and 512 px on CPU): ``make test-slow`` or
-``pytest -m slow tests/engine/test_recipes_real_size.py``."""
+finite loss and a gradient to every trainable parameter. Slow (ViT-B at 448 and 512 px on CPU):
+``make test-slow`` or ``pytest -m slow tests/engine/test_recipes_real_size.py``."""
 
 from __future__ import annotations
 
@@ -10,47 +10,21 @@ import os
 
 import pytest
 import torch
-from lightning.pytorch.cli import instantiate_class
 
-from finegrain.engine.module import param_groups
-from finegrain.engine.run import parse_config
+from finegrain.engine.run import build_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*", "*.yaml")))
-# training classes of the real sets (the published splits)
-CLASSES = {"cub200": 200, "cars196": 196, "aircraft": 100, "inat2017": 5089, "market1501": 751,
-           "dukemtmcreid": 702, "msmt17": 1041, "veri776": 576, "gldv2": 81313,
-           "cub200_dml": 100, "cars196_dml": 98, "sop": 11318, "inshop": 3997}
-
-
-def build(path: str):
-    """(model, optimizer, image size, dtype of autocast or None, class count) of a recipe at
-    its real size, from random weights (the sizes, not the values, are under test)."""
-    cfg = parse_config(["--config", path, "--model.pretrained", "null"])
-    data, spec = cfg["data"], dict(cfg["model"]["model"])
-    classes = CLASSES[data["dataset"]]
-    init = dict(spec.get("init_args") or {})
-    init["num_classes"] = classes
-    if "img_size" in init:
-        init["img_size"] = data["img_size"]
-    init.pop("attention_pretrained", None)
-    model = instantiate_class((), {"class_path": spec["class_path"], "init_args": init})
-    opt_cfg = cfg["model"]["optimizer"]
-    lr = float(opt_cfg["init_args"]["lr"])
-    opt = instantiate_class((param_groups(model, lr, float(opt_cfg["init_args"].get(
-        "weight_decay", 0.0)), cfg["model"].get("head_lr_mult", 1.0)),), opt_cfg)
-    size = data["img_size"]
-    hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    precision = str(cfg["trainer"].get("precision"))
-    dtype = torch.bfloat16 if "bf16" in precision else None
-    return model, opt, hw, dtype, classes
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.basename(p) for p in RECIPES])
 def test_recipe_trains_two_steps_at_its_real_size(path):
     torch.manual_seed(0)
-    model, opt, (h, w), dtype, classes = build(path)
+    model, opt, cfg = build_recipe(path)
+    size = cfg["data"]["img_size"]
+    h, w = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    dtype = torch.bfloat16 if "bf16" in str(cfg["trainer"]["precision"]) else None
     model.train()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     reached = set()

@@ -309,3 +309,38 @@ def test_baseline_reid_task(name):
         ev = model.eval()(x)
     assert set(ev) == {"logits", "embedding"}
     torch.testing.assert_close(ev["embedding"].norm(dim=1), torch.ones(6), rtol=0, atol=1e-5)
+
+
+def test_a_finegrain_record_missing_its_head_is_refused_not_run_with_a_random_head(tmp_path,
+                                                                                  capsys):
+    """weights.safetensors + model.json whose head tensors were removed: predict / export /
+    load_model refuse it naming the tensors (before, predict ran a random head, exit 0)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from finegrain import create_model
+    from finegrain.cli import main
+    from finegrain.errors import InputError
+    from finegrain.models.registry import config_meta, load_model
+    from finegrain.models.tiny import tiny_kwargs
+    name = "dcal_deit_tiny_patch16_224"
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, **tiny_kwargs(name))
+    meta = {**config_meta(model.finegrain_config), "img_size": 32, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "task": "classification", "class_names": list("abcd"),
+            "dataset": "synthetic_fgvc"}
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    load_model(str(tmp_path / "weights.safetensors"))  # the whole record loads
+    del sd["head.weight"], sd["head.bias"]
+    save_file(sd, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(InputError, match=r"2 missing \(head.weight, head.bias\)"):
+        load_model(str(tmp_path / "weights.safetensors"))
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    assert main(["predict", str(tmp_path / "weights.safetensors"), str(tmp_path / "a.jpg")]) == 2
+    assert main(["export", str(tmp_path / "weights.safetensors"), "--out",
+                 str(tmp_path / "exp")]) == 2
+    assert "head.weight" in capsys.readouterr().err and not (tmp_path / "exp").exists()

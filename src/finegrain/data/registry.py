@@ -10,6 +10,13 @@ from .datasets.base import DatasetError, ImageDataset
 _DATASETS: dict[str, type[ImageDataset] | Callable[..., ImageDataset]] = {}
 
 
+PUBLISHED_CLASSES = {"cub200": 200, "cars196": 196, "aircraft": 100, "nabirds": 555,
+                     "inat2017": 5089, "market1501": 751, "dukemtmcreid": 702, "msmt17": 1041,
+                     "veri776": 576, "gldv2": 81313, "cub200_dml": 100, "cars196_dml": 98,
+                     "sop": 11318, "inshop": 3997}
+"""Training classes of the published splits (sizing a model before the data is at hand)."""
+
+
 def register_dataset(name: str):
     """Class decorator: register a reader under ``name``."""
     def wrap(cls):

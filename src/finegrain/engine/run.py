@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+import torch.nn as nn
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -782,6 +783,28 @@ def parse_config(argv: list[str]) -> dict:
     except _Parsed as e:
         return e.args[0].as_dict()
     raise RuntimeError("parse_config: the parser did not stop before instantiation")
+
+
+def build_recipe(path: str, num_classes: int | None = None) -> tuple[nn.Module, Any, dict]:
+    """(model, optimizer, resolved config) of a recipe at its own image size, from random
+    weights and without data: ``num_classes`` (default: the published split's) sizes the head.
+    For sizing a recipe (tests, benchmarks), not for training."""
+    from lightning.pytorch.cli import instantiate_class
+
+    from ..data.registry import PUBLISHED_CLASSES
+    from .module import param_groups
+    cfg = parse_config(["--config", path, "--model.pretrained", "null"])
+    data, spec = cfg["data"], cfg["model"]["model"]
+    init = dict(spec.get("init_args") or {})
+    init["num_classes"] = num_classes or PUBLISHED_CLASSES[data["dataset"]]
+    if "img_size" in init:
+        init["img_size"] = data["img_size"]
+    init.pop("attention_pretrained", None)  # sizes, not weights
+    model = instantiate_class((), {"class_path": spec["class_path"], "init_args": init})
+    opt = cfg["model"]["optimizer"]
+    lr, wd = float(opt["init_args"]["lr"]), float(opt["init_args"].get("weight_decay", 0.0))
+    groups = param_groups(model, lr, wd, float(cfg["model"].get("head_lr_mult", 1.0)))
+    return model, instantiate_class((groups,), opt), cfg
 
 
 def _run_recipe(run_dir: str) -> str | None:

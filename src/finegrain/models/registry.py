@@ -273,8 +273,22 @@ def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, ModelMeta]:
         load_checkpoint_meta(checkpoint)  # raises, naming what is missing
     model = model_from_meta(meta, checkpoint, **kwargs)
     from .weights import load_pretrained
-    load_pretrained(model, checkpoint, state_dict=sd)
+    report = load_pretrained(model, checkpoint, state_dict=sd)
+    _require_whole(report, checkpoint)
     return model.eval(), meta
+
+
+def _require_whole(report, checkpoint: str) -> None:
+    """A finegrain record describes its model exactly: every tensor must be there, of its
+    shape, and nothing else (a record missing its head would predict with a random one)."""
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+             for what, keys in (("missing", report.missing), ("unexpected", report.unexpected),
+                                ("of another shape", report.skipped_shape)) if keys]
+    if parts:
+        raise InputError(f"{checkpoint}: the weights do not match the model its record "
+                         f"describes: tensors {'; '.join(parts)}. The file is damaged or was "
+                         f"edited: use the checkpoint it came from (best.ckpt / last.ckpt) or "
+                         f"export it again")
 
 
 def model_from_meta(meta: ModelMeta | dict, source: str = "checkpoint", **kwargs) -> nn.Module:
