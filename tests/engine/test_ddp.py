@@ -67,3 +67,65 @@ def test_ddp_training_two_processes_writes_run_folder(tmp_path):
     assert ck["global_step"] == 2 * (32 // (4 * 2))  # each rank takes every other batch
     hist = json.load(open(run / "metrics.json"))["history"]
     assert len(hist) == 2 and 0 <= hist[-1]["top1"] <= 1
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from /proc), recursively."""
+    out = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+    for k in kids:
+        out += [k, *_children(k)]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_rank_ends_the_whole_ddp_training_without_orphans(tmp_path, victim):
+    """SIGKILL one of two training processes mid-run: the launcher and the other rank end
+    within seconds (no rank left waiting in a collective), no process is left behind, and
+    last.ckpt (if written) is a whole file."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    cfg = dict(num_classes=4, train_per_class=8, test_per_class=3, size=32, seed=0)
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "finegrain", "train", "--run-dir", str(run),
+            "--trainer.max_epochs", "500", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn",
+            "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
+            "--model.model", model_arg("vit_tiny_patch16_224", TINY),
+            "--data.dataset", "synthetic_fgvc", "--data.root", str(tmp_path / "cache"),
+            "--data.dataset_kwargs", json.dumps({"config": cfg}), "--data.val_split", "test",
+            "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0"]
+    log = open(tmp_path / "log.txt", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (run / "last.ckpt").exists():  # training is under way on both ranks
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()
+        time.sleep(0.5)
+    ranks = _children(proc.pid)  # ddp_spawn: the launcher waits, both ranks are children
+    workers = [k for k in ranks if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
+    assert len(workers) == 2, ranks
+    target, everyone = workers[victim], [proc.pid, *ranks]
+    os.kill(target, signal.SIGKILL)
+    t0 = time.time()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.time() - t0
+    time.sleep(1)
+    alive = [p for p in everyone if os.path.exists(f"/proc/{p}") and
+             open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    print(f"rank {victim} killed: every process ended in {took:.1f} s")
+    assert took < 30 and not alive, (took, alive)
+    assert proc.returncode != 0
+    torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)  # whole
