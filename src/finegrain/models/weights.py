@@ -181,7 +181,8 @@ def _hub_file(tag: str, timeout: float = 3.0) -> str:
     except Exception:  # not in the cache
         pass
     fix = (f"download model.safetensors of {repo} on a machine with internet and pass the "
-           f"local file instead of the tag")
+           f"local file instead of the tag (to train from random weights on purpose: "
+           f"--model.pretrained null)")
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
