@@ -222,7 +222,7 @@ class Searcher:
         self.device = torch.device(device)
         self.preprocessing = pre
         self.transform = RetrievalEval(int(pre["img_size"]), tuple(pre["mean"]),
-                                       tuple(pre["std"]))
+                                       tuple(pre["std"]), upscale=bool(pre.get("upscale")))
         self.scales = [float(s) for s in pre.get("scales", [1.0])]
         self.gallery_root = gallery_root
         self._lock = threading.Lock()  # one forward / search at a time (server threads)

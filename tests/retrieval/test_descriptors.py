@@ -9,7 +9,7 @@ from finegrain.retrieval.descriptors import (DescriptorMismatch, check_compatibl
                                              descriptor_paths, load_descriptors, save_descriptors,
                                              signature)
 
-PRE = {"resize": "longest_side", "img_size": 512, "scales": [1.0],
+PRE = {"resize": "longest_side", "img_size": 512, "upscale": False, "scales": [1.0],
        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_query_bbx": False}
 
 
@@ -41,6 +41,23 @@ def with_old_names(path) -> None:
                              for k, v in meta["preprocessing"].items()}
     with open(path, "w") as f:
         json.dump(meta, f)
+
+
+def test_a_record_without_upscale_reads_as_the_enlarging_it_was_made_with(tmp_path):
+    """Descriptors extracted before ``preprocessing.upscale`` existed enlarged small images;
+    they read as ``upscale: true``, so today's (never enlarging) queries are refused
+    against them instead of being compared with a differently scaled database."""
+    _save(tmp_path / "old")
+    meta = json.load(open(tmp_path / "old.json"))
+    del meta["preprocessing"]["upscale"]
+    json.dump(meta, open(tmp_path / "old.json", "w"))
+    old = load_descriptors(tmp_path / "old")
+    assert old.meta["preprocessing"]["upscale"] is True
+    _save(tmp_path / "new")
+    with pytest.raises(DescriptorMismatch, match="upscale"):
+        check_compatible(load_descriptors(tmp_path / "new").meta, old.meta)
+    _save(tmp_path / "again", preprocessing={**PRE, "upscale": True})
+    check_compatible(load_descriptors(tmp_path / "again").meta, old.meta)
 
 
 def test_a_file_saying_image_size_reads_as_img_size(tmp_path):

@@ -12,7 +12,8 @@ from finegrain.data import build_dataset
 from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmarks
 from finegrain.evaluation.revisited import evaluate
 from finegrain.models.tiny import tiny_kwargs
-from finegrain.retrieval.descriptors import DescriptorMismatch, save_descriptors
+from finegrain.errors import InputError
+from finegrain.retrieval.descriptors import DescriptorMismatch, load_descriptors, save_descriptors
 from finegrain.retrieval.pipeline import (ExtractOptions, PictureOptions, PostprocessOptions,
                                           format_table, rank_database, retrieval_eval)
 
@@ -21,7 +22,8 @@ SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=2, easy_per_landma
                         train_per_landmark=2, extra_train=0)
 # the shared tiny DALG at 64 px, the scale of the generated landmark images
 TINY = {**tiny_kwargs("dalg_deit_tiny_patch16_224"), "num_classes": 4, "img_size": 64}
-PRE = {"resize": "longest_side", "img_size": 64, "scales": [1.0], "mean": [0.5] * 3,
+PRE = {"resize": "longest_side", "img_size": 64, "upscale": False, "scales": [1.0],
+       "mean": [0.5] * 3,
        "std": [0.5] * 3}
 # queries cropped to bbx, crops scaled by their full image's factor (what 'embed' records)
 PRE_Q = {**PRE, "crop_query_bbx": True, "crop_scale": "full_image"}
@@ -115,17 +117,46 @@ def test_distractors_appended_and_checked(root, tmp_path):
     dis[:, 40:] = 0  # orthogonal to every landmark direction
     dis /= np.linalg.norm(dis, axis=1, keepdims=True)
     save_descriptors(tmp_path / "r1m", dis, [f"d{i}" for i in range(30)], model_name="oracle",
-                     checkpoint_hash="gt", preprocessing=PRE)
+                     checkpoint_hash="gt", preprocessing=PRE, dataset="revisitop1m",
+                     split="gallery")
     m = retrieval_eval(None, "synthetic_landmarks", root, distractors=str(tmp_path / "r1m"),
                        query_descriptors=qn, gallery_descriptors=gn, out=str(tmp_path / "d"))
     assert m["medium"]["mAP"] == pytest.approx(1.0)
     rep = json.loads((tmp_path / "d" / "retrieval.json").read_text())
     assert rep["num_distractors"] == 30
     save_descriptors(tmp_path / "bad", dis, [f"d{i}" for i in range(30)], model_name="other",
-                     checkpoint_hash="gt", preprocessing=PRE)
+                     checkpoint_hash="gt", preprocessing=PRE, dataset="revisitop1m",
+                     split="gallery")
     with pytest.raises(DescriptorMismatch, match="model_name"):
         retrieval_eval(None, "synthetic_landmarks", root, distractors=str(tmp_path / "bad"),
                        query_descriptors=qn, gallery_descriptors=gn)
+
+
+def test_distractors_must_be_the_r1m_set_and_disjoint_from_the_ground_truth(root, tmp_path):
+    """The gallery file passed as distractors (every positive a second time, unlabelled) or a
+    file of another set is refused, naming the file and the fix; it used to be appended and
+    mAP fell (5.2 -> 2.6 Medium on a real run)."""
+    qn, gn, q = _oracle(root, tmp_path)
+    kw = dict(query_descriptors=qn, gallery_descriptors=gn, picture=PictureOptions("none"))
+    with pytest.raises(InputError, match=r"dataset 'synthetic_landmarks', split 'gallery'.*"
+                                         r"finegrain embed CKPT --dataset revisitop1m"):
+        retrieval_eval(None, "synthetic_landmarks", root, distractors=gn, **kw)
+    gallery = load_descriptors(gn)
+    names = [f"d{i}" for i in range(len(gallery) - 1)] + [q.imlist[3]]
+    save_descriptors(tmp_path / "r1m", np.asarray(gallery.vectors), names, model_name="oracle",
+                     checkpoint_hash="gt", preprocessing=PRE, dataset="revisitop1m",
+                     split="gallery")
+    with pytest.raises(InputError, match=rf"1 of its names are synthetic_landmarks images "
+                                         rf"\(first: '{q.imlist[3]}'\).*disjoint"):
+        retrieval_eval(None, "synthetic_landmarks", root, distractors=str(tmp_path / "r1m"),
+                       **kw)
+    save_descriptors(tmp_path / "r1m", np.asarray(gallery.vectors), names[:-1] + ["d_last"],
+                     model_name="oracle", checkpoint_hash="gt", preprocessing=PRE,
+                     dataset="revisitop1m", split="gallery")
+    out = tmp_path / "ok"  # disjoint names of the R1M set: accepted, appended after the database
+    retrieval_eval(None, "synthetic_landmarks", root, distractors=str(tmp_path / "r1m"),
+                   out=str(out), **kw)
+    assert json.loads((out / "retrieval.json").read_text())["num_distractors"] == len(names)
 
 
 def test_rank_database_with_aqe_and_rerank_are_full_permutations(root, tmp_path):

@@ -3,8 +3,10 @@ processes (CPU, gloo) write the descriptors of one process, in the same name ord
 extraction resumes without recomputing finished shards; a manifest is read as one memory-mapped
 set by ``index build``, ``index search`` and ``retrieval eval``."""
 
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -70,6 +72,19 @@ def test_two_processes_write_the_descriptors_of_one(setup):
     np.testing.assert_array_equal(np.asarray(b.vectors), np.asarray(a.vectors))
 
 
+def _r1m_folder(folder, landmarks_root) -> str:
+    """An R1M-layout distractor set (``revisitop1m.txt`` + ``jpg/``) of five of the generated
+    gallery's images under R1M-style names."""
+    src = sorted(glob.glob(os.path.join(landmarks_root, "jpg", "*.jpg")))[:5]
+    rels = [f"{i:x}/{i:02x}/{i:012x}.jpg" for i in range(len(src))]
+    for s, r in zip(src, rels):
+        os.makedirs(os.path.dirname(os.path.join(folder, "jpg", r)), exist_ok=True)
+        shutil.copy(s, os.path.join(folder, "jpg", r))
+    with open(os.path.join(folder, "revisitop1m.txt"), "w") as f:
+        f.write("\n".join(rels) + "\n")
+    return str(folder)
+
+
 def test_manifest_is_read_as_one_set_by_index_and_retrieval_eval(setup):
     tmp, root, ck = setup
     embed_sharded(ck, "synthetic_landmarks", root, "gallery", str(tmp / "merged"),
@@ -92,15 +107,18 @@ def test_manifest_is_read_as_one_set_by_index_and_retrieval_eval(setup):
     # index build / search and retrieval eval read the manifest as one descriptor set
     embed_sharded(ck, "synthetic_landmarks", root, "query", str(tmp / "q"), shard_size=2,
                   merge=False, **OPTS)
+    r1m = _r1m_folder(tmp / "r1m", root)
     for name in ("merged", "sharded"):
+        embed_sharded(ck, "revisitop1m", r1m, "gallery", str(tmp / f"r1m_{name}"),
+                      shard_size=2, merge=name == "merged", **OPTS)
         ix = str(tmp / f"{name}.index")
         assert main(["index", "build", str(tmp / name), "--out", ix]) == 0
         assert main(["index", "search", ix, str(tmp / "q"), "-k", "5",
                      "--out", str(tmp / f"{name}.res.json")]) == 0
         assert main(["retrieval", "eval", "--dataset", "synthetic_landmarks", "--root", root,
                      "--queries", str(tmp / "q"), "--gallery", str(tmp / name),
-                     "--distractors", str(tmp / name), "--out", str(tmp / f"ev_{name}"),
-                     "--picture", "none"]) == 0
+                     "--distractors", str(tmp / f"r1m_{name}"), "--out",
+                     str(tmp / f"ev_{name}"), "--picture", "none"]) == 0
     res = [json.loads((tmp / f"{n}.res.json").read_text())["queries"]
            for n in ("merged", "sharded")]
     assert res[0] == res[1]

@@ -23,11 +23,13 @@ def _size(s: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
-def longest_side_size(h: int, w: int, size: int, full_size: int | None = None
-                      ) -> tuple[int, int]:
+def longest_side_size(h: int, w: int, size: int, full_size: int | None = None,
+                      upscale: bool = False) -> tuple[int, int]:
     """Output ``(h, w)`` of the retrieval eval resize: the image is scaled by
-    ``size / full_size``, ``full_size`` being the longest side of the *full* image (default:
-    ``max(h, w)``, i.e. the longest side becomes ``size``).
+    ``min(1, size / full_size)``, ``full_size`` being the longest side of the *full* image
+    (default: ``max(h, w)``, i.e. the longest side becomes ``size``). An image (or the full
+    image of a crop) smaller than ``size`` is never enlarged (cirtorch's PIL ``thumbnail``,
+    DELG's ``min_image_size -1``); ``upscale=True`` enlarges it to ``size`` too.
 
     A query cropped to its ``bbx`` passes its full image's longest side, so the crop is scaled
     by the same factor as the database images (cirtorch ``ImagesFromList``:
@@ -36,37 +38,44 @@ def longest_side_size(h: int, w: int, size: int, full_size: int | None = None
     ``size``.
     """
     s = size / (max(h, w) if full_size is None else full_size)
+    if not upscale:
+        s = min(1.0, s)
     return max(1, round(h * s)), max(1, round(w * s))
 
 
 class LongestSide(torch.nn.Module):
-    """Resize so the longest side is ``size``, keeping the aspect ratio (retrieval eval); with
-    ``full_size`` (a query crop) by the full image's factor (:func:`longest_side_size`)."""
+    """Resize so the longest side is ``size`` (at most: smaller images stay as they are unless
+    ``upscale``), keeping the aspect ratio (retrieval eval); with ``full_size`` (a query crop)
+    by the full image's factor (:func:`longest_side_size`)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, upscale: bool = False):
         super().__init__()
         self.size = size
+        self.upscale = upscale
 
     def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
         h, w = img.shape[-2:]
-        return v2.functional.resize(img, list(longest_side_size(h, w, self.size, full_size)),
-                                    antialias=True)
+        return v2.functional.resize(
+            img, list(longest_side_size(h, w, self.size, full_size, self.upscale)),
+            antialias=True)
 
 
 class RetrievalEval(torch.nn.Module):
     """Retrieval eval transform: :class:`LongestSide` then float + normalisation.
 
-    ``transform(img, full_size=M)`` scales a query crop by its full image's factor ``size / M``
-    (cirtorch / DELG convention, :func:`longest_side_size`); ``transform(img)`` scales a whole
-    image so its longest side is ``size``.
+    ``transform(img, full_size=M)`` scales a query crop by its full image's factor
+    ``min(1, size / M)`` (cirtorch / DELG convention, :func:`longest_side_size`);
+    ``transform(img)`` scales a whole image so its longest side is ``size``, or keeps it when
+    it is smaller. ``upscale=True`` also enlarges smaller images (and crops of them) to
+    ``size``: the behaviour of descriptor files without a ``preprocessing.upscale`` field.
     """
 
     takes_full_size = True
 
     def __init__(self, size: int, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD):
+                 std: tuple[float, ...] = IMAGENET_STD, upscale: bool = False):
         super().__init__()
-        self.resize = LongestSide(size)
+        self.resize = LongestSide(size, upscale)
         self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True),
                                      v2.Normalize(list(mean), list(std))])
 

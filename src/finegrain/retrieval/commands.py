@@ -55,7 +55,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
                          num_workers=a.num_workers, amp=a.amp, accelerator=accelerator,
                          devices=_devices(devices), strategy=a.strategy,
                          num_nodes=a.num_nodes, shard_size=a.shard_size, merge=a.merge,
-                         model=model, meta=meta)
+                         model=model, meta=meta, upscale=a.upscale)
     if info["global_zero"]:
         resumed = f", {info['resumed']} of {info['shards']} shards kept" if info["resumed"] \
             else ""
@@ -168,7 +168,7 @@ def cmd_retrieval_eval(a: argparse.Namespace) -> int:
         out = os.path.join(base, f"retrieval_{a.dataset}")
     extract = ExtractOptions(scales=tuple(a.scales), img_size=a.img_size,
                              batch_size=a.batch_size, device=a.device,
-                             num_workers=a.num_workers, amp=a.amp)
+                             num_workers=a.num_workers, amp=a.amp, upscale=a.upscale)
     metrics = retrieval_eval(a.checkpoint, a.dataset, a.root, distractors=a.distractors,
                              out=out, extract=extract, post=_postprocess_options(a),
                              picture=PictureOptions(a.picture), query_descriptors=a.queries,
@@ -221,6 +221,10 @@ def _extraction_args(p: argparse.ArgumentParser) -> None:
                         "their full image's factor (default: 1024 on roxford5k / rparis6k / "
                         "revisitop1m as cirtorch and DELG, 512 the cheaper option; else the "
                         "checkpoint's training size)")
+    p.add_argument("--upscale", action="store_true",
+                   help="also enlarge images (and query crops' full images) smaller than "
+                        "the eval size S to S; default: never enlarge, as cirtorch and DELG "
+                        "(recorded in the descriptors: search applies the same)")
     # the older name of --img-size, kept for existing command lines (hidden)
     p.add_argument("--image-size", dest="img_size", type=int, default=None,
                    help=argparse.SUPPRESS)

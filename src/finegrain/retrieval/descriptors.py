@@ -11,7 +11,8 @@
        "model_name": "dalg_vit_base_patch16_224",
        "checkpoint": "runs/.../best.ckpt",         # informative only
        "checkpoint_hash": "3f2a...",               # sha256 of the checkpoint file, 16 hex
-       "preprocessing": {"resize": "longest_side", "img_size": 512, "scales": [1.0],
+       "preprocessing": {"resize": "longest_side", "img_size": 512, "upscale": false,
+                         "scales": [1.0],
                          "mean": [...], "std": [...], "crop_query_bbx": true,
                          "crop_scale": "full_image"},   # queries: cirtorch / DELG scale
        "dataset": "roxford5k", "split": "gallery"}
@@ -54,9 +55,12 @@ VERSION = 1
 MANIFEST_FORMAT = "finegrain-descriptor-manifest"
 #: Preprocessing fields that must agree between queries and database (``crop_query_bbx`` and
 #: the dataset / split differ legitimately between a query and a gallery file).
-COMPARED_PREPROCESSING = ("resize", "img_size", "scales", "mean", "std")
+COMPARED_PREPROCESSING = ("resize", "img_size", "upscale", "scales", "mean", "std")
 #: Older names of ``preprocessing`` fields -> today's (files written before 2026-11-30).
 PREPROCESSING_ALIASES = {"image_size": "img_size"}
+#: ``preprocessing.upscale`` of a longest-side record without it: files written before that
+#: field existed were extracted with images smaller than ``img_size`` enlarged to it.
+UPSCALE_BEFORE_THE_FIELD = True
 
 
 class DescriptorMismatch(InputError):
@@ -244,16 +248,20 @@ def descriptor_meta(count: int, dim: int, names: Sequence[str], labels: Sequence
 def upgrade_meta(meta: Any) -> Any:
     """A descriptor / manifest / shard JSON or index manifest (or the JSON of an index folder)
     with the field names of today: older names are translated here and nowhere else
-    (:data:`PREPROCESSING_ALIASES`: ``preprocessing.image_size`` -> ``img_size``), so
-    signature checks, resumed extractions and searches treat old and new files alike.
-    Returns ``meta``, changed in place (anything but a dict is returned as is)."""
+    (:data:`PREPROCESSING_ALIASES`: ``preprocessing.image_size`` -> ``img_size``; a
+    longest-side record without ``upscale`` gets the enlarging it was made with,
+    :data:`UPSCALE_BEFORE_THE_FIELD`), so signature checks, resumed extractions and searches
+    treat old and new files alike. Returns ``meta``, changed in place (anything but a dict
+    is returned as is)."""
     if not isinstance(meta, dict):
         return meta
     pre = meta.get("preprocessing")
     if isinstance(pre, dict) and any(k in pre for k in PREPROCESSING_ALIASES):
-        meta["preprocessing"] = {PREPROCESSING_ALIASES.get(k, k): v for k, v in pre.items()
-                                 if not (k in PREPROCESSING_ALIASES
-                                         and PREPROCESSING_ALIASES[k] in pre)}
+        pre = meta["preprocessing"] = {
+            PREPROCESSING_ALIASES.get(k, k): v for k, v in pre.items()
+            if not (k in PREPROCESSING_ALIASES and PREPROCESSING_ALIASES[k] in pre)}
+    if isinstance(pre, dict) and pre.get("resize") == "longest_side" and "upscale" not in pre:
+        pre["upscale"] = UPSCALE_BEFORE_THE_FIELD
     return meta
 
 
@@ -354,7 +362,9 @@ def check_compatible(a: dict[str, Any], b: dict[str, Any], what_a: str = "the in
         raise DescriptorMismatch(
             f"{what_b} do not match {what_a} ({details}); descriptors are only comparable when "
             f"extracted by the same model checkpoint with the same preprocessing: re-run "
-            f"'finegrain embed' with the same checkpoint, --img-size and --scales")
+            f"'finegrain embed' with the same checkpoint, --img-size and --scales"
+            + (" (and --upscale where the other side enlarged small images)"
+               if "preprocessing.upscale" in diff else ""))
 
 
 def _norm(v: Any) -> Any:

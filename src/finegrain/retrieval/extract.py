@@ -1,7 +1,8 @@
 """Descriptor extraction for any model whose output has an ``"embedding"``.
 
 Retrieval preprocessing (DESIGN.md): the aspect ratio is kept, the longest side resized to
-``img_size`` (S), ImageNet-style normalisation with the checkpoint's mean / std. Queries
+``img_size`` (S) -- an image smaller than S is not enlarged (cirtorch, DELG) unless
+``upscale`` --, ImageNet-style normalisation with the checkpoint's mean / std. Queries
 are cropped to their ``bbx`` by the reader and the crop is scaled by its **full image's**
 factor ``S / max(full H, W)`` (cirtorch ``ImagesFromList``: ``imsize * max(crop) /
 imfullsize``; DELG ``resize_factor = max(crop) / max(full)``), so a query is at the scale of
@@ -58,12 +59,14 @@ MULTI_SCALES = (0.3535, 0.5, 0.7071, 1.0, 1.4142)  # DOLG / DELG 5-scale setting
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def retrieval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]):
-    """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == img_size``, normalised;
-    ``transform(crop, full_size=M)`` scales a query crop by ``img_size / M`` instead
+def retrieval_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
+                        upscale: bool = False):
+    """uint8 (3, H, W) -> float (3, h, w) with ``max(h, w) == img_size`` (smaller images kept
+    as they are unless ``upscale``), normalised; ``transform(crop, full_size=M)`` scales a
+    query crop by ``min(1, img_size / M)`` instead
     (:class:`finegrain.data.transforms.RetrievalEval`)."""
     from ..data.transforms import RetrievalEval
-    return RetrievalEval(int(img_size), tuple(mean), tuple(std))
+    return RetrievalEval(int(img_size), tuple(mean), tuple(std), upscale=bool(upscale))
 
 
 class _ExtractionItems(torch.utils.data.Dataset):
@@ -275,20 +278,23 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
 
 def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
                   img_size: int | None = None, scales: Sequence[float] = (1.0,),
-                  meta: ModelMeta | None = None, on_error: str = "raise", **kwargs: Any
+                  meta: ModelMeta | None = None, on_error: str = "raise",
+                  upscale: bool = False, **kwargs: Any
                   ) -> tuple[np.ndarray, list[str], list[int], dict, Any]:
     """Build ``dataset_name``/``split`` with the retrieval transform and extract it.
 
     ``img_size`` None: :func:`resolve_img_size` (1024 on Revisited, else the checkpoint's
     training size).
     ``on_error="skip"``: unreadable images are left out, row and name together.
+    ``upscale``: also enlarge images smaller than ``img_size`` (default: never, as cirtorch
+    and DELG).
 
     Returns:
         ``(vectors (N, D), names, labels, preprocessing, dataset)``; ``preprocessing`` is the
         dict stored in the descriptor JSON.
     """
     ds, preprocessing = extraction_dataset(model, dataset_name, root, split, img_size,
-                                           scales, meta, on_error)
+                                           scales, meta, on_error, upscale)
     stats = kwargs.pop("stats", None)
     stats = {} if stats is None else stats
     vectors = extract(model, ds, scales=scales, desc=f"{dataset_name}/{split}", stats=stats,
@@ -301,8 +307,8 @@ def embed_dataset(model: nn.Module, dataset_name: str, root: str | None, split: 
 
 def extraction_dataset(model: nn.Module, dataset_name: str, root: str | None, split: str,
                        img_size: int | None = None, scales: Sequence[float] = (1.0,),
-                       meta: ModelMeta | None = None, on_error: str = "raise"
-                       ) -> tuple[Any, dict]:
+                       meta: ModelMeta | None = None, on_error: str = "raise",
+                       upscale: bool = False) -> tuple[Any, dict]:
     """``(dataset with the retrieval transform, preprocessing dict of the descriptor JSON)``
     of ``dataset_name``/``split`` (shared by :func:`embed_dataset` and the sharded
     extraction of :mod:`finegrain.retrieval.sharded`)."""
@@ -312,10 +318,11 @@ def extraction_dataset(model: nn.Module, dataset_name: str, root: str | None, sp
     mean, std = model_mean_std(model, meta)
     img_size = resolve_img_size(img_size, meta, dataset_name)
     ds = build_dataset(dataset_name, root, split, on_error=on_error,
-                       transform=retrieval_transform(img_size, mean, std))
+                       transform=retrieval_transform(img_size, mean, std, upscale))
     cropped = bool(split == "query" and getattr(ds, "crop_queries", False))
     preprocessing = {"resize": "longest_side", "img_size": int(img_size),
-                     "scales": [float(s) for s in scales], "mean": list(mean), "std": list(std),
+                     "upscale": bool(upscale), "scales": [float(s) for s in scales],
+                     "mean": list(mean), "std": list(std),
                      "crop_query_bbx": cropped}
     if cropped:  # the crop is scaled by its full image's factor (cirtorch / DELG)
         preprocessing["crop_scale"] = "full_image"

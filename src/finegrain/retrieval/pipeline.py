@@ -9,7 +9,8 @@
    descriptor files matched to the ground truth by image name
    (:func:`align_to_ground_truth`);
 3. optionally append distractor descriptors (``finegrain embed ... revisitop1m``; checked to
-   come from the same checkpoint and preprocessing) after the database, so ``gnd`` indices
+   be of that set, disjoint by name from the ground truth's images and queries, and from the
+   same checkpoint and preprocessing) after the database, so ``gnd`` indices
    stay valid; they stay memory-mapped;
 4. rank the whole database exactly, a block of rows at a time
    (:func:`finegrain.retrieval.search.blockwise_knn`: a running top-100 plus the exact
@@ -42,8 +43,8 @@ from .descriptors import (Descriptors, check_compatible, load_descriptors, save_
 from .postprocess import PostprocessOptions, postprocessed_search
 
 __all__ = ["retrieval_eval", "ExtractOptions", "PictureOptions", "PostprocessOptions",
-           "rank_database", "rank_positions", "align_to_ground_truth", "format_table",
-           "plot_top_k"]
+           "rank_database", "rank_positions", "align_to_ground_truth", "check_distractors",
+           "format_table", "plot_top_k"]
 
 SETTINGS = ("easy", "medium", "hard")
 
@@ -101,6 +102,33 @@ def align_to_ground_truth(d: Descriptors, names: Sequence[str], dataset: str,
     if np.array_equal(order, np.arange(len(names))):
         return np.asarray(d.vectors)
     return np.asarray(d.vectors[order])  # a copy in ground-truth order
+
+
+#: The +1M distractor set (Radenovic et al. 2018): its descriptor files say this dataset / split.
+DISTRACTOR_SET = ("revisitop1m", "gallery")
+
+
+def check_distractors(d: Descriptors, dataset: str, imlist: Sequence[str],
+                      qimlist: Sequence[str]) -> None:
+    """Refuse (``InputError`` naming the file and the fix) a distractor descriptor file that
+    is not of the revisitop1m set (its JSON's ``dataset`` / ``split``), or that holds an image
+    of the ground truth's database (``imlist``) or queries (``qimlist``): appended after the
+    database, such a row would be a second, unlabelled copy of a positive and push the real
+    one down (the gallery file given as distractors halves Medium mAP)."""
+    want_ds, want_split = DISTRACTOR_SET
+    fix = (f"pass descriptors of the R1M set: 'finegrain embed CKPT --dataset {want_ds} "
+           f"--root R1M_ROOT --split {want_split} --out NAME'")
+    got = (d.meta.get("dataset"), d.meta.get("split"))
+    if got != DISTRACTOR_SET:
+        raise InputError(f"--distractors {d.path}: its JSON says dataset {got[0]!r}, split "
+                         f"{got[1]!r}, not the {want_ds} {want_split} distractor set; {fix}")
+    truth = set(imlist) | set(qimlist)
+    shared = next((n for n in d.names if n in truth), None)
+    if shared is not None:
+        count = sum(n in truth for n in d.names)
+        raise InputError(f"--distractors {d.path}: {count} of its names are {dataset} images "
+                         f"(first: {shared!r}); distractors must be disjoint from the ground "
+                         f"truth's database and queries; {fix}")
 
 
 def rank_positions(queries: np.ndarray, databases: Sequence[np.ndarray],
@@ -268,6 +296,7 @@ class ExtractOptions:
         num_workers: decode workers.
         amp: bfloat16 autocast (GPU).
         progress: show a progress bar.
+        upscale: also enlarge images smaller than S (default: never, as cirtorch / DELG).
     """
 
     scales: Sequence[float] = (1.0,)
@@ -277,6 +306,7 @@ class ExtractOptions:
     num_workers: int = 0
     amp: bool = False
     progress: bool = True
+    upscale: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,7 +340,9 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
             std), or ``None`` when both descriptor files are given.
         dataset: ``roxford5k``, ``rparis6k`` or ``synthetic_landmarks``.
         root: dataset root (for ``synthetic_landmarks``: its cache folder, ``None`` default).
-        distractors: ``NAME`` of R1M distractor descriptors (same checkpoint, preprocessing).
+        distractors: ``NAME`` of R1M distractor descriptors (same checkpoint, preprocessing;
+            dataset ``revisitop1m``, names disjoint from the ground truth's:
+            :func:`check_distractors`).
         out: folder for ``retrieval.json``, descriptors and ``top10.png`` (None: nothing written).
         extract: extraction options (``None``: the defaults of :class:`ExtractOptions`).
         post: alpha-QE and k-reciprocal re-ranking of the top ``rerank_k`` (``None``:
@@ -355,7 +387,7 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
             model, meta, ck_hash = load_checkpoint_model(ckpt, ex.device)
         model_name = model_name_of(model, meta)
         opts = dict(batch_size=ex.batch_size, device=ex.device, num_workers=ex.num_workers,
-                    amp=ex.amp, progress=ex.progress)
+                    amp=ex.amp, progress=ex.progress, upscale=ex.upscale)
         stats_q: dict = {}
         stats_g: dict = {}
         qv, qnames, qlabels, pre_q, _ = embed_dataset(model, dataset, root, "query",
@@ -379,6 +411,7 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     n_distractors = 0
     if distractors is not None:
         dd: Descriptors = load_descriptors(distractors)
+        check_distractors(dd, dataset, gds.imlist, qds.qimlist)
         check_compatible(sig, dd.meta, f"the {dataset} descriptors", f"distractors {dd.path}")
         databases.append(dd.vectors)  # memory-mapped, scored in blocks: never loaded whole
         n_distractors = len(dd)

@@ -28,7 +28,8 @@ import torch
 from ..errors import InputError
 
 __all__ = ["knn", "blockwise_knn", "database_rows", "create_index", "train_index",
-           "set_search_params", "build_index", "search", "metric_name", "METRIC_ALIASES"]
+           "set_search_params", "build_index", "search", "metric_name", "METRIC_ALIASES",
+           "tie_order"]
 
 #: ``"cosine"``: inner product of L2-normalised descriptors (higher = closer);
 #: ``"euclidean"``: squared L2 distance (lower = closer).
@@ -81,8 +82,39 @@ def _chunked_search(
     ids = np.empty((nq, k), dtype=np.int64)
     for a in range(0, nq, chunk_size):
         b = min(a + chunk_size, nq)
-        scores[a:b], ids[a:b] = index.search(queries[a:b], k)
+        scores[a:b], ids[a:b] = _tie_ordered_search(index, queries[a:b], k)
     return scores, ids
+
+
+def tie_order(scores: np.ndarray, ids: np.ndarray, higher_is_better: bool = True
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``(scores, ids)`` best first and equal scores by id (ascending), the
+    order of :func:`blockwise_knn` (``retrieval eval``); ids -1 (no result) last."""
+    key = -scores if higher_is_better else scores
+    order = np.lexsort((ids, key, ids < 0), axis=-1)
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
+
+
+def _tie_ordered_search(index: faiss.Index, q: np.ndarray, k: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(q, k)`` with exact ties in :func:`tie_order`'s order. faiss picks any of
+    the rows tied at the k-th score, so the search asks for more until the row after the cut
+    scores strictly worse (or the whole index is returned)."""
+    n = int(index.ntotal)
+    higher = index.metric_type == faiss.METRIC_INNER_PRODUCT
+    want = k
+    while True:
+        wide = min(want + 1, n)
+        s, i = index.search(q, wide)
+        if wide <= k:
+            break
+        cut, after = s[:, k - 1], s[:, wide - 1]
+        tied = (i[:, wide - 1] >= 0) & (cut == after)
+        if not tied.any() or wide == n:
+            break
+        want = min(2 * want, n)
+    s, i = tie_order(s, i, higher)
+    return s[:, :k], i[:, :k]
 
 
 def knn(

@@ -331,10 +331,11 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
                   num_nodes: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
                   merge: bool = True, on_error: str = "raise", max_pending: int | None = None,
                   progress: bool = True, model: torch.nn.Module | None = None,
-                  meta: ModelMeta | dict | None = None) -> dict:
+                  meta: ModelMeta | dict | None = None, upscale: bool = False) -> dict:
     """Extract ``dataset_name``/``split`` with ``checkpoint`` into ``out`` on Lightning's
     predict loop (see the module docstring). ``model`` / ``meta``: an already loaded model
-    (tests); the checkpoint's hash is still recorded.
+    (tests); the checkpoint's hash is still recorded. ``upscale``: also enlarge images
+    smaller than ``img_size`` (recorded in the preprocessing).
 
     Returns:
         ``{"count", "dim", "computed" (images decoded this run), "seconds", "images_per_s",
@@ -355,7 +356,7 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
     if not scales:
         raise InputError("scales is empty; use (1.0,) for single-scale extraction")
     ds, pre = extraction_dataset(model, dataset_name, root, split, img_size, scales, meta,
-                                 on_error)
+                                 on_error, upscale)
     plan = shard_plan(len(ds), shard_size)
     if not plan:
         raise InputError(f"{dataset_name}/{split} has no image; check the dataset root")
