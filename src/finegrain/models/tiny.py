@@ -81,6 +81,8 @@ def _backbone_kind(name: str) -> str:
         return "plain"
     if "resnet" in name:
         return "resnet"
+    if "efficientnet" in name:
+        return "efficientnet"
     raise KeyError(f"no tiny configuration for {name!r}: add its backbone kind to "
                    f"finegrain/models/tiny.py")
 
@@ -144,6 +146,8 @@ def tiny_kwargs(name: str, scale: Scale = "test") -> dict:
     else:  # plain classifier
         if kind == "resnet":
             kw = {"backbone_kwargs": resnet}
+        elif kind == "efficientnet":  # timm fixes its widths and depths: the real size (4.7 M)
+            kw = {"drop_path_rate": 0.0}
         else:
             kw = {"img_size": size, "drop_path_rate": 0.0, "backbone_kwargs": vit}
     return copy.deepcopy(kw)

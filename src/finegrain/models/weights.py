@@ -5,7 +5,9 @@ Formats: ``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` read with
 timm / big_vision ``.npz`` (ViT) through timm's own reader; a Hub tag (``hf-hub:org/name`` or
 ``timm/name``) downloads ``model.safetensors`` on a machine with internet.
 
-A backbone file (timm, DeiT, torchvision) goes through the backbone's timm
+A third-party file in a known format of other key names (efficientnet_pytorch:
+:mod:`finegrain.models.foreign`) is renamed onto timm's names first. A backbone file (timm,
+DeiT, torchvision) goes through the backbone's timm
 ``checkpoint_filter_fn`` (prefix stripping, position-embedding resampling to the model's input
 size, patch-embed reshaping), then into ``model.backbone``; a finegrain file (``.ckpt``,
 ``weights.safetensors``) loads into the whole model. Every missing and unexpected key is
@@ -27,6 +29,7 @@ import torch.nn as nn
 
 from ..errors import InputError, MissingFileError
 from ..meta import ModelMeta, read_meta
+from .foreign import convert_foreign
 
 log = logging.getLogger("finegrain")
 
@@ -303,7 +306,7 @@ def load_pretrained(model: nn.Module, pretrained: str,
                 sd = _resample_backbone_keys(backbone, sd)
             report = load_into(model, sd, path, type(model).__name__)
         else:
-            sd = _backbone_filter(backbone, sd)
+            sd = _backbone_filter(backbone, convert_foreign(backbone, sd, path))
             head = _split_classifier(backbone, sd)
             report = load_into(backbone, sd, path, "backbone")
             _load_head(model, head, report)
