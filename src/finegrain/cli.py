@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 
+from .atomic import write_json
 from .errors import (EXIT_INTERRUPTED, EXIT_USER_ERROR, FinegrainError, InputError,
                      Interrupted, one_paragraph)
 
@@ -73,8 +74,7 @@ def _cmd_eval(a, extra) -> int:
            "unit": "fraction", "rerank": a.rerank, "aqe": a.aqe, "model_overrides": model,
            "metrics": metrics, **({"visrank": picture} if picture else {})}
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.out, res)
     if a.json:
         print(json.dumps(res, indent=1))
     else:
@@ -139,9 +139,7 @@ def _cmd_search(a) -> int:
                                                                                   a.k)
     res = {"index": a.index, "k": a.k, "queries": [r.to_dict() for r in results]}
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(a.out, res)
     if a.json:
         print(json.dumps(res, indent=1))
     else:

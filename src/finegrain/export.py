@@ -49,6 +49,7 @@ from unittest import mock
 import torch
 import torch.nn as nn
 
+from .atomic import save_safetensors, write_json
 from .errors import FinegrainError, InputError, MissingFileError, require
 from .meta import ModelMeta
 
@@ -229,15 +230,13 @@ def backbone_timm_args(meta: ModelMeta) -> tuple[nn.Module, str, dict]:
 def write_timm(model: nn.Module, meta: ModelMeta, out: str) -> dict:
     """``backbone.safetensors`` (timm key names, no ``backbone.`` prefix) and ``timm.json``
     (``model_name``, ``kwargs`` of ``timm.create_model``); returns the ``timm.json`` dict."""
-    from safetensors.torch import save_file
     _, name, kwargs = backbone_timm_args(meta)
     sd = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
-    save_file(sd, os.path.join(out, MODEL_FILES["timm"]))
+    save_safetensors(sd, os.path.join(out, MODEL_FILES["timm"]))
     info = {"model_name": name, "kwargs": kwargs, "file": MODEL_FILES["timm"],
             "usage": f"timm.create_model({name!r}, pretrained=True, "
                      f"pretrained_cfg_overlay=dict(file='{MODEL_FILES['timm']}'), **kwargs)"}
-    with open(os.path.join(out, "timm.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(os.path.join(out, "timm.json"), info)
     return info
 
 
@@ -252,8 +251,7 @@ def load_timm_backbone(folder: str) -> nn.Module:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    write_json(path, obj)
 
 
 # ---- parity -----------------------------------------------------------------------------
@@ -341,7 +339,8 @@ def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
             got = _run_split(lambda b: {"features": timm_model.forward_features(b)}, x)
         else:
             from .runtime import load_exported
-            exported, _ = load_exported(folder, "onnx" if fmt == "onnx" else "torch")
+            exported, _ = load_exported(folder, "onnx" if fmt == "onnx" else "torch",
+                                        complete=False)  # parity.json is written after this
             ref = model(x)
             got = _run_split(exported, x)
     outputs = compare_outputs(ref, got, tol)
@@ -392,8 +391,6 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
         ParityError: an output differs by more than the tolerance (after writing
             ``parity.json``, which holds the numbers).
     """
-    from safetensors.torch import save_file
-
     from .models.registry import load_model
     from .retrieval.descriptors import checkpoint_hash
     if fmt not in FORMATS:
@@ -406,6 +403,10 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
     model, meta = inference_model(model, meta)
     H, W = input_size(meta)
     os.makedirs(out, exist_ok=True)
+    # parity.json, written last, marks a complete folder: an export killed from here on
+    # leaves a folder that load_exported refuses as interrupted, never a mix of two exports
+    if os.path.isfile(os.path.join(out, "parity.json")):
+        os.remove(os.path.join(out, "parity.json"))
     for other in set(MODEL_FILES.values()) - {MODEL_FILES[fmt]}:  # an earlier export's
         if os.path.isfile(os.path.join(out, other)):
             os.remove(os.path.join(out, other))
@@ -421,8 +422,8 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
     else:
         write_timm(model, meta, out)
         keys = ["features"]
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(out, "weights.safetensors"))
+    save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                     os.path.join(out, "weights.safetensors"))
     _write_json(os.path.join(out, "model.json"), meta.to_dict())
     _write_json(os.path.join(out, "preprocess.json"), {**preprocessing(meta), "model_dtype": dtype})
     _write_json(os.path.join(out, "export.json"), {

@@ -85,14 +85,22 @@ class ExportedModel(nn.Module):
         return dict(zip(self.keys, self.program(images.float())))
 
 
-def load_exported(folder: str, runtime: str | None = None) -> tuple[ExportedModel, ModelMeta]:
+def load_exported(folder: str, runtime: str | None = None, complete: bool = True
+                  ) -> tuple[ExportedModel, ModelMeta]:
     """``(callable model, meta)`` of an export folder. ``runtime``: ``"onnx"`` or ``"torch"``;
     None picks the folder's format. ``meta`` is the checkpoint's record (``model.json``: class
     names, input size, normalisation, task) with the exported checkpoint's
-    ``checkpoint_hash`` (descriptors of both match); ``model.info`` is ``export.json``."""
+    ``checkpoint_hash`` (descriptors of both match); ``model.info`` is ``export.json``.
+    ``complete``: refuse a folder without ``parity.json``, which ``finegrain export`` writes
+    last (an export killed or failed before it; False: the parity check itself)."""
     if not is_export_folder(folder):
         raise MissingFileError(f"{folder} is not an export folder (no export.json); write one "
                                f"with `finegrain export CHECKPOINT --format onnx --out {folder}`")
+    if complete and not os.path.isfile(os.path.join(folder, "parity.json")):
+        raise InputError(f"{folder} holds an interrupted export: parity.json, which "
+                         f"'finegrain export' writes last, is missing, so its files may belong "
+                         f"to two exports; run 'finegrain export CHECKPOINT --out {folder}' "
+                         f"again")
     from .models.weights import read_model_json
     meta = read_model_json(os.path.join(folder, "model.json"))
     model = ExportedModel(folder, runtime or _default_runtime(folder))

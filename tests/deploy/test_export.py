@@ -23,6 +23,7 @@ from finegrain.export import ParityError, compare_outputs, export
 from finegrain.inference import predict
 from finegrain.models.registry import config_meta, load_model
 from finegrain.models.tiny import family, tiny_kwargs
+from finegrain.errors import InputError
 from finegrain.runtime import load_exported
 
 NUM_IMAGES = 6
@@ -228,3 +229,29 @@ def test_compare_outputs_numbers():
 def test_every_registered_model_exports(tmp_path, name, fmt):
     ckpt, out = _checkpoint(tmp_path, name), tmp_path / "out"
     _check_report(export(ckpt, str(out), fmt, num_images=NUM_IMAGES), out, fmt)
+
+
+def test_an_interrupted_re_export_is_refused_not_mixed(tmp_path, monkeypatch, capsys):
+    """parity.json is removed first and written last: an export stopped in between (a kill,
+    Ctrl-C, a full disk) leaves a folder that predict refuses, naming the fix, instead of a
+    new model file beside the previous export's records."""
+    import finegrain.export as fx
+    ckpt, out = _checkpoint(tmp_path, "resnet18"), tmp_path / "out"
+    export(ckpt, str(out), "exported", num_images=2)
+    img = _images(tmp_path)[0]
+    assert main(["predict", str(out), img]) == 0
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fx, "check_parity", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        export(ckpt, str(out), "exported", num_images=2)
+    monkeypatch.undo()
+    assert not (out / "parity.json").exists()
+    with pytest.raises(InputError, match="interrupted export: parity.json.*missing"):
+        load_exported(str(out))
+    capsys.readouterr()
+    assert main(["predict", str(out), img]) == 2
+    assert "run 'finegrain export CHECKPOINT" in capsys.readouterr().err
+    export(ckpt, str(out), "exported", num_images=2)  # the rerun completes the folder
+    assert main(["predict", str(out), img]) == 0

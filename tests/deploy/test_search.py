@@ -14,6 +14,7 @@ from finegrain.cli import main
 from finegrain.data import build_dataset, read_image
 from finegrain.errors import EXIT_USER_ERROR, InputError, MissingFileError
 from finegrain.retrieval.descriptors import DescriptorMismatch, checkpoint_hash, load_descriptors
+from finegrain.retrieval.index import index_files
 
 from .helpers import DALG, run_retrieval, write_checkpoint
 
@@ -92,7 +93,7 @@ def test_an_index_of_files_saying_image_size_is_searched_alike(dalg_index, tmp_p
     index = str(tmp_path / "old.index")
     assert run_retrieval(["index", "build", old, "--kind", "Flat", "--out", index]) == 0
     for name in ("index.json", "descriptors.json"):  # an index folder of then
-        with_old_names(os.path.join(index, name))
+        with_old_names(index_files(index)[name])
     assert "image_size" in json.load(open(os.path.join(index, "index.json")))["preprocessing"]
     s, ref = finegrain.Searcher(index), finegrain.Searcher(dalg_index["index"])
     assert s.preprocessing == ref.preprocessing and s.preprocessing["img_size"] == 32
@@ -136,7 +137,7 @@ def test_model_override_and_refusal_of_another_checkpoint(dalg_index, tmp_path, 
     moved = str(tmp_path / "old.index")
     shutil.copytree(dalg_index["index"], moved)
     for name in ("index.json", "descriptors.json"):
-        p = os.path.join(moved, name)
+        p = index_files(moved)[name]
         meta = json.load(open(p))
         meta.pop("checkpoint", None)
         json.dump(meta, open(p, "w"))

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from finegrain.api import Searcher
 from finegrain.errors import InputError
+from finegrain.retrieval.index import index_files
 from finegrain.serve import create_app
 
 
@@ -22,7 +23,7 @@ def _edited_index(dalg_index, tmp_path, names: dict[int, str]):
     dataset field dropped (so names are resolved against the recorded root only)."""
     index = str(tmp_path / "edited.index")
     shutil.copytree(dalg_index["index"], index)
-    ids_path = os.path.join(index, "ids.json")
+    ids_path = index_files(index)["ids.json"]
     with open(ids_path) as f:
         ids = json.load(f)
     for row, name in names.items():
@@ -30,7 +31,7 @@ def _edited_index(dalg_index, tmp_path, names: dict[int, str]):
     with open(ids_path, "w") as f:
         json.dump(ids, f)
     for fname in ("index.json", "descriptors.json"):
-        path = os.path.join(index, fname)
+        path = index_files(index)[fname]
         with open(path) as f:
             meta = json.load(f)
         meta.pop("dataset", None)

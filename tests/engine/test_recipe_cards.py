@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from finegrain.cards import (DOCS, METHODS, card_for, card_rows, check_recipe, docs_table,
                              format_card, load_card, recipe_labels, resolved_recipe)

@@ -13,6 +13,7 @@ from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmar
 from finegrain.models.tiny import tiny_kwargs
 from finegrain.retrieval.commands import register
 from finegrain.retrieval.descriptors import DescriptorMismatch, checkpoint_hash, load_descriptors
+from finegrain.retrieval.index import index_files
 
 SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=1, easy_per_landmark=2,
                         hard_per_landmark=1, junk_per_landmark=1, num_distractors=3,
@@ -99,7 +100,6 @@ def test_index_build_search_add_remove(setup, capsys):
 def test_metric_names_and_their_older_aliases_build_the_same_index(setup, capsys):
     """--metric euclidean and --metric l2 (cosine and ip) write identical index folders and
     search results; the files say today's name."""
-    import os
     tmp = setup[0]
     got = {}
     for metric in ("euclidean", "l2", "cosine", "ip"):
@@ -108,8 +108,7 @@ def test_metric_names_and_their_older_aliases_build_the_same_index(setup, capsys
         assert main(["index", "search", ix, str(tmp / "q"), "-k", "5", "--out", out]) == 0
         res = json.loads(open(out).read())
         assert res.pop("index") == ix
-        got[metric] = ({n: open(os.path.join(ix, n), "rb").read() for n in
-                        ("index.faiss", "ids.json", "index.json", "descriptors.json")}, res)
+        got[metric] = ({n: open(p, "rb").read() for n, p in index_files(ix).items()}, res)
     assert got["l2"] == got["euclidean"] and got["ip"] == got["cosine"]
     assert got["euclidean"][1] != got["cosine"][1]
     for metric in ("euclidean", "cosine"):

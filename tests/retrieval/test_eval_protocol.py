@@ -109,3 +109,28 @@ def test_index_search_cli_orders_ties_as_retrieval_eval(tmp_path):
     got = json.loads(out.read_text())["queries"][0]["names"]
     _, ids, _ = blockwise_knn(q, [db], 3)
     assert got == [f"im{i:02d}" for i in ids[0]] == ["im02", "im05", "im06"]
+
+
+def test_embed_images_skips_a_truncated_photo_when_asked(tmp_path, capsys):
+    """One truncated JPEG among the photos: by default embed stops naming it and the fix;
+    with --on-error skip it leaves that file out, name and row together, and lists it."""
+    from torchvision.io import encode_jpeg
+    ck, model = _ckpt(tmp_path / "m.ckpt", 0)
+    photos = _photos(tmp_path / "photos")
+    blob = encode_jpeg(photos["large.png"]).numpy().tobytes()
+    (tmp_path / "photos" / "broken.jpg").write_bytes(blob[:len(blob) // 3])
+    argv = ["embed", ck, "--images", str(tmp_path / "photos"), "--img-size", "64",
+            "--num-workers", "0", "--out", str(tmp_path / "d")]
+    from finegrain.cli import main as cli
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "--on-error skip" in err
+    assert main([*argv, "--on-error", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable images (left out, name and row together): broken.jpg" in out
+    d = load_descriptors(tmp_path / "d")
+    assert sorted(d.names) == sorted(photos)  # the three readable photos, in their rows
+    t = RetrievalEval(64, (0.5,) * 3, (0.5,) * 3)
+    for row, n in enumerate(d.names):
+        ref = _embed_batch(model.eval(), t(photos[n])[None], [1.0], amp=False)[0].numpy()
+        np.testing.assert_allclose(d.vectors[row], ref, atol=1e-5)

@@ -13,7 +13,7 @@ import finegrain.retrieval.index as index_mod
 from finegrain.errors import InputError
 from finegrain.retrieval.commands import register
 from finegrain.retrieval.descriptors import save_descriptors
-from finegrain.retrieval.index import Index, default_train_size
+from finegrain.retrieval.index import Index, default_train_size, index_files
 
 PRE = {"resize": "longest_side", "img_size": 64, "scales": [1.0], "mean": [0.5] * 3,
        "std": [0.5] * 3}
@@ -90,7 +90,7 @@ def test_remove_from_ivf_fast_scan_index(tmp_path):
     assert Index.load(folder).search(q, k=3).ids.shape == (20, 3)
     with pytest.raises(InputError, match="fast-scan"):  # faiss would crash: refused
         Index.load(folder).reconstruct(np.array([index.ids[0]]))
-    assert os.path.isfile(os.path.join(folder, "index.faiss"))
+    assert os.path.isfile(index_files(folder)["index.faiss"])
     refined = str(tmp_path / "rf.index")  # the refine stage keeps vectors: reconstruct works
     Index.build(name, "IVF16,PQ8x4fs,RFlat").save(refined)
     np.testing.assert_array_equal(Index.load(refined).reconstruct(np.array([5])), db[5:6])

@@ -162,7 +162,8 @@ def test_killed_extraction_resumes_without_recomputing_finished_shards(setup):
     # a kill: shard 1 lost its rows, shard 2 was being written (a .tmp, no JSON), and the
     # manifest of the end was never written
     os.remove(os.path.join(folder, "000001.npy"))
-    os.replace(os.path.join(folder, "000002.npy"), os.path.join(folder, "000002.npy.tmp"))
+    os.replace(os.path.join(folder, "000002.npy"), os.path.join(folder, ".000002.npy.tmp-99"))
+    shutil.copy(os.path.join(folder, ".000002.npy.tmp-99"), os.path.join(folder, "000002.npy.tmp"))
     os.remove(os.path.join(folder, "000002.json"))
     os.remove(out + ".manifest.json")
     c.images = 0
@@ -172,7 +173,7 @@ def test_killed_extraction_resumes_without_recomputing_finished_shards(setup):
     assert again["resumed"] == len(shards) - 2
     now = {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in shards}
     assert all(now[f] == mtimes[f] for f in shards if f not in ("000001.npy", "000002.npy"))
-    assert not any(f.endswith(".tmp") for f in os.listdir(folder))
+    assert not any(".tmp" in f for f in os.listdir(folder))
     d = load_descriptors(out)
     assert d.names == first_names and isinstance(d.vectors, ConcatRows)
     np.testing.assert_array_equal(np.asarray(d.vectors), ref)

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from ..atomic import write_json
 from ..errors import InputError, MissingFileError
 
 __all__ = ["register"]
@@ -55,12 +56,17 @@ def cmd_embed(a: argparse.Namespace) -> int:
                          num_workers=a.num_workers, amp=a.amp, accelerator=accelerator,
                          devices=_devices(devices), strategy=a.strategy,
                          num_nodes=a.num_nodes, shard_size=a.shard_size, merge=a.merge,
-                         model=model, meta=meta, upscale=a.upscale)
+                         model=model, meta=meta, upscale=a.upscale, on_error=a.on_error)
     if info["global_zero"]:
         resumed = f", {info['resumed']} of {info['shards']} shards kept" if info["resumed"] \
             else ""
         _out(f"{info['count']} x {info['dim']} descriptors ({info['images_per_s']:.1f} img/s"
              f"{resumed}) -> {', '.join(info['paths'])}")
+        if info["skipped"]:
+            shown = ", ".join(info["skipped"][:5])
+            more = f", ... ({len(info['skipped']) - 5} more)" if len(info["skipped"]) > 5 else ""
+            _out(f"skipped {len(info['skipped'])} unreadable images (left out, name and row "
+                 f"together): {shown}{more}")
     return 0
 
 
@@ -122,11 +128,9 @@ def cmd_index_search(a: argparse.Namespace) -> int:
         top = ", ".join(f"{n} ({s:.3f})" for n, s in zip(res.names[i][:5], res.scores[i][:5]))
         _out(f"{query_names[i]}: {top}")
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"index": a.index, "k": a.k, "aqe": a.aqe, "rerank": a.rerank,
-                       "score": "negative re-ranked distance" if a.rerank else
-                       index.manifest["metric"], **res.to_json(query_names)}, f)
+        write_json(a.out, {"index": a.index, "k": a.k, "aqe": a.aqe, "rerank": a.rerank,
+                           "score": "negative re-ranked distance" if a.rerank else
+                           index.manifest["metric"], **res.to_json(query_names)}, indent=None)
         _out(f"results of {len(query_names)} queries -> {a.out}")
     return 0
 
@@ -257,6 +261,10 @@ def register(subparsers) -> None:
                         "the folder, labels -1")
     e.add_argument("--root", default=None, help="dataset root")
     e.add_argument("--split", default="gallery", help="query | gallery | train ...")
+    e.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="an unreadable image (corrupt, truncated, missing): stop naming it "
+                        "(raise, default) or leave it out, name and row together, and list "
+                        "the skipped files at the end (skip)")
     e.add_argument("--out", required=True, help="output NAME (NAME.npy + NAME.json)")
     _extraction_args(e)
     e.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (Lightning)")

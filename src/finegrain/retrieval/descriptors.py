@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..atomic import write_json, write_with
 from ..errors import InputError, MissingFileError
 
 __all__ = ["Descriptors", "DescriptorMismatch", "save_descriptors", "load_descriptors",
@@ -226,13 +227,17 @@ def save_descriptors(name: str | os.PathLike, vectors: np.ndarray, names: Sequen
     if not np.isfinite(vectors).all():
         raise InputError("descriptors contain NaN / inf; check the model and the images")
     npy, js = descriptor_paths(name)
-    os.makedirs(os.path.dirname(os.path.abspath(npy)), exist_ok=True)
-    np.save(npy, vectors)
     meta = descriptor_meta(len(vectors), int(vectors.shape[1]), names, labels, model_name,
                            checkpoint_hash, preprocessing, **extra)
-    with open(js, "w") as f:
-        json.dump(meta, f, indent=1)
+    # each file whole or absent (a kill between the two leaves a pair that load refuses)
+    write_with(npy, lambda tmp: _save_npy(tmp, vectors), vectors.nbytes + 128)
+    write_json(js, meta)
     return npy, js
+
+
+def _save_npy(path: str, vectors: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
+        np.save(f, vectors)
 
 
 def descriptor_meta(count: int, dim: int, names: Sequence[str], labels: Sequence[int],
@@ -299,7 +304,7 @@ def load_descriptors(name: str | os.PathLike, mmap: bool = True) -> Descriptors:
     if meta.get("format") != FORMAT:
         raise InputError(f"{js} is not a finegrain descriptor file (format "
                          f"{meta.get('format')!r}); write it with 'finegrain embed'")
-    vectors = np.load(npy, mmap_mode="r" if mmap else None)
+    vectors = load_array(npy, mmap, "extract again with 'finegrain embed'")
     if vectors.ndim != 2 or vectors.dtype != np.float32:
         raise InputError(f"{npy}: expected a float32 (N, D) array, got {vectors.dtype} "
                          f"{vectors.shape}")
@@ -308,6 +313,17 @@ def load_descriptors(name: str | os.PathLike, mmap: bool = True) -> Descriptors:
                          f"({meta['count']}, {meta['dim']}) with {len(meta['names'])} names; "
                          f"the pair is out of sync: extract again")
     return Descriptors(vectors, meta, os.path.splitext(npy)[0])
+
+
+def load_array(path: str, mmap: bool, fix: str) -> np.ndarray:
+    """``np.load`` of a descriptor ``.npy`` (memory-mapped when ``mmap``); a truncated or
+    damaged file (numpy: "mmap length is greater than file size", a bad header) is an
+    :class:`~finegrain.errors.InputError` naming it, its size and ``fix``."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise InputError(f"{path} ({size} bytes) is truncated or damaged ({e}); {fix}") from None
 
 
 def _load_manifest(path: str, mmap: bool) -> Descriptors:
@@ -326,7 +342,7 @@ def _load_manifest(path: str, mmap: bool) -> Descriptors:
         p = os.path.join(folder, sh["path"])
         if not os.path.isfile(p):
             raise MissingFileError(f"{p} (a shard listed in {path}) not found; {fix}")
-        v = np.load(p, mmap_mode="r" if mmap else None)
+        v = load_array(p, mmap, f"it is a shard listed in {path}: {fix}")
         if v.ndim != 2 or v.dtype != np.float32 or v.shape != (sh["count"], meta["dim"]):
             raise InputError(f"{p}: expected float32 ({sh['count']}, {meta['dim']}) as {path} "
                              f"says, got {v.dtype} {v.shape}; {fix}")

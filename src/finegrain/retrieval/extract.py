@@ -92,7 +92,9 @@ class _ExtractionItems(torch.utils.data.Dataset):
                 img, full = ds.load_image_and_full_size(i)
         except DatasetError as e:
             if getattr(ds, "on_error", "raise") != "skip":
-                raise
+                raise DatasetError(f"{e}; or leave such files out, name and row together: "
+                                   f"finegrain embed --on-error skip (on_error='skip')"
+                                   ) from None
             return {"index": i, "image": None, "error": str(e)}
         tf = ds.transform
         if full is not None:

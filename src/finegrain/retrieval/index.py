@@ -3,12 +3,15 @@
 Layout (``finegrain index build DESCRIPTORS --kind FACTORY --out INDEX``)::
 
     INDEX/
-        index.faiss        faiss.write_index of the index (ids are stable integers)
-        ids.json           {"ids": [...], "names": [...], "labels": [...], "next_id": n,
+        index.G.faiss      faiss.write_index of the index (ids are stable integers)
+        ids.G.json         {"ids": [...], "names": [...], "labels": [...], "next_id": n,
                             "removed": [...]}   (one entry per searchable vector)
-        descriptors.json   the JSON of the descriptor file the index was built from
-        index.json         manifest: factory, metric ("cosine" or "euclidean"; folders written
-                           before 2026-11-30 say "ip" / "l2", read as those two), mode, dim,
+        descriptors.G.json the JSON of the descriptor file the index was built from
+        index.json         manifest, written last (the commit of a save): generation G and
+                           the three file names ("files"; folders without them use
+                           index.faiss, ids.json, descriptors.json), factory, metric
+                           ("cosine" or "euclidean"; folders written before 2026-11-30
+                           say "ip" / "l2", read as those two), mode, dim,
                            count, search parameters, model_name, checkpoint_hash,
                            preprocessing, files added later,
                            and where the vectors came from: checkpoint (path), dataset,
@@ -50,7 +53,6 @@ clusters), not only on the tightly clustered one (where nprobe 4 suffices but gi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -59,6 +61,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from ..atomic import write_json, write_with
 from ..errors import InputError, MissingFileError, UnknownNameError
 from .descriptors import Descriptors, check_compatible, load_descriptors, read_json, signature
 from .search import create_index, metric_name, set_search_params, train_index
@@ -69,6 +72,10 @@ __all__ = ["Index", "SearchResult", "LARGE_GALLERY_FACTORY", "LARGE_GALLERY_PARA
 
 FORMAT = "finegrain-index"
 VERSION = 1
+#: the data files of an index folder (``index.json`` names the generation in use)
+_DATA_FILES = {"index": "faiss", "ids": "json", "descriptors": "json"}
+_DATA_NAME = re.compile(r"(index|ids|descriptors)(\.\d+)?\.(faiss|json)|"
+                        r"\.(index|ids|descriptors)(\.\d+)?\.(faiss|json)\.tmp-\d+")
 #: ``--kind auto`` picks exact search (``Flat``) below this many vectors.
 FLAT_MAX = 200_000
 #: Default factory for 1M 256-d descriptors (``default_factory(1_000_000)``;
@@ -207,6 +214,20 @@ def _inner_kind(index: faiss.Index) -> tuple[str, bool]:
     return "idmap", isinstance(ix, faiss.IndexFlat)
 
 
+def index_files(folder: str) -> dict[str, str]:
+    """Paths of an index folder's files in use, by role: ``index.json`` and the generation it
+    names (``index.faiss``, ``ids.json``, ``descriptors.json`` -> ``index.G.faiss`` ...; the
+    fixed names in folders written before generations)."""
+    head = os.path.join(folder, "index.json")
+    if not os.path.isfile(head):
+        raise MissingFileError(f"{head} not found: {folder} is not a finegrain index "
+                               f"folder (build one with 'finegrain index build')")
+    files = read_json(head, "rebuild the index with 'finegrain index build'").get("files") or \
+        {k: f"{k}.{ext}" for k, ext in _DATA_FILES.items()}
+    out = {f"{k}.{ext}": os.path.join(folder, files[k]) for k, ext in _DATA_FILES.items()}
+    return {**out, "index.json": head}
+
+
 class Index:
     """A searchable, growable descriptor index (see the module docstring).
 
@@ -294,17 +315,32 @@ class Index:
         return out
 
     def save(self, folder: str) -> str:
-        """Write the index folder (created if needed); returns it."""
+        """Write the index folder (created if needed); returns it.
+
+        A kill or a full disk at any instant leaves the folder's previous index usable: the
+        data files of this save get new names (``index.G.faiss``, ``ids.G.json``,
+        ``descriptors.G.json``, generation G), each written whole (:mod:`finegrain.atomic`);
+        ``index.json``, replaced last in one rename, names them, and only then are the files
+        of the previous generation removed."""
         os.makedirs(folder, exist_ok=True)
-        faiss.write_index(self.index, os.path.join(folder, "index.faiss"))
-        with open(os.path.join(folder, "ids.json"), "w") as f:
-            json.dump({"ids": self.ids, "names": self.names, "labels": self.labels,
-                       "next_id": self.next_id, "removed": sorted(self.removed)}, f)
-        with open(os.path.join(folder, "descriptors.json"), "w") as f:
-            json.dump(self.source_meta, f)
-        self.manifest["count"] = len(self)
-        with open(os.path.join(folder, "index.json"), "w") as f:
-            json.dump(self.manifest, f, indent=1)
+        gen = int(self.manifest.get("generation", 0)) + 1
+        files = {k: f"{k}.{gen}.{ext}" for k, ext in _DATA_FILES.items()}
+        write_with(os.path.join(folder, files["index"]),
+                   lambda tmp: faiss.write_index(self.index, tmp))
+        write_json(os.path.join(folder, files["ids"]),
+                   {"ids": self.ids, "names": self.names, "labels": self.labels,
+                    "next_id": self.next_id, "removed": sorted(self.removed)}, indent=None)
+        write_json(os.path.join(folder, files["descriptors"]), self.source_meta, indent=None)
+        manifest = {**self.manifest, "count": len(self), "generation": gen, "files": files}
+        write_json(os.path.join(folder, "index.json"), manifest)  # the commit
+        self.manifest = manifest
+        keep = set(files.values()) | {"index.json"}
+        for name in os.listdir(folder):  # earlier generations, and unnamed ones of a kill
+            if name not in keep and _DATA_NAME.fullmatch(name):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass
         return folder
 
     @classmethod
@@ -314,21 +350,24 @@ class Index:
         Raises:
             FileNotFoundError: a file of the folder is missing (named).
         """
-        paths = {n: os.path.join(folder, n) for n in
-                 ("index.faiss", "ids.json", "index.json", "descriptors.json")}
+        fix = "rebuild the index with 'finegrain index build'"
+        paths = index_files(folder)
+        manifest = read_json(paths["index.json"], fix)
         for p in paths.values():
             if not os.path.isfile(p):
-                raise MissingFileError(f"{p} not found: {folder} is not a finegrain index "
-                                       f"folder (build one with 'finegrain index build')")
-        fix = "rebuild the index with 'finegrain index build'"
-        manifest = read_json(paths["index.json"], fix)
+                raise MissingFileError(f"{p} not found: {folder} is not a whole finegrain "
+                                       f"index folder; {fix}")
         if manifest.get("format") != FORMAT:
             raise InputError(f"{paths['index.json']} is not a finegrain index manifest")
         if "metric" in manifest:  # "ip" / "l2" in folders written before 2026-11-30
             manifest["metric"] = metric_name(manifest["metric"])
         idmap = read_json(paths["ids.json"], fix)
         source = read_json(paths["descriptors.json"], fix)
-        index = faiss.read_index(paths["index.faiss"])
+        try:
+            index = faiss.read_index(paths["index.faiss"])
+        except RuntimeError as e:
+            raise InputError(f"{paths['index.faiss']} is truncated or damaged (faiss: "
+                             f"{str(e).strip().splitlines()[-1][:160]}); {fix}") from None
         out = cls(index, manifest, idmap["ids"], idmap["names"], idmap["labels"],
                   idmap.get("removed", ()), idmap.get("next_id"), source)
         if index.ntotal != len(out) + len(out.removed):

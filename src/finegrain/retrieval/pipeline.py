@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch.nn as nn
 
+from ..atomic import write_json
 from ..errors import InputError
 from ..meta import ModelMeta, read_meta
 from .descriptors import (Descriptors, check_compatible, load_descriptors, save_descriptors)
@@ -440,6 +440,5 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
             report["picture"] = plot_top_k(os.path.join(out, "top10.png"), qds, gds, ranks, gnd,
                                            chosen, aps, pic.setting, 10, len(gv))
             report["picture_queries"] = chosen
-        with open(os.path.join(out, "retrieval.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(os.path.join(out, "retrieval.json"), report)
     return metrics

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -36,6 +37,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from ..atomic import atomic_path, write_with
 from ..errors import InputError, nonfinite_outputs
 from ..meta import ModelMeta, read_meta
 from .descriptors import (FORMAT, MANIFEST_FORMAT, descriptor_meta, descriptor_paths,
@@ -74,13 +76,15 @@ def _shard_base(out: str, i: int) -> str:
     return os.path.join(shard_folder(out), f"{i:06d}")
 
 
+#: temporary files of a write (``finegrain.atomic``'s ``.NAME.tmp-PID``, older ``NAME.tmp``)
+_TEMPORARY = re.compile(r"\..+\.tmp-\d+|.+\.tmp")
+
+
 def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    """``write(file)`` into ``path`` whole or not at all (:mod:`finegrain.atomic`: a
+    temporary name beside it, fsync, rename; a full disk is one paragraph)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _norm(v: Any) -> Any:
@@ -288,6 +292,9 @@ def write_manifest(out: str, plan: Sequence[tuple[int, int, int]], expected: dic
     meta.update(format=MANIFEST_FORMAT, shards=shards, skipped=skipped)
     path = manifest_path(out)
     _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    for name in os.listdir(shard_folder(out)):  # temporaries of killed writes: every shard
+        if _TEMPORARY.fullmatch(name):           # is whole now, nothing writes any more
+            os.remove(os.path.join(shard_folder(out), name))
     for p in descriptor_paths(out):  # an older merged set under NAME would shadow it
         if os.path.exists(p):
             os.remove(p)
@@ -306,17 +313,19 @@ def merge_shards(out: str, remove: bool = True) -> tuple[str, str]:
     if len(set(meta["names"])) != len(meta["names"]):
         raise InputError(f"{manifest_path(out)}: an image name appears twice; descriptor "
                          f"names must be unique")
-    tmp = npy + ".tmp"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                    shape=(len(d), d.dim))
     parts = d.vectors.parts if hasattr(d.vectors, "parts") else [d.vectors]
-    row = 0
-    for p in parts:
-        arr[row:row + len(p)] = p
-        row += len(p)
-    arr.flush()
-    del arr
-    os.replace(tmp, npy)
+
+    def copy(tmp: str) -> None:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                        shape=(len(d), d.dim))
+        row = 0
+        for p in parts:
+            arr[row:row + len(p)] = p
+            row += len(p)
+        arr.flush()
+        del arr
+
+    write_with(npy, copy, 4 * len(d) * d.dim + 128)
     _atomic_write(js, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     if remove:
         shutil.rmtree(shard_folder(out), ignore_errors=True)
@@ -385,7 +394,10 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
             "images_per_s": n_todo / max(seconds, 1e-9), "shards": len(plan),
             "resumed": len(done), "paths": paths, "global_zero": trainer.is_global_zero}
     js = paths[1] if merge else paths[0]
+    info["skipped"] = []
     if trainer.is_global_zero:
         m = read_json(js, "extract again")
-        info.update(count=m["count"], dim=m["dim"])
+        kept = set(m["names"])
+        info.update(count=m["count"], dim=m["dim"],
+                    skipped=[n for n in names if n not in kept])  # on_error="skip"
     return info

@@ -133,8 +133,9 @@ class ImageDataset(Dataset):
                 break
             except DatasetError as e:
                 if self.on_error != "skip":
-                    raise DatasetError(f"{e}; or pass on_error='skip' (--data.on_error skip) "
-                                       f"to skip and count such files") from None
+                    raise DatasetError(f"{e}; or skip and count such files: on_error='skip' "
+                                       f"(finegrain train --data.on_error skip, finegrain "
+                                       f"embed --on-error skip)") from None
                 self.skipped += 1  # per process: DataLoader workers count their own
                 warnings.warn(f"skipped: {e}", stacklevel=2)
         else:
