@@ -134,3 +134,28 @@ def test_embed_images_skips_a_truncated_photo_when_asked(tmp_path, capsys):
     for row, n in enumerate(d.names):
         ref = _embed_batch(model.eval(), t(photos[n])[None], [1.0], amp=False)[0].numpy()
         np.testing.assert_allclose(d.vectors[row], ref, atol=1e-5)
+
+
+def test_embed_with_a_classifier_is_one_paragraph(tmp_path, capsys):
+    """A plain classification checkpoint has no descriptor: one line, exit 2 (its teardown
+    used to end in "AttributeError: 'dict' object has no attribute 'cpu'", the extraction
+    module having replaced nn.Module's buffer table)."""
+    from finegrain import create_model
+    from finegrain.cli import main as cli
+    from finegrain.models.tiny import tiny_kwargs
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=4, **tiny_kwargs("resnet18"))
+    meta = {"model_name": "resnet18", "model_kwargs": {**tiny_kwargs("resnet18"),
+                                                       "num_classes": 4},
+            "mean": [0.5] * 3, "std": [0.5] * 3, "img_size": 32, "task": "classification",
+            "class_names": list("abcd")}
+    ck = tmp_path / "cls.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "finegrain_meta": meta}, ck)
+    _photos(tmp_path / "photos")
+    capsys.readouterr()
+    assert cli(["embed", str(ck), "--images", str(tmp_path / "photos"), "--num-workers", "0",
+                "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "returns no 'embedding'" in err
+    assert "Traceback" not in err and "AttributeError" not in err

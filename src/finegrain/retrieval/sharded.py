@@ -199,7 +199,7 @@ class EmbedPredictor(pl.LightningModule):
         self.scales, self.amp, self.merge = tuple(scales), amp, merge
         self.batch_size, self.max_pending = batch_size, max_pending
         self.num_workers, self.checkpoint = num_workers, checkpoint
-        self._buffers: dict[int, dict] = {}
+        self._pending: dict[int, dict] = {}
         self._dim: int | None = None
 
     def predict_dataloader(self):
@@ -218,7 +218,7 @@ class EmbedPredictor(pl.LightningModule):
     def predict_step(self, batch, batch_idx):
         shard = int(batch["shard"])
         _, a, b = self.plan[shard]
-        buf = self._buffers.setdefault(shard, {"rows": None, "seen": 0, "skipped": []})
+        buf = self._pending.setdefault(shard, {"rows": None, "seen": 0, "skipped": []})
         for err in batch["errors"]:
             warnings.warn(f"skipped: {err}", stacklevel=2)
         buf["skipped"] += [int(i) for i in batch["skipped"]]
@@ -237,7 +237,7 @@ class EmbedPredictor(pl.LightningModule):
 
     def _write(self, shard: int) -> None:
         i, a, b = self.plan[shard]
-        buf = self._buffers.pop(shard)
+        buf = self._pending.pop(shard)
         skipped = set(buf["skipped"])
         keep = [j for j in range(a, b) if j not in skipped]
         dim = self._dim or 0
