@@ -7,13 +7,14 @@ from .meta import ModelMeta, read_meta  # noqa: E402
 from .models import create_model, list_models, load_model  # noqa: E402
 
 __all__ = ["create_model", "list_models", "load_model", "ModelMeta", "read_meta", "load",
-           "Searcher", "predict", "evaluate_checkpoint", "explain", "__version__"]
+           "init_model", "Searcher", "predict", "evaluate_checkpoint", "explain", "__version__"]
 
 
 def __getattr__(name: str):
-    """``finegrain.load`` and ``finegrain.Searcher`` (:mod:`finegrain.api`), ``predict``,
+    """``finegrain.load``, ``finegrain.init_model`` and ``finegrain.Searcher``
+    (:mod:`finegrain.api`), ``predict``,
     ``evaluate_checkpoint`` and ``explain`` (:mod:`finegrain.inference`), imported on use."""
-    if name in ("load", "Searcher"):
+    if name in ("load", "init_model", "Searcher"):
         from . import api
         return getattr(api, name)
     if name in ("predict", "evaluate_checkpoint", "explain"):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from .errors import InputError, MissingFileError
 from .meta import ModelMeta
 
-__all__ = ["load", "Searcher", "Hit", "QueryResult", "decode_image_bytes", "ImageTooLarge",
-           "DEFAULT_MAX_PIXELS"]
+__all__ = ["load", "init_model", "Searcher", "Hit", "QueryResult", "decode_image_bytes",
+           "ImageTooLarge", "DEFAULT_MAX_PIXELS"]
 
 #: Largest image accepted from bytes (width x height): 40 megapixels.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -60,6 +60,57 @@ def load(path: str, device: str = "cpu") -> tuple[Any, Any]:
     from .inference import eval_transform
     model, meta, _ = load_with_meta(path, device)
     return model, eval_transform(meta)
+
+
+def init_model(name: str, out: str, pretrained: str | None = None,
+               img_size: int | None = None, **model_kwargs: Any) -> str:
+    """A finegrain model record made from weights alone, no training: ``out/weights.safetensors``
+    + ``out/model.json``, which ``embed``, ``search``, ``serve``, ``predict`` and ``export``
+    take like a trained run's. The record's inputs are the weights' own (timm's pretrained
+    config of the backbone, :func:`finegrain.models.weights.pretrained_input_config`); a
+    classifier of ``task="dml"`` (the default for plain classifiers here) returns the
+    L2-normalised pooled features as its ``embedding``: a zero-training visual search.
+
+    Args:
+        name: a registered model name (``tf_efficientnet_lite0``, ``resnet50`` ...).
+        out: the folder to write.
+        pretrained: weights for ``create_model(name, pretrained=...)``.
+        img_size: the model's input size (default: the weights' ``input_size``); in retrieval
+            the longest side of an embedded image.
+        **model_kwargs: further ``create_model`` arguments.
+
+    Returns:
+        the path of ``weights.safetensors``.
+    """
+    from .atomic import save_safetensors, write_json
+    from .models import create_model
+    from .models.registry import config_meta
+    from .models.tiny import family
+    from .models.weights import pretrained_input_config
+    if family(name) == "classifier":
+        model_kwargs.setdefault("task", "dml")
+    model = create_model(name, pretrained=pretrained, **model_kwargs).eval()
+    arch = getattr(getattr(model, "backbone", None), "pretrained_cfg", {}).get("architecture")
+    cfg = pretrained_input_config(pretrained, arch)
+    size = img_size or int(getattr(getattr(model, "backbone", None), "pretrained_cfg",
+                                   {}).get("input_size", (3, 224, 224))[-1])
+    with torch.no_grad():
+        out_keys = model(torch.zeros(1, 3, size, size))
+    if "embedding" not in out_keys:
+        raise InputError(f"{name} returns no 'embedding' (outputs: {', '.join(out_keys)}); "
+                         f"pass a model that retrieves, e.g. a plain classifier with "
+                         f"task='dml', or a DALG / cross-image model")
+    task = model_kwargs.get("task") or getattr(model, "task", "retrieval")
+    meta = ModelMeta(**config_meta(model.finegrain_config), task=task, img_size=size,
+                     **({} if cfg is None else {"mean": cfg.mean, "std": cfg.std,
+                                                "interpolation": cfg.interpolation,
+                                                "crop_pct": cfg.crop_pct}))
+    os.makedirs(out, exist_ok=True)
+    weights = os.path.join(out, "weights.safetensors")
+    save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                     weights)
+    write_json(os.path.join(out, "model.json"), meta.to_dict())  # the record names whole weights
+    return weights
 
 
 def decode_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -371,7 +422,8 @@ class Searcher:
     @property
     def can_explain(self) -> bool:
         """The model draws its attention (a checkpoint of a method with ``explain``)."""
-        return isinstance(self.model, torch.nn.Module) and hasattr(self.model, "explain")
+        return isinstance(self.model, torch.nn.Module) and hasattr(self.model, "explain") \
+            and bool(getattr(self.model, "explainable", True))
 
     @property
     def can_explain_pair(self) -> bool:

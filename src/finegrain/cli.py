@@ -111,6 +111,20 @@ def _cmd_export(a) -> int:
 
 
 # ---- data check -------------------------------------------------------------------------
+def _cmd_init_model(a) -> int:
+    from .api import init_model
+    try:
+        kwargs = json.loads(a.model_args) if a.model_args else {}
+    except json.JSONDecodeError as e:
+        raise InputError(f"--model-args {a.model_args!r} is not JSON ({e}); e.g. "
+                         f"'{{\"task\": \"dml\"}}'") from None
+    weights = init_model(a.name, a.out, pretrained=a.pretrained, img_size=a.img_size, **kwargs)
+    print(f"written: {weights} + model.json; next: finegrain embed {weights} --images DIR "
+          f"--out NAME, finegrain index build NAME --out NAME.index, finegrain serve "
+          f"NAME.index")
+    return 0
+
+
 def _cmd_data(a) -> int:
     from .data.check import check_dataset, corrupt_images, format_check
     res = check_dataset(a.name, a.root, verify_images=a.verify_images,
@@ -308,6 +322,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     se.add_argument("-k", type=int, default=10, help="results per image")
     se.add_argument("--json", action="store_true", help="print JSON instead of the table")
     se.add_argument("--out", default=None, help="also write the JSON to this file")
+    im = sub.add_parser("init-model", help="a model record from weights alone (no training): "
+                                           "embed / search / serve / export take it",
+                        description="Write OUT/weights.safetensors + OUT/model.json for a "
+                                    "registered model with pretrained weights and no "
+                                    "training; its inputs are the weights' own. A plain "
+                                    "classifier (tf_efficientnet_lite0, resnet50 ...) is "
+                                    "made a retrieval model: its embedding is the "
+                                    "L2-normalised pooled feature (--task dml).")
+    im.add_argument("name", help="a registered model name (finegrain.list_models())")
+    im.add_argument("--pretrained", required=True,
+                    help="weights: a local file (.safetensors, .pth, efficientnet_pytorch "
+                         "files ...) or a Hub tag")
+    im.add_argument("--out", required=True, help="folder to write")
+    im.add_argument("--img-size", type=int, default=None,
+                    help="input size (default: the weights' input_size); in retrieval the "
+                         "longest side of an embedded image")
+    im.add_argument("--model-args", default=None, metavar="JSON",
+                    help="further create_model arguments, e.g. '{\"task\": \"reid\"}'")
     sv = sub.add_parser("serve", help="a search page and JSON API over an index (FastAPI)",
                         description="Serve a search page (upload an image or pick a gallery "
                                     "one; top-k with scores, attention pictures) and its JSON "
@@ -374,7 +406,8 @@ def _run(argv: list[str]) -> int:
         return _cmd_eval(a, extra)
     handler = {"predict": _cmd_predict, "explain": _cmd_explain, "data": _cmd_data,
                "demo": _cmd_demo, "compare": _cmd_compare, "search": _cmd_search,
-               "serve": _cmd_serve, "export": _cmd_export}.get(a.command)
+               "serve": _cmd_serve, "export": _cmd_export,
+               "init-model": _cmd_init_model}.get(a.command)
     return handler(a) if handler else a.func(a)
 
 

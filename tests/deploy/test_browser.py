@@ -7,6 +7,7 @@ pictures load, the attention picture shows, a gallery pick searches, a bad file 
 Without a browser the test tries ``apt-get install -y chromium chromium-driver`` once (as root,
 where apt exists), else it is skipped with the reason (also shown as a warning)."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -75,8 +76,6 @@ def driver():
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     """``finegrain serve`` (uvicorn, a free localhost port) on a demo-style index."""
-    import uvicorn
-
     from finegrain.data import build_dataset
     from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmarks
     from finegrain.retrieval.pipeline import ExtractOptions, PictureOptions, retrieval_eval
@@ -94,7 +93,15 @@ def demo_server(tmp_path_factory):
                    extract=ExtractOptions(progress=False), picture=PictureOptions("none"))
     index = str(tmp / "gallery.index")
     assert run_retrieval(["index", "build", str(run / "gallery"), "--out", index]) == 0
-    app = create_app(index, gallery_root=root)
+    query = build_dataset("synthetic_landmarks", root, "query").samples[0].path
+    with _serving(create_app(index, gallery_root=root)) as url:
+        yield {"url": url, "query": query, "tmp": tmp}
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """``app`` served by uvicorn on a free localhost port, in a thread; yields its URL."""
+    import uvicorn
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -106,10 +113,30 @@ def demo_server(tmp_path_factory):
         if server.started:
             break
         time.sleep(0.05)
-    query = build_dataset("synthetic_landmarks", root, "query").samples[0].path
-    yield {"url": f"http://127.0.0.1:{port}", "query": query, "tmp": tmp}
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def zero_server(tmp_path_factory):
+    """``finegrain serve`` on the zero-training index of ``test_zero_training`` (ImageNet
+    EfficientNet-Lite0 weights, no training, views of real photos)."""
+    from finegrain.cli import main
+    from finegrain.serve import create_app
+
+    from .test_zero_training import LITE0, make_views
+    tmp = tmp_path_factory.mktemp("zero_browser")
+    listing = make_views(str(tmp / "photos"))
+    assert main(["init-model", "tf_efficientnet_lite0", "--pretrained", LITE0,
+                 "--out", str(tmp / "lite0")]) == 0
+    assert main(["embed", str(tmp / "lite0" / "weights.safetensors"), "--images", listing,
+                 "--num-workers", "0", "--out", str(tmp / "db")]) == 0
+    assert main(["index", "build", str(tmp / "db"), "--out", str(tmp / "photos.index")]) == 0
+    with _serving(create_app(str(tmp / "photos.index"))) as url:
+        yield {"url": url, "photos": tmp / "photos"}
 
 
 def _loaded(driver, img) -> bool:
@@ -160,3 +187,20 @@ def test_upload_results_pictures_gallery_pick_and_error(driver, demo_server):
     assert "400" in error.text
     driver.find_element(By.ID, "file").send_keys(demo_server["query"])
     wait.until(lambda d: not error.is_displayed())
+
+
+def test_zero_training_search_in_the_browser(driver, zero_server):
+    """A user with photos and no trained model: the page searches the zero-training index
+    (a CNN: no attention picture, and no error for its absence)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    wait = WebDriverWait(driver, 60)
+    driver.get(zero_server["url"])
+    wait.until(lambda d: "70 images" in d.find_element(By.ID, "status").text)
+    driver.find_element(By.ID, "file").send_keys(str(zero_server["photos"] / "chelsea_2.jpg"))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 10)
+    names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .name")]
+    assert names[0].startswith("chelsea_2.jpg") and names[1].startswith("chelsea_")
+    first = driver.find_element(By.CSS_SELECTOR, "#results li img")
+    wait.until(lambda d: _loaded(d, first))
+    assert not driver.find_element(By.ID, "error").is_displayed()

@@ -81,6 +81,10 @@ class Classifier(FinegrainModel):
         return out
 
 
+    @property
+    def explainable(self) -> bool:
+        return hasattr(self.backbone, "patch_embed")  # a CNN's blocks hold no attention
+
     @torch.no_grad()
     def explain(self, images: torch.Tensor, pair: torch.Tensor | None = None
                 ) -> list[AttentionMap]:
@@ -88,7 +92,7 @@ class Classifier(FinegrainModel):
         the last block (head mean), (B, h, w), raw. No pair-wise map."""
         check_pair(self, pair)
         blocks = getattr(self.backbone, "blocks", None)
-        if blocks is None or not hasattr(self.backbone, "patch_embed"):  # a CNN's blocks too
+        if blocks is None or not self.explainable:
             raise InputError(f"{type(self.backbone).__name__} has no attention to show; explain "
                              f"a ViT, DCAL, TASN, DALG or cross-image checkpoint")
         grabbed = {}

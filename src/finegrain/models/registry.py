@@ -34,6 +34,11 @@ class FinegrainModel(nn.Module):
     pairwise_explain: bool = False
     """``explain(images, pair=...)`` draws a pair-wise map (DCAL, cross-image attention)."""
 
+    @property
+    def explainable(self) -> bool:
+        """``explain`` has attention to draw (every method; a plain classifier only on a ViT)."""
+        return True
+
     def learned_scalars(self) -> dict[str, float]:
         """Scalars the model learns that a user should see at the end of a run (DCAL's
         uncertainty weights); none by default."""
