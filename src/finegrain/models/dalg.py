@@ -79,7 +79,9 @@ def window_padding_mask(H: int, W: int, window_size: int, device=None) -> torch.
     (row-major over the padded map). ``None`` when ``H`` and ``W`` are multiples of the window.
     """
     pad_h, pad_w = (-H) % window_size, (-W) % window_size
-    if pad_h == 0 and pad_w == 0:
+    # an exported graph serves every input size: the mask is built there even when the
+    # example's grid needs no padding (a branch on its size would be traced away)
+    if not torch.compiler.is_exporting() and pad_h == 0 and pad_w == 0:
         return None
     valid = torch.zeros(1, H + pad_h, W + pad_w, 1, device=device)
     valid[:, :H, :W] = 1.0
