@@ -25,7 +25,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError, MissingFileError
 from .meta import ModelMeta
@@ -251,8 +250,8 @@ class Searcher:
 
     def __init__(self, index_dir: str, model: str | None = None, device: str = "cpu",
                  gallery_root: str | None = None):
-        from .data.transforms import RetrievalEval
         from .retrieval.descriptors import DescriptorMismatch
+        from .retrieval.extract import fixed_input_size, search_transform
         from .retrieval.index import Index
         self.index_dir = index_dir
         self.index = Index.load(index_dir)
@@ -266,14 +265,24 @@ class Searcher:
                 f"{index_dir} (hash {want}): its descriptors would not be comparable; pass "
                 f"--model with the checkpoint that 'finegrain embed' used")
         pre = man.get("preprocessing") or {}
-        if pre.get("resize") != "longest_side":
+        if pre.get("resize") not in ("longest_side", "fixed"):
             raise InputError(f"{index_dir}/index.json records no retrieval preprocessing "
                              f"(resize {pre.get('resize')!r}); build the index from "
                              f"'finegrain embed' descriptors")
+        fixed = fixed_input_size(self.model) if pre["resize"] == "longest_side" else None
+        if fixed is not None:
+            fix = ("search it with the checkpoint, or an ONNX export of it (finegrain export "
+                   "CKPT --format onnx takes any size when the model does)"
+                   if hasattr(self.model, "info") else
+                   "embed the gallery again (embed records a fixed resize for such a model) "
+                   "and rebuild the index")
+            raise InputError(
+                f"{self.model_path} takes one image size only ({fixed[0]}x{fixed[1]}), but "
+                f"{index_dir} was embedded with photos whole at any aspect ratio (longest "
+                f"side {pre['img_size']}): {fix}")
         self.device = torch.device(device)
         self.preprocessing = pre
-        self.transform = RetrievalEval(int(pre["img_size"]), tuple(pre["mean"]),
-                                       tuple(pre["std"]), upscale=bool(pre.get("upscale")))
+        self.transform = search_transform(pre)
         self.scales = [float(s) for s in pre.get("scales", [1.0])]
         self.gallery_root = gallery_root
         self._lock = threading.Lock()  # one forward / search at a time (server threads)
@@ -438,35 +447,45 @@ class Searcher:
                 return f.read()
 
     def explain(self, image: Any, title: str = "query") -> bytes:
-        """PNG of the model's attention on an image (``finegrain explain``'s picture)."""
-        from .inference import eval_transform
+        """PNG of the model's attention on an image (``finegrain explain``'s picture), drawn
+        on the image that is searched: the index's preprocessing (:attr:`transform`), whole
+        and at its aspect ratio."""
         from .visualize import save_explain
         if not self.can_explain:
             raise InputError(f"{self.model_path} has no attention to draw")
-        x = eval_transform(self.meta)(self._decode(image)[1])[None]
+        x = self.transform(self._decode(image)[1])[None]
         with self._lock, torch.no_grad():
             maps = self.model.explain(x.to(self.device))
         return self._picture(lambda p: save_explain(x, maps, p, self.meta.mean,
                                                     self.meta.std, titles=[title]))
 
+    def _pair_score(self, image: torch.Tensor, gallery_id: int) -> float:
+        """The score the result list gives ``gallery_id`` for the decoded query ``image``: its
+        descriptor (index preprocessing and scales) against the stored vector."""
+        q = self.embed([image])
+        try:
+            with self._lock:
+                g = self.index.reconstruct(np.array([gallery_id]))
+        except InputError:  # an index that cannot give its vectors back: embed the file
+            g = self.embed([self.require_path(gallery_id)])
+        return float(q[0] @ np.asarray(g, np.float32)[0])
+
     def explain_pair(self, image: Any, gallery_id: int, title: str = "query") -> bytes:
-        """PNG of where the query attends in a gallery image, with their cosine similarity
-        (Re-ID / pair-wise models): why these two match."""
-        from .inference import eval_transform
+        """PNG of where the query attends in a gallery image, with the score the result list
+        shows (the query's descriptor, as searched, against the gallery image's stored one):
+        why these two match (Re-ID / pair-wise models). Both images go through the index's
+        preprocessing (a DCAL model takes one size, so both have it)."""
         from .visualize import save_explain
         if not self.can_explain_pair:
             raise InputError(f"{self.model_path} draws no pair-wise attention (DCAL Re-ID or "
                              f"cross-image models do)")
-        tf = eval_transform(self.meta)
-        x = tf(self._decode(image)[1])[None]
+        img = self._decode(image)[1]
+        x = self.transform(img)[None]
         name = self.name_of(gallery_id)
-        px = tf(self._decode(self.require_path(gallery_id))[1])[None]
+        px = self.transform(self._decode(self.require_path(gallery_id))[1])[None]
+        top = f"{title} vs {name}: score {self._pair_score(img, gallery_id):.3f}"
         with self._lock, torch.no_grad():
-            emb = self.model(torch.cat([x, px]).to(self.device)).get("embedding")
             maps = self.model.explain(x.to(self.device), pair=px.to(self.device))
-        top = f"{title} vs {name}"
-        if emb is not None:
-            top += f": cosine similarity {float(F.cosine_similarity(emb[:1], emb[1:])):.3f}"
         return self._picture(lambda p: save_explain(x, maps, p, self.meta.mean,
                                                     self.meta.std, titles=[title],
                                                     pair_images=px, suptitle=top))

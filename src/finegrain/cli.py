@@ -247,9 +247,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     xp = sub.add_parser("export", help="a checkpoint as ONNX / torch.export / timm weights, "
                                        "checked against PyTorch",
                         description="Export a checkpoint's inference model (eval mode, dynamic "
-                                    "batch, the checkpoint's image size) into a folder with "
+                                    "batch, the checkpoint's image size; ONNX of a model with "
+                                    "an embedding that takes any size: dynamic height and "
+                                    "width, as search embeds photos) into a folder with "
                                     "preprocess.json, then run it and PyTorch on real images "
-                                    "and write parity.json; fails above the tolerance.")
+                                    "(and non-square crops of them) and write parity.json; "
+                                    "fails above the tolerance.")
     xp.add_argument("checkpoint", help=ckpt_help)
     xp.add_argument("--format", choices=["onnx", "exported", "timm"], default="onnx",
                     help="onnx: model.onnx (torch.onnx dynamo exporter); exported: model.pt2 "

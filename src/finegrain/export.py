@@ -132,9 +132,15 @@ def input_size(meta: ModelMeta) -> tuple[int, int]:
     return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
-def preprocessing(meta: ModelMeta) -> dict:
+def preprocessing(meta: ModelMeta, search: str | None = None) -> dict:
     """The evaluation transform of ``meta`` (``finegrain predict``'s) as plain data: the ops in
-    order (resize, crop, scaling to [0, 1], normalisation), then the input layout."""
+    order (resize, crop, scaling to [0, 1], normalisation), then the input layout. With
+    ``search`` (a model with an ``embedding``: ``"any_size"`` when the export takes any image
+    size, ``"fixed"`` when the model takes its input size only, ``"unreproducible"`` when the
+    model takes any size but the format does not) also ``search``: the steps that
+    ``finegrain embed`` / ``search`` / ``serve`` apply before the model, which a client must
+    apply to reproduce their descriptors (the index's ``preprocessing`` record at its
+    default size: longest side to ``img_size``, never enlarged; or, fixed, a plain resize)."""
     from torchvision.transforms import v2
 
     from .inference import eval_transform
@@ -156,9 +162,42 @@ def preprocessing(meta: ModelMeta) -> dict:
             raise InputError(f"preprocessing: no JSON form for {type(t).__name__}; describe it "
                              f"in finegrain/export.py:preprocessing")
     H, W = input_size(meta)
-    return {"task": meta.task, "steps": steps,
-            "input": {"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB",
-                      "dtype": "float32", "height": H, "width": W, "batch": "dynamic"}}
+    out = {"task": meta.task, "steps": steps,
+           "input": {"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB",
+                     "dtype": "float32", "height": H, "width": W, "batch": "dynamic"}}
+    if search is not None:
+        out["search"] = search_steps(meta, search)
+        if search == "any_size":
+            out["input"].update(height="dynamic", width="dynamic")
+    return out
+
+
+def search_steps(meta: ModelMeta, search: str) -> dict:
+    """``preprocess.json``'s ``search`` section (see :func:`preprocessing`): what a plain
+    client does to an RGB uint8 photo to get ``finegrain search``'s descriptor."""
+    H, W = input_size(meta)
+    if search == "unreproducible":
+        return {"what": f"not reproducible with this export: finegrain embeds this model's "
+                        f"photos whole at any aspect ratio, this format takes {H}x{W} only; "
+                        f"export with --format onnx (any size) for search"}
+    pil = "Pillow: Image.resize((new_w, new_h), Image.BILINEAR) on the RGB uint8 image"
+    if search == "any_size":
+        resize = {"op": "resize", "rule": "longest_side", "size": max(H, W), "upscale": False,
+                  "interpolation": "bilinear", "antialias": True, "library": pil,
+                  "note": "scale = min(1, size / max(h, w)); new side = round(side * scale) "
+                          "(Python's round), at least 1; no resize when the sides are "
+                          "unchanged"}
+    else:
+        resize = {"op": "resize", "rule": "fixed", "size": [H, W], "interpolation": "bilinear",
+                  "antialias": True, "library": pil,
+                  "note": "the whole photo to new_h x new_w = size, aspect ratio not kept "
+                          "(the model takes this size only); no resize when it is that size"}
+    return {"what": "the descriptors of finegrain embed / search / serve (the index's "
+                    "preprocessing record, index.json 'preprocessing', at its default size, "
+                    "scales [1.0])",
+            "steps": [resize, {"op": "to_float", "scale": "uint8 / 255"},
+                      {"op": "normalize", "mean": list(meta.mean), "std": list(meta.std)}],
+            "output": "embedding, L2-normalised (B, D)"}
 
 
 # ---- writing ----------------------------------------------------------------------------
@@ -182,14 +221,22 @@ def _dynamic_batch() -> tuple[dict]:
     return ({0: torch.export.Dim("batch", min=1, max=4096)},)
 
 
-def write_onnx(module: nn.Module, example: torch.Tensor, keys: list[str], path: str) -> None:
+def _dynamic_size() -> tuple[dict]:
+    auto = torch.export.Dim.AUTO  # height and width as the traced graph allows
+    return ({0: torch.export.Dim("batch", min=1, max=4096), 2: auto, 3: auto},)
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, keys: list[str], path: str,
+               dynamic_size: bool = False) -> None:
     """``torch.onnx.export(dynamo=True)`` of ``module`` (returns the tuple of ``keys``) with a
-    dynamic batch; the exporter's progress lines are kept off stdout."""
+    dynamic batch (and height and width with ``dynamic_size``); the exporter's progress
+    lines are kept off stdout."""
     for dep in ("onnx", "onnxscript", "onnxruntime"):
         require(dep, "export")
     with contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(
-            module, (example,), dynamo=True, dynamic_shapes=_dynamic_batch(),
+            module, (example,), dynamo=True,
+            dynamic_shapes=_dynamic_size() if dynamic_size else _dynamic_batch(),
             input_names=[INPUT_NAME], output_names=list(keys), verbose=False,
             custom_translation_table={torch.ops.aten.searchsorted.Tensor: _searchsorted})
         program.save(path)
@@ -255,25 +302,30 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 # ---- parity -----------------------------------------------------------------------------
+def _image_paths(images: list[str]) -> list[str]:
+    """The image files of ``--images`` (files or folders: every image under them, sorted)."""
+    from .data.datasets.images import resolve_images
+    paths = []
+    for p in images:
+        if os.path.isdir(p):
+            paths += [f for f, _ in resolve_images(p)[1]]  # as `embed --images DIR`
+        elif os.path.isfile(p):
+            paths.append(p)
+        else:
+            raise MissingFileError(f"--images: {p} not found; pass image files or folders")
+    if not paths:
+        raise InputError(f"--images {' '.join(images)}: no image files (.jpg, .png ...)")
+    return paths
+
+
 def parity_images(meta: ModelMeta, images: list[str] | None = None, num_images: int = 16
                   ) -> tuple[torch.Tensor, str]:
     """``(normalised batch (N, 3, H, W), where it came from)``. ``images``: files or folders
     (every image under them, sorted); None: the test split of a generated CUB-layout dataset
     (``synthetic_fgvc``, written to a temporary folder and read back as JPEG files)."""
-    from .data.datasets.images import resolve_images
     from .inference import load_images
     if images:
-        paths = []
-        for p in images:
-            if os.path.isdir(p):
-                paths += [f for f, _ in resolve_images(p)[1]]  # as `embed --images DIR`
-            elif os.path.isfile(p):
-                paths.append(p)
-            else:
-                raise MissingFileError(f"--images: {p} not found; pass image files or folders")
-        if not paths:
-            raise InputError(f"--images {' '.join(images)}: no image files (.jpg, .png ...)")
-        paths = paths[:num_images]
+        paths = _image_paths(images)[:num_images]
         return load_images(paths, meta), f"{len(paths)} images from {', '.join(images)}"
     from .data import build_dataset
     from .data.synthetic import FGVCConfig, generate_cub
@@ -351,6 +403,40 @@ def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
             "outputs": outputs, "passed": all(r["passed"] for r in outputs.values())}
 
 
+def search_inputs(meta: ModelMeta, images: list[str] | None, x: torch.Tensor,
+                  num_images: int = 16) -> tuple[list[torch.Tensor], str]:
+    """The parity inputs at the sizes search gives photos: the user's ``images`` through the
+    search transform (whole, longest side ``img_size``: their own sizes), or else each parity
+    image of ``x`` cropped to 3:4 and to 4:3 at longest side ``img_size``."""
+    if images:
+        from .data.datasets.base import read_image
+        from .retrieval.extract import search_transform
+        tf = search_transform({"resize": "longest_side", "img_size": max(input_size(meta)),
+                               "upscale": False, "mean": list(meta.mean),
+                               "std": list(meta.std)})
+        paths = _image_paths(images)[:num_images]
+        return [tf(read_image(p)) for p in paths], f"{len(paths)} images, whole (search)"
+    H, W = x.shape[-2:]
+    out = []
+    for h, w in ((H, max(16, W * 3 // 4)), (max(16, H * 3 // 4), W)):
+        out += list(x[:, :, (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w])
+    return out, f"{len(x)} parity images cropped to 3:4 and 4:3"
+
+
+def check_search(folder: str, model: nn.Module, xs: list[torch.Tensor], fmt: str,
+                 tolerance: float | None, dtype: str) -> dict:
+    """Parity of a dynamic-size export's ``embedding`` on :func:`search_inputs`, one image at
+    a time (sizes differ): :func:`compare_outputs`'s report, with the sizes seen."""
+    from .runtime import load_exported
+    tol = TOLERANCES[dtype] if tolerance is None else float(tolerance)
+    exported, _ = load_exported(folder, "onnx" if fmt == "onnx" else "torch", complete=False)
+    with torch.no_grad():
+        ref = {"embedding": torch.cat([model(x[None])["embedding"] for x in xs])}
+        got = {"embedding": torch.cat([exported(x[None])["embedding"] for x in xs])}
+    report = compare_outputs(ref, got, tol)["embedding"]
+    return {"sizes": [list(hw) for hw in sorted({tuple(x.shape[-2:]) for x in xs})], **report}
+
+
 # ---- the command ------------------------------------------------------------------------
 def check_dtype(fmt: str, dtype: str) -> None:
     """Refuse a (format, dtype) pair that cannot be written and checked here."""
@@ -415,7 +501,20 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
         keys = sorted(model(example))
     inner = model if dtype == "float32" else _HalfBoundary(model, DTYPES[dtype])
     module = _OutputTuple(inner, keys).eval()
-    if fmt == "onnx":
+    # how finegrain embeds this model's photos: whole at any aspect ratio (a model that takes
+    # any size; its ONNX export then does too) or squeezed to H x W (the model takes no other)
+    search = None
+    if "embedding" in keys and fmt != "timm":
+        from .retrieval.extract import fixed_input_size
+        search = "fixed" if fixed_input_size(model) is not None else \
+            "any_size" if fmt == "onnx" else "unreproducible"
+    any_size = search == "any_size"
+    if fmt == "onnx" and any_size:
+        # traced at a non-square size (token grid 3:2): a square example lets the exporter
+        # take height == width for a rule of the graph (DALG failed at any other grid)
+        tall = torch.randn(2, 3, H + H // 2, W, generator=torch.Generator().manual_seed(0))
+        write_onnx(module, tall, keys, os.path.join(out, MODEL_FILES["onnx"]), True)
+    elif fmt == "onnx":
         write_onnx(module, example, keys, os.path.join(out, MODEL_FILES["onnx"]))
     elif fmt == "exported":
         write_exported(module, example, os.path.join(out, MODEL_FILES["exported"]))
@@ -425,20 +524,30 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
     save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()},
                      os.path.join(out, "weights.safetensors"))
     _write_json(os.path.join(out, "model.json"), meta.to_dict())
-    _write_json(os.path.join(out, "preprocess.json"), {**preprocessing(meta), "model_dtype": dtype})
+    _write_json(os.path.join(out, "preprocess.json"),
+                {**preprocessing(meta, search), "model_dtype": dtype})
     _write_json(os.path.join(out, "export.json"), {
         "format": fmt, "file": MODEL_FILES[fmt], "input": INPUT_NAME, "outputs": keys,
-        "input_size": [H, W], "dynamic": {"batch": True, "height": False, "width": False},
+        "input_size": [H, W], "dynamic": {"batch": True, "height": any_size,
+                                          "width": any_size},
         "dtype": dtype, "checkpoint": os.path.abspath(checkpoint),
         "checkpoint_hash": ck_hash, "model_name": meta.model_name, "torch": torch.__version__,
         "model_overrides": dict(model_overrides or {})})
     x, source = parity_images(meta, images, num_images)
     report = {**check_parity(out, model, x, fmt, tolerance, dtype), "image_source": source,
               "model_name": meta.model_name}
+    if any_size:  # at the sizes search gives photos (their own, or 3:4 and 4:3 crops)
+        xs, what = search_inputs(meta, images, x, num_images)
+        report["search"] = {"images": what, **check_search(out, model, xs, fmt, tolerance,
+                                                           dtype)}
+        report["passed"] = report["passed"] and report["search"]["passed"]
     _write_json(os.path.join(out, "parity.json"), report)
     if not report["passed"]:
         bad = [f"{k} ({r['rel_max']:.2e})" for k, r in report["outputs"].items()
                if not r["passed"]]
+        if not report.get("search", {}).get("passed", True):
+            bad.append(f"embedding at the sizes search gives photos "
+                       f"({report['search']['rel_max']:.2e})")
         if dtype != "float32":
             glca = (meta.model_name.startswith("dcal_")
                     and not meta.model_kwargs.get("sa_only", False))
@@ -472,4 +581,12 @@ def format_parity(report: dict) -> str:
         lines.append(f"{k:>10s}  {r['max_abs']:9.2e}  {r['mean_abs']:9.2e}  "
                      f"{r['rel_max']:9.2e}  {'-' if agree is None else f'{agree:6.1%}':>6s}  "
                      f"{'yes' if r['passed'] else 'NO'}")
+    if "search" in report:  # a dynamic-size export at the sizes search gives photos
+        r = report["search"]
+        sizes = ", ".join(f"{h}x{w}" for h, w in r["sizes"][:4]) + \
+            (f" (+{len(r['sizes']) - 4})" if len(r["sizes"]) > 4 else "")
+        agree = r.get("nn_agreement")
+        lines.append(f"{'search':>10s}  {r['max_abs']:9.2e}  {r['mean_abs']:9.2e}  "
+                     f"{r['rel_max']:9.2e}  {'-' if agree is None else f'{agree:6.1%}':>6s}  "
+                     f"{'yes' if r['passed'] else 'NO'}   embedding on {r['images']}: {sizes}")
     return "\n".join(lines)

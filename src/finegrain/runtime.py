@@ -71,8 +71,11 @@ class ExportedModel(nn.Module):
             self.__dict__["program"] = torch.export.load(path).module()
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``images`` (B, 3, H, W) float, normalised, at the exported size."""
-        if tuple(images.shape[2:]) != self.input_size:
+        """``images`` (B, 3, H, W) float, normalised, at the exported size (any size when
+        ``export.json`` says height and width are dynamic)."""
+        dyn = self.info.get("dynamic", {})
+        if tuple(images.shape[2:]) != self.input_size and not (dyn.get("height")
+                                                             and dyn.get("width")):
             H, W = self.input_size
             raise InputError(f"the exported model takes {H}x{W} images, got "
                              f"{images.shape[2]}x{images.shape[3]}: resize them as "

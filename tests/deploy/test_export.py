@@ -255,3 +255,50 @@ def test_an_interrupted_re_export_is_refused_not_mixed(tmp_path, monkeypatch, ca
     assert "run 'finegrain export CHECKPOINT" in capsys.readouterr().err
     export(ckpt, str(out), "exported", num_images=2)  # the rerun completes the folder
     assert main(["predict", str(out), img]) == 0
+
+
+@pytest.mark.parametrize("case,dynamic", [("dalg", True), ("cross_image", True),
+                                          ("cross_image_exported", False), ("dcal", False),
+                                          ("tasn", True)])
+def test_an_onnx_export_takes_any_size_where_search_embeds_photos_whole(exports, case,
+                                                                        dynamic):
+    """An ONNX export of a model with an embedding that takes any size is dynamic in height
+    and width, checked at the sizes search gives photos (TASN too: it resizes to its attention
+    size inside); the others stay fixed (.pt2, DCAL's ViT)."""
+    ckpt, out, report = exports[case]
+    info = json.loads((out / "export.json").read_text())
+    assert info["dynamic"] == {"batch": True, "height": dynamic, "width": dynamic}
+    assert ("search" in report) is dynamic
+    if not dynamic:
+        return
+    assert report["search"]["sizes"] == [[24, 32], [32, 24]] and report["search"]["passed"]
+    model, _ = load_model(ckpt)
+    exported, _ = load_exported(str(out))
+    for h, w in ((40, 28), (28, 40), (64, 40), (32, 32)):  # photos' sizes: other token grids
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            ref, got = model(x)["embedding"], exported(x)["embedding"]
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max())
+    search = json.loads((out / "preprocess.json").read_text())["search"]
+    assert search["steps"][0]["rule"] == "longest_side" and search["steps"][0]["size"] == 32
+
+
+def test_tasn_resizes_to_its_attention_size_inside_an_exported_graph(tmp_path):
+    """The resize to ``attention_size`` stays in a graph traced at that size (a branch on the
+    example's size would be traced away): a dynamic-size ONNX graph of TASN equals eager on
+    another size (relative error 0.08 to 0.14 without it)."""
+    import onnxruntime as ort
+
+    from finegrain.export import _OutputTuple, inference_model, write_onnx
+    model, meta = load_model(_checkpoint(tmp_path, "tasn_resnet18"))
+    model, meta = inference_model(model, meta)
+    example = torch.randn(2, 3, *model.attention_size, generator=torch.Generator().manual_seed(0))
+    path = str(tmp_path / "tasn.onnx")
+    write_onnx(_OutputTuple(model, ["logits"]).eval(), example, ["logits"], path,
+               dynamic_size=True)
+    x = torch.randn(2, 3, 40, 28, generator=torch.Generator().manual_seed(1))
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"images": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x)["logits"].numpy()
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

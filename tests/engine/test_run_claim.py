@@ -114,8 +114,11 @@ def test_ctrl_c_exits_130_naming_the_step_and_the_resume_command(tmp_path):
     import time
     run = tmp_path / "run"
     argv = _train(tmp_path, run, "--trainer.max_epochs", "200", "--checkpoint-every", "1")
+    # A shell's background job (make test &) starts its children with SIGINT ignored, and
+    # Python then keeps it ignored: restore the default, as a terminal's Ctrl-C would find it.
     proc = subprocess.Popen([sys.executable, "-m", "finegrain", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(600):  # until a few steps are checkpointed
             if (run / "progress.json").is_file() and \

@@ -30,6 +30,24 @@ def test_smaller_images_are_not_enlarged_unless_asked():
     assert RetrievalEval(64, upscale=True)(img).shape == (3, 43, 64)
 
 
+def test_the_resize_is_pillows_bilinear_pixel_for_pixel():
+    """A plain PIL client gets finegrain's pixels exactly, on every CPU (torch's uint8 kernel
+    differs from Pillow by one grey level here and there, and between its AVX2 and default
+    paths: this fails with it)."""
+    from PIL import Image
+
+    from finegrain.data.transforms import FixedSizeEval, LongestSide
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 301, 217), dtype=torch.uint8, generator=g)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    want = np.asarray(pil.resize((72, 100), Image.BILINEAR)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(LongestSide(100)(img).numpy(), want)
+    want = np.asarray(pil.resize((32, 64), Image.BILINEAR)).transpose(2, 0, 1) / 255
+    x = FixedSizeEval((64, 32), (0.0,) * 3, (1.0,) * 3)(img)
+    np.testing.assert_allclose(x.numpy(), want, atol=1e-7)  # the whole image, squeezed
+    assert torch.equal(LongestSide(400)(img), img)  # never enlarged, never resampled
+
+
 def _photos(folder):
     """Two photos smaller than the eval size 64 (3:2 and 2:3) and one larger (4:3)."""
     g = torch.Generator().manual_seed(0)

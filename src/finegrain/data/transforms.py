@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -55,9 +56,24 @@ class LongestSide(torch.nn.Module):
 
     def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
         h, w = img.shape[-2:]
-        return v2.functional.resize(
-            img, list(longest_side_size(h, w, self.size, full_size, self.upscale)),
-            antialias=True)
+        size = longest_side_size(h, w, self.size, full_size, self.upscale)
+        if (h, w) == size:
+            return img
+        if img.dtype == torch.uint8 and img.ndim == 3:
+            return pil_bilinear(img, size)
+        return v2.functional.resize(img, list(size), antialias=True)
+
+
+def pil_bilinear(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (C, H, W) -> (C, h, w) with Pillow's bilinear filter (antialiased: its support
+    widens when reducing). The same pixels on every CPU and in a plain PIL client
+    (``Image.resize((w, h), Image.BILINEAR)``); torch's uint8 kernel differs from it by one
+    grey level here and there, and from itself between its AVX2 and default paths."""
+    from PIL import Image
+    arr = img.permute(1, 2, 0).contiguous().numpy()
+    pil = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    out = torch.from_numpy(np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR)).copy())
+    return out[None] if out.ndim == 2 else out.permute(2, 0, 1).contiguous()
 
 
 class RetrievalEval(torch.nn.Module):
@@ -81,6 +97,28 @@ class RetrievalEval(torch.nn.Module):
 
     def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
         return self.normalize(self.resize(img, full_size))
+
+
+class FixedSizeEval(torch.nn.Module):
+    """Retrieval eval transform of a model that takes one input size (H, W) only (a ViT
+    without ``dynamic_img_size``): a plain resize to (H, W), as the Re-ID evaluation, with
+    :func:`pil_bilinear`, then float + normalisation. A query crop (``full_size``) is resized
+    the same way: the model cannot see it at another scale."""
+
+    takes_full_size = True
+
+    def __init__(self, size: tuple[int, int], mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD):
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(list(mean), list(std))])
+
+    def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
+        if tuple(img.shape[-2:]) != self.size:
+            img = pil_bilinear(img, self.size) if img.dtype == torch.uint8 and img.ndim == 3 \
+                else v2.functional.resize(img, list(self.size), antialias=True)
+        return self.normalize(img)
 
 
 def build_transform(task: str, train: bool, img_size: int | tuple[int, int],

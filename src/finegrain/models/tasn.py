@@ -553,7 +553,9 @@ class TASN(FinegrainModel):
             attention-net logits.
         """
         x = images
-        if tuple(x.shape[-2:]) != self.attention_size:
+        # an exported graph serves every input size: the resize stays in it even when the
+        # example is at attention_size (a branch on its size would be traced away)
+        if torch.compiler.is_exporting() or tuple(x.shape[-2:]) != self.attention_size:
             x = F.interpolate(x, size=self.attention_size, mode="bilinear",
                               align_corners=False, antialias=False)
         features, logits = self.attention(x)  # (B, c, h, w), (B, num_classes)

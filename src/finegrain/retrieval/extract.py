@@ -46,6 +46,7 @@ from ..meta import ModelMeta, read_meta
 
 __all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std", "model_name_of",
            "resolve_img_size", "sample_names", "extraction_dataset", "retrieval_transform",
+           "search_transform", "fixed_input_size",
            "DEFAULT_IMG_SIZE", "PROTOCOL_IMG_SIZE"]
 
 #: Retrieval ``img_size`` is the LONGEST side S of the resized image (aspect ratio kept), not
@@ -67,6 +68,38 @@ def retrieval_transform(img_size: int, mean: Sequence[float], std: Sequence[floa
     (:class:`finegrain.data.transforms.RetrievalEval`)."""
     from ..data.transforms import RetrievalEval
     return RetrievalEval(int(img_size), tuple(mean), tuple(std), upscale=bool(upscale))
+
+
+def search_transform(pre: dict):
+    """The transform a descriptor file's (or an index's) ``preprocessing`` record names:
+    ``longest_side`` (:func:`retrieval_transform`) or ``fixed`` (a model that takes one input
+    size: a plain resize to ``img_size`` = [H, W], :class:`~finegrain.data.transforms.
+    FixedSizeEval`)."""
+    from ..data.transforms import FixedSizeEval
+    if pre.get("resize") == "fixed":
+        return FixedSizeEval(tuple(pre["img_size"]), tuple(pre["mean"]), tuple(pre["std"]))
+    return retrieval_transform(int(pre["img_size"]), pre["mean"], pre["std"],
+                               bool(pre.get("upscale")))
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """None when ``model`` takes any image size (CNNs, ViTs with ``dynamic_img_size`` and
+    ``dynamic_img_pad``: the longest-side transform keeps photos whole, at their aspect
+    ratio); else the one size (H, W) it takes: a patch embedding that asserts its input size
+    (timm's ``strict_img_size``) or needs multiples of its patch, or an export folder whose
+    height and width are fixed (``export.json``)."""
+    info = getattr(model, "info", None)  # finegrain.runtime.ExportedModel
+    if isinstance(info, dict) and "input_size" in info:
+        dyn = info.get("dynamic", {})
+        return None if dyn.get("height") and dyn.get("width") else \
+            tuple(int(v) for v in info["input_size"])
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if hasattr(m, "strict_img_size") and size is not None and \
+                not getattr(m, "dynamic_img_pad", False):
+            return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else \
+                (int(size), int(size))
+    return None
 
 
 class _ExtractionItems(torch.utils.data.Dataset):
@@ -319,13 +352,21 @@ def extraction_dataset(model: nn.Module, dataset_name: str, root: str | None, sp
         meta = read_meta(meta, "extraction meta", require_model=False)
     mean, std = model_mean_std(model, meta)
     img_size = resolve_img_size(img_size, meta, dataset_name)
+    fixed = fixed_input_size(model)
+    if fixed is None:
+        preprocessing = {"resize": "longest_side", "img_size": int(img_size),
+                         "upscale": bool(upscale)}
+    else:  # the model takes one size: the whole photo squeezed to it, as Re-ID evaluates
+        if [float(s) for s in scales] != [1.0]:
+            raise InputError(f"scales {list(scales)}: this model takes {fixed[0]}x{fixed[1]} "
+                             f"images only, so it cannot embed other scales; drop --scales")
+        preprocessing = {"resize": "fixed", "img_size": list(fixed), "upscale": False}
+    preprocessing.update({"scales": [float(s) for s in scales], "mean": list(mean),
+                          "std": list(std)})
     ds = build_dataset(dataset_name, root, split, on_error=on_error,
-                       transform=retrieval_transform(img_size, mean, std, upscale))
+                       transform=search_transform(preprocessing))
     cropped = bool(split == "query" and getattr(ds, "crop_queries", False))
-    preprocessing = {"resize": "longest_side", "img_size": int(img_size),
-                     "upscale": bool(upscale), "scales": [float(s) for s in scales],
-                     "mean": list(mean), "std": list(std),
-                     "crop_query_bbx": cropped}
-    if cropped:  # the crop is scaled by its full image's factor (cirtorch / DELG)
+    preprocessing["crop_query_bbx"] = cropped
+    if cropped and fixed is None:  # the crop is scaled by its full image's factor
         preprocessing["crop_scale"] = "full_image"
     return ds, preprocessing

@@ -77,8 +77,13 @@ def align_to_ground_truth(d: Descriptors, names: Sequence[str], dataset: str,
         if meta.get(key) != want:
             raise InputError(f"{d.path}.json has {key} {meta.get(key)!r}, not {want!r}: these "
                              f"are not {dataset} {split} descriptors; {fix}")
+    pre = meta.get("preprocessing", {})
+    if pre.get("resize") == "fixed":
+        raise InputError(f"{d.path}.json was embedded by a model that takes "
+                         f"{pre.get('img_size')} images only, each image squeezed to it; the "
+                         f"Revisited protocol keeps the aspect ratio (longest side 1024): use a "
+                         f"model that takes any size (a CNN, or a ViT with dynamic_img_size)")
     if split == "query":
-        pre = meta.get("preprocessing", {})
         if not pre.get("crop_query_bbx"):
             raise InputError(f"{d.path}.json: the queries were not cropped to their bbx "
                              f"(preprocessing.crop_query_bbx), which the Revisited protocol "
