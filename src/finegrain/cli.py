@@ -356,13 +356,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     sv.add_argument("--max-megapixels", type=float, default=40.0,
                     help="largest image (width x height / 1e6), checked before decoding")
     sv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    try:
-        from .retrieval.commands import register
-    except ModuleNotFoundError as err:  # retrieval pipeline not installed in this build
-        if err.name != "finegrain.retrieval.commands":
-            raise
-    else:
-        register(sub)
+    from .retrieval.commands import register
+    register(sub)
     return p, sub
 
 

@@ -114,15 +114,15 @@ class _OutputTuple(nn.Module):
 def inference_model(model: nn.Module, meta: ModelMeta) -> tuple[nn.Module, ModelMeta]:
     """An eval-mode copy of ``model`` without its training-only branch, and its record.
 
-    Cross-image models drop ``cross`` (the conditional embedding: training only, never at test
-    time) and record ``cross_attention=False``, so ``weights.safetensors`` + ``model.json``
-    rebuild exactly this model.
+    The model says what only training uses (:meth:`FinegrainModel.drop_training_only`: the
+    cross-image models' conditional branch ``cross``) and the arguments that record it, so
+    ``weights.safetensors`` + ``model.json`` rebuild exactly this model.
     """
-    from .models.registry import with_model_args
+    from .models.registry import FinegrainModel, with_model_args
     model = copy.deepcopy(model).eval()
-    if meta.model_name.startswith("cross_image_") and getattr(model, "cross", None) is not None:
-        model.cross = None
-        meta = with_model_args(meta, cross_attention=False)
+    dropped = model.drop_training_only() if isinstance(model, FinegrainModel) else {}
+    if dropped:
+        meta = with_model_args(meta, **dropped)
     return model, meta
 
 
@@ -549,11 +549,8 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
             bad.append(f"embedding at the sizes search gives photos "
                        f"({report['search']['rel_max']:.2e})")
         if dtype != "float32":
-            glca = (meta.model_name.startswith("dcal_")
-                    and not meta.model_kwargs.get("sa_only", False))
-            hint = (" (DCAL: half precision moved the rollout's near-tied scores, so GLCA "
-                    "attends to other top-R patches for some images; --sa-only or --dtype "
-                    "float32)" if glca else "")
+            note = getattr(model, "half_precision_hint", None)
+            hint = f" ({note})" if note and not meta.model_kwargs.get("sa_only", False) else ""
             raise ParityError(f"{os.path.join(out, 'parity.json')}: the {fmt} {dtype} export "
                               f"of {checkpoint} differs from the float32 PyTorch model above "
                               f"the {dtype} tolerance {report['tolerance']:.0e} in "

@@ -302,3 +302,27 @@ def test_tasn_resizes_to_its_attention_size_inside_an_exported_graph(tmp_path):
     with torch.no_grad():
         ref = model(x)["logits"].numpy()
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_cross_image_model_on_an_unregistered_backbone_exports_without_its_branch(tmp_path):
+    """What export drops is the model's own fact, not read from a registered name: a recipe on
+    ResNet-34 (no registered name) kept the training-only ``cross.*`` branch."""
+    from safetensors.torch import load_file
+
+    from finegrain.models.cross_image import CrossImageDML
+    from finegrain.models.registry import build
+    torch.manual_seed(0)
+    kwargs = {**tiny_kwargs("cross_image_resnet18"), "backbone": "resnet34", "num_classes": 4}
+    model = build(CrossImageDML, **kwargs)
+    meta = {**config_meta(model.finegrain_config), "img_size": 32, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "task": "dml", "class_names": list("abcd")}
+    assert not meta["model_name"].startswith("cross_image_")
+    ckpt = tmp_path / "r34.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "finegrain_meta": meta}, ckpt)
+    out = tmp_path / "out"
+    export(str(ckpt), str(out), "exported", num_images=2)
+    weights = load_file(str(out / "weights.safetensors"))
+    assert weights and not [k for k in weights if k.startswith("cross.")]
+    assert json.loads((out / "model.json").read_text())["model_kwargs"]["cross_attention"] \
+        is False

@@ -58,54 +58,6 @@ def _learn_cases() -> list:
     return [pytest.param((name, kw), id=_ids((name, kw))) for name, kw in CASES]
 
 
-_TASN_TRAIN_ONLY = (
-    # the attention net's maps are detached (the sampler carries no gradient into them):
-    # it is trained by its own CE (ce_attention) only
-    "attention.",
-    "fc_part.",  # the part-net's head reads the detail stream, training only
-)
-
-
-def _eval_unreached(name: str, kw: dict) -> tuple[str, ...]:
-    """Name prefixes of the trainable parameters the evaluation outputs do not depend on."""
-    fam = family(name)
-    if fam == "dcal":
-        return ("uncertainty.",)  # Eq. 6's loss weights (absent in the baseline twin)
-    if fam == "tasn":
-        # the test head is the shared fc (official) or fc_master; the other is training only
-        return _TASN_TRAIN_ONLY + (("fc.",) if kw.get("test_head") == "master"
-                                   else ("fc_master.",))
-    if fam == "cross_image":
-        return ("cross.",)  # the conditional branch: training only, never at test time
-    return ()
-
-
-def _expected_keys(name: str, kw: dict) -> set[str]:
-    """Evaluation output keys (DESIGN.md): ``logits`` for classifiers, ``embedding`` for
-    anything that retrieves."""
-    fam = family(name)
-    if fam == "cross_image":
-        return {"embedding"}
-    if fam in ("tasn", "dalg"):
-        return {"logits", "embedding"}
-    return {"logits", "embedding"} if kw.get("task") in ("reid", "dml") else {"logits"}
-
-
-def _expected_losses(name: str, kw: dict) -> set[str]:
-    fam = family(name)
-    if fam == "dcal":
-        return {"sa"} | ({"glca"} if kw.get("glca", True) else set()) | \
-            ({"pwca"} if kw.get("pwca", True) else set())
-    if fam == "tasn":
-        return {"ce_attention", "ce_part", "ce_master", "ce_part_aux", "ce_master_aux",
-                "distill"}
-    if fam == "dalg":
-        return {"arcface"}
-    if fam == "cross_image":
-        return {"dml", "cond"} if kw.get("cross_attention", True) else {"dml"}
-    return {"ce", "triplet"} if kw.get("task") == "reid" else {"ce"}
-
-
 def _build(name: str, kw: dict):
     torch.manual_seed(0)
     return create_model(name, num_classes=NUM_CLASSES, **{**tiny_kwargs(name), **kw})
@@ -116,8 +68,8 @@ def _images(name: str, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(seed))
 
 
-def _check_contract(out: dict, name: str, kw: dict, batch: int) -> None:
-    assert set(out) >= _expected_keys(name, kw), sorted(out)
+def _check_contract(out: dict, model, batch: int) -> None:
+    assert set(out) >= model.output_keys(), sorted(out)
     if "logits" in out:
         assert out["logits"].shape == (batch, NUM_CLASSES)
         assert torch.isfinite(out["logits"]).all(), "non-finite logits"
@@ -146,10 +98,10 @@ def test_train_step_contract_and_gradients(case):
     model = _build(name, kw).train()
     x = _images(name, len(TARGETS))
     out = model(x, targets=TARGETS)
-    _check_contract(out, name, kw, len(TARGETS))
-    assert set(out) == _expected_keys(name, kw) | {"losses", "logs"}, sorted(out)
+    _check_contract(out, model, len(TARGETS))
+    assert set(out) == model.output_keys() | {"losses", "logs"}, sorted(out)
     losses = out["losses"]
-    assert set(losses) == _expected_losses(name, kw), sorted(losses)
+    assert set(losses) == model.loss_names(), sorted(losses)
     for k, v in losses.items():
         assert v.ndim == 0 and torch.isfinite(v), f"loss {k} = {v}"
         assert v.requires_grad, f"loss {k} is not connected to the parameters"
@@ -196,13 +148,13 @@ def test_eval_contract_and_training_only_parameters(case):
     model = _build(name, kw).eval()
     x = _images(name, 4)
     out = model(x)
-    assert set(out) == _expected_keys(name, kw), sorted(out)
-    _check_contract(out, name, kw, 4)
+    assert set(out) == model.output_keys(), sorted(out)
+    _check_contract(out, model, 4)
     # which parameters do the evaluation outputs depend on?
     g = torch.Generator().manual_seed(1)
     surrogate = sum((v.float() * torch.randn(v.shape, generator=g)).sum() for v in out.values())
     surrogate.backward()
-    prefixes = _eval_unreached(name, kw)
+    prefixes = model.training_only()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     unreached = {n for n, p in trainable if p.grad is None}
     declared = {n for n, _ in trainable if prefixes and n.startswith(prefixes)}

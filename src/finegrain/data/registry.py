@@ -61,8 +61,4 @@ def _import_all() -> None:
     for m in pkgutil.iter_modules(datasets.__path__):
         importlib.import_module(f"{datasets.__name__}.{m.name}")
     for mod in ("synthetic", "synthetic_landmarks"):
-        try:
-            importlib.import_module(f"finegrain.data.{mod}")
-        except ModuleNotFoundError as e:  # written by a later issue
-            if e.name != f"finegrain.data.{mod}":
-                raise
+        importlib.import_module(f"finegrain.data.{mod}")

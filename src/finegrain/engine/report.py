@@ -18,17 +18,6 @@ from typing import Any
 
 import yaml
 
-# the weights each family's papers start from, when a recipe names none
-FAMILY_WEIGHTS = {
-    "dcal": "ImageNet ViT / DeiT weights (e.g. timm/vit_base_patch16_224.orig_in21k, "
-            "timm/deit_tiny_patch16_224.fb_in1k)",
-    "tasn": "ImageNet ResNet-50 (master-net) and ResNet-18 (attention net), timm or "
-            "torchvision files",
-    "dalg": "ImageNet ViT-B/16 (e.g. timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)",
-    "cross_image": "ImageNet ResNet-50 (timm/resnet50.tv_in1k) or DINO ViT-S/16 "
-                   "(timm/vit_small_patch16_224.dino)",
-}
-
 
 # ---- recipes ------------------------------------------------------------------------------
 def recipe_header(path: str | None) -> list[str]:
@@ -69,11 +58,12 @@ def recipe_paper_number(path: str | None) -> str | None:
     return m.group(1) if m else None
 
 
-def random_init_warning(model_name: str, recipe: str | None) -> str:
-    """The loud warning for a run that starts from random weights."""
-    family = next((f for f in FAMILY_WEIGHTS if model_name.startswith(f + "_")), None)
+def random_init_warning(model_name: str, recipe: str | None,
+                        pretrained_note: str | None = None) -> str:
+    """The loud warning for a run that starts from random weights; ``pretrained_note``: the
+    model's (:attr:`FinegrainModel.pretrained_note`), used when the recipe names none."""
     note = recipe_pretrained(recipe)
-    used = note or (f"the papers start from {FAMILY_WEIGHTS[family]}" if family else None)
+    used = note or (f"the papers start from {pretrained_note}" if pretrained_note else None)
     paper = recipe_paper_number(recipe)
     lines = ["!" * 78,
              f"WARNING: training {model_name} from RANDOM weights (model.pretrained is null).",

@@ -596,7 +596,9 @@ class FinegrainCLI(LightningCLI):
             hp = self.model.hparams
             if not hp.get("pretrained") and not self.resuming:
                 from .report import random_init_warning
-                log.warning(random_init_warning(self.model.model_name, self.recipe))
+                log.warning(random_init_warning(
+                    self.model.model_name, self.recipe,
+                    getattr(self.model.model, "pretrained_note", None)))
 
 
 def recipe_card_text(config: dict, recipe: str | None) -> str | None:

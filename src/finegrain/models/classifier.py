@@ -63,6 +63,12 @@ class Classifier(FinegrainModel):
         self.head = nn.Linear(dim, num_classes, bias=task != "reid")
         self.num_classes = num_classes
 
+    def output_keys(self) -> set[str]:
+        return {"logits"} | ({"embedding"} if self.task in ("reid", "dml") else set())
+
+    def loss_names(self) -> set[str]:
+        return {"ce", "triplet"} if self.task == "reid" else {"ce"}
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         feats = self.backbone(images)  # (B, D) pooled features
         neck = self.bnneck(feats)

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -468,6 +468,15 @@ class CrossImageDML(FinegrainModel):
         sq = (c - self._partner(c, z)).pow(2).sum(-1)  # (B_i, B_j)
         return sq.clamp_min(1e-30).sqrt()
 
+    def output_keys(self) -> set[str]:
+        return {"embedding"}
+
+    def loss_names(self) -> set[str]:
+        return {"dml", "cond"} if self.cross is not None else {"dml"}
+
+    def training_only(self) -> tuple[str, ...]:
+        return ("cross.",)  # the conditional branch: training only, never at test time
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         feats = self.forward_features(images)  # (B, P+N, C)
         z = self.forward_head(feats)  # (B, E)
@@ -492,6 +501,18 @@ class CrossImageDML(FinegrainModel):
         out["losses"] = losses
         out["logs"] = logs
         return out
+
+    family = "cross_image"
+    pretrained_note = ("ImageNet ResNet-50 (timm/resnet50.tv_in1k) or DINO ViT-S/16 "
+                       "(timm/vit_small_patch16_224.dino)")
+
+    def drop_training_only(self) -> dict[str, Any]:
+        """Drop ``cross`` (the conditional embedding: training only, never at test time) and
+        record ``cross_attention=False``."""
+        if self.cross is None:
+            return {}
+        self.cross = None
+        return {"cross_attention": False}
 
     # -- pictures and re-ranking ---------------------------------------------------------------
     @property

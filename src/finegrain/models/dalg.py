@@ -257,6 +257,9 @@ class DALG(FinegrainModel):
             ``num_heads``, ``patch_size`` ... for tiny test / demo models).
     """
 
+    family = "dalg"
+    pretrained_note = "ImageNet ViT-B/16 (e.g. timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)"
+
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 1000,
                  img_size: int | tuple[int, int] | None = None, global_dim: int = 1024,
                  local_dim: int = 1024, embedding_dim: int = 512,
@@ -352,6 +355,12 @@ class DALG(FinegrainModel):
         fused = feats["global"] if self.fusion is None else self.fusion(feats["global"],
                                                                         feats["local"])
         return F.normalize(self.fc(fused).float(), dim=-1)
+
+    def output_keys(self) -> set[str]:
+        return {"logits", "embedding"}
+
+    def loss_names(self) -> set[str]:
+        return {"arcface"}
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         """``{"embedding", "logits"}``; with ``targets`` also ``"losses"`` / ``"logs"``."""

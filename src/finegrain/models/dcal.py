@@ -364,6 +364,12 @@ class DCAL(FinegrainModel):
     """
 
     pairwise_explain = True  # explain(images, pair=...): PWCA attention over the pair
+    family = "dcal"
+    pretrained_note = ("ImageNet ViT / DeiT weights (e.g. timm/vit_base_patch16_224.orig_in21k, "
+                       "timm/deit_tiny_patch16_224.fb_in1k)")
+    half_precision_hint = ("DCAL: half precision moved the rollout's near-tied scores, so GLCA "
+                           "attends to other top-R patches for some images; --sa-only or "
+                           "--dtype float32")
 
     def __init__(self, backbone: str = "deit_tiny_patch16_224", num_classes: int = 1000,
                  img_size: int | tuple[int, int] | None = None, task: DCALTask = "classification",
@@ -472,6 +478,15 @@ class DCAL(FinegrainModel):
             return
         self.glca_block.block.load_state_dict(self.backbone.blocks[-1].state_dict())
         self.glca_norm.load_state_dict(self.backbone.norm.state_dict())
+
+    def output_keys(self) -> set[str]:
+        return {"logits"} | ({"embedding"} if self.task == "reid" else set())
+
+    def loss_names(self) -> set[str]:
+        return {"sa"} | ({"glca"} if self.glca else set()) | ({"pwca"} if self.pwca else set())
+
+    def training_only(self) -> tuple[str, ...]:
+        return ("uncertainty.",)  # Eq. 6's loss weights
 
     def learned_scalars(self) -> dict[str, float]:
         """The uncertainty weights ``w_b`` (Eq. 6) and the factor ``exp(-w_b) / 2`` each puts

@@ -34,6 +34,39 @@ class FinegrainModel(nn.Module):
     pairwise_explain: bool = False
     """``explain(images, pair=...)`` draws a pair-wise map (DCAL, cross-image attention)."""
 
+    family: str = "classifier"
+    """The method (``dcal``, ``tasn``, ``dalg``, ``cross_image``, ``classifier``): what the
+    tiny configurations, the tests and the reports group by. Stated by the class, never read
+    from a registered name (a recipe on an unregistered backbone has none)."""
+
+    pretrained_note: str | None = None
+    """The weights the method's papers start from, shown when a recipe trains from random
+    weights."""
+
+    half_precision_hint: str | None = None
+    """One sentence for a half-precision export that fails parity (where the method has a
+    discrete step that rounding can move)."""
+
+    def output_keys(self) -> set[str]:
+        """The evaluation outputs (the model output contract, DESIGN.md): ``logits`` for a
+        classifier, ``embedding`` for anything that retrieves."""
+        raise NotImplementedError(f"{type(self).__name__} states no output_keys")
+
+    def loss_names(self) -> set[str]:
+        """The keys of ``model(images, targets=y)["losses"]``."""
+        raise NotImplementedError(f"{type(self).__name__} states no loss_names")
+
+    def training_only(self) -> tuple[str, ...]:
+        """Name prefixes of the trainable parameters the evaluation outputs do not depend on
+        (trained, then unused at test time)."""
+        return ()
+
+    def drop_training_only(self) -> dict[str, Any]:
+        """Remove, in place, what only training uses (nothing by default), and return the
+        model arguments that record it, so the weights rebuild exactly this model (export,
+        :func:`finegrain.export.inference_model`)."""
+        return {}
+
     @property
     def explainable(self) -> bool:
         """``explain`` has attention to draw (every method; a plain classifier only on a ViT)."""
@@ -168,6 +201,12 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
+def model_class(name: str) -> type:
+    """The class a registered name builds (read from its config, nothing built)."""
+    module, _, cls = model_config(name)["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
 def model_arguments(name: str) -> list[str]:
     """The arguments of the model class that ``name`` builds (its ``__init__`` parameters,
     read from the registered function's return annotation); empty when it does not say."""
@@ -251,13 +290,13 @@ def _build(name: str, pretrained: str | None, sd: dict | None, meta: ModelMeta |
 
 
 def _import_all() -> None:
-    """Import the model files so their ``@register_model`` functions run (no I/O)."""
-    for mod in ("classifier", "dcal", "tasn", "dalg", "cross_image"):
-        try:
-            __import__(f"finegrain.models.{mod}")
-        except ModuleNotFoundError as e:  # a method file not written yet
-            if e.name != f"finegrain.models.{mod}":
-                raise
+    """Import every file of ``finegrain.models`` so their ``@register_model`` functions run
+    (no I/O): a new method file registers its names by being there."""
+    import pkgutil
+
+    from .. import models
+    for m in pkgutil.iter_modules(models.__path__):
+        importlib.import_module(f"{models.__name__}.{m.name}")
 
 
 def load_model(checkpoint: str, **kwargs) -> tuple[nn.Module, ModelMeta]:

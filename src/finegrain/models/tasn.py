@@ -492,6 +492,10 @@ class TASN(FinegrainModel):
         attention_backbone_kwargs: extra timm arguments of the attention net's ResNet.
     """
 
+    family = "tasn"
+    pretrained_note = ("ImageNet ResNet-50 (master-net) and ResNet-18 (attention net), timm or "
+                       "torchvision files")
+
     def __init__(self, num_classes: int = 1000, backbone: str = "resnet50",
                  attention_backbone: str = "resnet18", sample_size: int | tuple[int, int] = 224,
                  attention_size: int | tuple[int, int] = 224, attention_scale: float = 7.0,
@@ -588,6 +592,18 @@ class TASN(FinegrainModel):
                                 self.clip_iterations, self.clip)
 
     # -- Sec. 3.3: part-net / master-net ------------------------------------------------------
+    def output_keys(self) -> set[str]:
+        return {"logits", "embedding"}
+
+    def loss_names(self) -> set[str]:
+        return {"ce_attention", "ce_part", "ce_master", "ce_part_aux", "ce_master_aux",
+                "distill"}
+
+    def training_only(self) -> tuple[str, ...]:
+        """The attention net (its maps are detached: trained by ``ce_attention`` alone), the
+        part-net's head (it reads the detail stream) and the test head not chosen."""
+        return ("attention.", "fc_part.", "fc." if self.test_head == "master" else "fc_master.")
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         """Classify ``images`` (B, 3, H, W); see the class docstring for the two modes.
 

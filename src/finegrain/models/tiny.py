@@ -63,11 +63,11 @@ _RESNETS = {"test": TEST_RESNET, "demo": DEMO_RESNET}
 
 
 def family(name: str) -> str:
-    """``"dcal"``, ``"tasn"``, ``"dalg"``, ``"cross_image"`` or ``"classifier"``."""
-    for prefix in ("dcal", "tasn", "dalg", "cross_image"):
-        if name.startswith(prefix + "_"):
-            return prefix
-    return "classifier"
+    """The method of a registered name, as its class states it
+    (:attr:`~finegrain.models.registry.FinegrainModel.family`: ``"dcal"``, ``"tasn"``,
+    ``"dalg"``, ``"cross_image"`` or ``"classifier"``)."""
+    from .registry import is_model, model_class
+    return getattr(model_class(name), "family", "classifier") if is_model(name) else "classifier"
 
 
 def _backbone_kind(name: str) -> str:
