@@ -40,25 +40,14 @@ class ImageTooLarge(InputError):
     """An image has more pixels than the limit (decoding it would exhaust memory)."""
 
 
-def load_with_meta(path: str, device: str = "cpu") -> tuple[Any, ModelMeta, str | None]:
-    """``(model, its ModelMeta, checkpoint hash or None)`` of a checkpoint or an export folder
-    (read by :func:`finegrain.runtime.load_exported`)."""
-    from .runtime import is_export_folder, load_exported
-    path = os.fspath(path)
-    if is_export_folder(path):
-        fn, meta = load_exported(path)
-        return fn, meta, meta.checkpoint_hash
-    from .retrieval.extract import load_checkpoint_model
-    return load_checkpoint_model(path, device)
-
-
 def load(path: str, device: str = "cpu") -> tuple[Any, Any]:
     """``(model, transform)`` of a checkpoint or an export folder: ``model(batch)`` returns the
     output dict (``"logits"`` / ``"embedding"``), ``transform(uint8 (3, H, W))`` gives the
     normalised input of the model's evaluation protocol (``finegrain predict``'s)."""
     from .inference import eval_transform
-    model, meta, _ = load_with_meta(path, device)
-    return model, eval_transform(meta)
+    from .loading import open_model
+    loaded = open_model(path, device=device)
+    return loaded.model, eval_transform(loaded.meta)
 
 
 def init_model(name: str, out: str, pretrained: str | None = None,
@@ -250,6 +239,7 @@ class Searcher:
 
     def __init__(self, index_dir: str, model: str | None = None, device: str = "cpu",
                  gallery_root: str | None = None):
+        from .loading import NO_FILE_HASHES, open_model
         from .retrieval.descriptors import DescriptorMismatch
         from .retrieval.extract import fixed_input_size, search_transform
         from .retrieval.index import Index
@@ -257,9 +247,10 @@ class Searcher:
         self.index = Index.load(index_dir)
         man, src = self.index.manifest, self.index.source_meta
         self.model_path = model or _find_checkpoint(index_dir, man, src)
-        self.model, self.meta, ck_hash = load_with_meta(self.model_path, device)
+        loaded = open_model(self.model_path, device=device)
+        self.model, self.meta, ck_hash = loaded.model, loaded.meta, loaded.checkpoint_hash
         want = man.get("checkpoint_hash")
-        if ck_hash and want not in (None, "in-memory", "untrained") and ck_hash != want:
+        if ck_hash and want not in (None, *NO_FILE_HASHES) and ck_hash != want:
             raise DescriptorMismatch(
                 f"{self.model_path} (hash {ck_hash}) is not the checkpoint that embedded "
                 f"{index_dir} (hash {want}): its descriptors would not be comparable; pass "
@@ -319,7 +310,7 @@ class Searcher:
     def embed(self, images: Sequence[Any]) -> np.ndarray:
         """(n, D) float32 unit descriptors of images (paths, encoded bytes or uint8 (3, H, W)
         tensors), with the index's preprocessing and scales."""
-        from .retrieval.extract import _embed_batch
+        from .retrieval.extract import embed_batch
         xs = [self.transform(self._decode(i)[1]) for i in self._expand(images)]
         out = np.zeros((len(xs), int(self.index.manifest["dim"])), dtype=np.float32)
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -328,7 +319,7 @@ class Searcher:
         with self._lock:
             for rows in by_size.values():
                 x = torch.stack([xs[j] for j in rows]).to(self.device)
-                out[rows] = _embed_batch(self.model, x, self.scales, amp=False).cpu().numpy()
+                out[rows] = embed_batch(self.model, x, self.scales, amp=False).cpu().numpy()
         if not np.isfinite(out).all():
             from .errors import nonfinite_outputs
             raise nonfinite_outputs(self.model_path, int((~np.isfinite(out).all(1)).sum()),
@@ -343,10 +334,11 @@ class Searcher:
         with self._lock:
             r = self.index.search(np.asarray(q, dtype=np.float32), k)
         names = query_names or [f"query {i}" for i in range(len(q))]
+        rows = self.index.row(np.asarray(r.ids))  # (n, k), -1 where fewer than k results
         out = []
         for i, qn in enumerate(names):
             hits = [Hit(rank=j + 1, id=int(d), name=str(n), score=float(s),
-                        label=int(self.index.labels[self.index._row[int(d)]]))
+                        label=int(self.index.labels[rows[i, j]]))
                     for j, (d, n, s) in enumerate(zip(r.ids[i], r.names[i], r.scores[i]))
                     if d >= 0]
             out.append(QueryResult(qn, hits))
@@ -373,11 +365,10 @@ class Searcher:
     # ------------------------------------------------------------------ gallery images
     def name_of(self, gallery_id: int) -> str:
         from .errors import UnknownNameError
-        row = self.index._row.get(int(gallery_id))
-        if row is None:
+        if gallery_id not in self.index:
             raise UnknownNameError(f"no image with id {gallery_id} in {self.index_dir} "
                                    f"(ids 0..{self.index.next_id - 1}, {len(self)} images)")
-        return self.index.names[row]
+        return self.index.names[int(self.index.row(np.array([gallery_id]))[0])]
 
     def _gallery_paths(self) -> dict[str, str]:
         """Image name -> file, from the dataset the index was embedded from (built once).

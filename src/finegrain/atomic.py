@@ -20,6 +20,9 @@ from typing import Any, Callable, Iterator
 
 from .errors import FinegrainError
 
+__all__ = ["DiskFullError", "disk_full", "atomic_path", "write_with", "write_bytes",
+           "write_text", "write_json", "save_torch", "save_safetensors"]
+
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

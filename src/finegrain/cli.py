@@ -18,6 +18,8 @@ from .atomic import write_json
 from .errors import (EXIT_INTERRUPTED, EXIT_USER_ERROR, FinegrainError, InputError,
                      Interrupted, one_paragraph)
 
+__all__ = ["build_parser", "main"]
+
 log = logging.getLogger("finegrain")
 
 

@@ -50,7 +50,10 @@ import yaml
 from .models.registry import model_config
 from .models.tiny import DEMO_RESNET, DEMO_SIZE, DEMO_VIT
 
-# ---- data (fixed 2026-11-30, before any comparison was run; see docs/demo.md) -------------
+__all__ = ["PRETRAIN_EPOCHS", "FINETUNE_LR", "pretrain_recipes", "Comparison", "DemoEntry",
+           "demo_entries", "run_demo", "format_table"]
+
+# ---- data (fixed before any comparison was run: docs/demo.md) -----------------------------
 # Fine-tuning sets draw their classes / identities from positions 0..31 of the generator's
 # permutation of the 64 part combinations; pretraining uses positions 32..47.
 _FINETUNE_POOL = 32
@@ -82,8 +85,8 @@ _TRAINER = {"accelerator": "cpu", "precision": "32-true", "log_every_n_steps": 1
 
 # ---- schedules (fixed a priori, not tuned on which arm wins) --------------------------------
 # Pretraining from scratch at lr 1e-3, 40 steps / epoch: the ViT 30 epochs (1,200 steps), the
-# ResNet 20 (800 steps; at 1,600 it was at 96% after 21 epochs and flat from there). Cut from
-# 40 + 40 on 2026-11-30 so that `make demo` fits 10 minutes on a fresh clone (see docs/demo.md).
+# ResNet 20 (800 steps; at 1,600 it was at 96% after 21 epochs and flat from there), so that
+# `make demo` fits 10 minutes on a fresh clone (docs/demo.md).
 PRETRAIN_EPOCHS = {"vit": 30, "resnet": 20}
 FINETUNE_LR = 3e-4  # the papers fine-tune at a fraction of the from-scratch rate
 DCAL_COST, TASN_COST = 2, 5  # training-step cost vs the baseline (equal-compute arms)
@@ -301,9 +304,10 @@ def _test_size(entry: DemoEntry) -> int:
 def _explain_picture(entry: DemoEntry, run_dir: str, out_png: str) -> str | None:
     from .inference import explain
     from .data.registry import build_dataset
-    from .models.registry import load_model
+    from .loading import open_model
     ckpt = os.path.join(run_dir, "last.ckpt")
-    model, meta = load_model(ckpt)
+    loaded = open_model(ckpt)
+    model, meta = loaded.model, loaded.meta
     if not hasattr(model, "explain"):
         return None
     data = entry.arms[entry.explain_arm]["data"]
@@ -314,9 +318,9 @@ def _explain_picture(entry: DemoEntry, run_dir: str, out_png: str) -> str | None
         gallery = build_dataset(data["dataset"], data.get("root"), "gallery", **kw)
         q = ds.samples[0]
         match = next(s.path for s in gallery.samples if s.label == q.label and s.camid != q.camid)
-        return explain(ckpt, [], out_png, pair=[q.path, match], loaded=(model, meta))[0]
+        return explain(ckpt, [], out_png, pair=[q.path, match], loaded=loaded)[0]
     paths = [s.path for s in ds.samples[:: max(1, len(ds) // 4)][:4]]
-    return explain(ckpt, paths, out_png, loaded=(model, meta))[0]
+    return explain(ckpt, paths, out_png, loaded=loaded)[0]
 
 
 class _Progress:

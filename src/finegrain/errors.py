@@ -9,6 +9,10 @@ traceback. Each class also derives from the built-in error it refines, so code t
 
 from __future__ import annotations
 
+__all__ = ["EXIT_USER_ERROR", "EXIT_INTERRUPTED", "FinegrainError", "InputError",
+           "MissingFileError", "UnknownNameError", "NonFiniteError", "Interrupted",
+           "MissingDependencyError", "require", "one_paragraph", "nonfinite_outputs"]
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 """A training stopped by Ctrl-C (SIGINT), with its last checkpoint intact (128 + SIGINT)."""

@@ -53,6 +53,12 @@ from .atomic import save_safetensors, write_json
 from .errors import FinegrainError, InputError, MissingFileError, require
 from .meta import ModelMeta
 
+__all__ = ["FORMATS", "MODEL_FILES", "TOLERANCES", "INPUT_NAME", "ParityError", "DTYPES",
+           "inference_model", "input_size", "preprocessing", "search_steps", "write_onnx",
+           "write_exported", "backbone_timm_args", "write_timm", "load_timm_backbone",
+           "parity_images", "compare_outputs", "check_parity", "search_inputs", "check_search",
+           "check_dtype", "export", "format_parity"]
+
 FORMATS = ("onnx", "exported", "timm")
 MODEL_FILES = {"onnx": "model.onnx", "exported": "model.pt2", "timm": "backbone.safetensors"}
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
@@ -477,15 +483,18 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
         ParityError: an output differs by more than the tolerance (after writing
             ``parity.json``, which holds the numbers).
     """
-    from .models.registry import load_model
-    from .retrieval.descriptors import checkpoint_hash
+    from .loading import open_model
+    from .models.registry import with_model_args
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     check_dtype(fmt, dtype)
-    from .models.registry import with_model_args
-    model, meta = load_model(checkpoint, **(model_overrides or {}))
-    ck_hash = checkpoint_hash(checkpoint) if os.path.isfile(checkpoint) else None
-    meta = with_model_args(meta, **(model_overrides or {})).replace(checkpoint_hash=ck_hash)
+    loaded = open_model(checkpoint, **(model_overrides or {}))
+    if loaded.exported:
+        raise InputError(f"{checkpoint} is an export folder; export the checkpoint it came "
+                         f"from ({loaded.meta.model_name}, export.json 'checkpoint')")
+    model, ck_hash = loaded.model, loaded.checkpoint_hash
+    meta = with_model_args(loaded.meta, **(model_overrides or {})).replace(
+        checkpoint_hash=ck_hash)
     model, meta = inference_model(model, meta)
     H, W = input_size(meta)
     os.makedirs(out, exist_ok=True)

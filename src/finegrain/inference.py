@@ -6,6 +6,7 @@ parses their arguments and prints their results; ``finegrain.predict``,
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .errors import InputError, nonfinite_outputs
 from .meta import ModelMeta, read_meta
@@ -41,16 +42,9 @@ def predict(checkpoint: str, images: list[str], topk: int = 5,
     ``runtime``: ``"torch"`` (the checkpoint, or the folder's ``torch.export`` program) or
     ``"onnx"`` (the folder's ``model.onnx`` on ONNX Runtime)."""
     import torch
-    from .runtime import is_export_folder, load_exported
-    if is_export_folder(checkpoint):
-        model, meta = load_exported(checkpoint, runtime)
-    elif runtime == "onnx":
-        raise InputError(f"--runtime onnx runs an export folder, and {checkpoint} is not one: "
-                         f"run `finegrain export {checkpoint} --format onnx --out DIR`, then "
-                         f"`finegrain predict DIR ... --runtime onnx`")
-    else:
-        from .models.registry import load_model
-        model, meta = load_model(checkpoint)
+    from .loading import open_model
+    loaded = open_model(checkpoint, runtime)
+    model, meta = loaded.model, loaded.meta
     task = meta.task
     if task != "classification":
         raise InputError(f"{checkpoint} is a {task} model: its classes are the training "
@@ -91,20 +85,20 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict | None = None,
     from .engine import FinegrainDataModule, FinegrainModule
     from .engine.datamodule import QueryGallery
     from .engine.run import quiet_lightning
-    from .models.weights import load_checkpoint_meta, read_weights
+    from .loading import open_model
     quiet_lightning()
-    sd, meta = read_weights(checkpoint)  # one read: weights (``model.`` stripped) and meta
-    if meta is None:
-        load_checkpoint_meta(checkpoint)  # raises, naming what is missing
+    loaded = open_model(checkpoint, **(model_overrides or {}))  # whole, or refused
+    if loaded.exported:
+        raise InputError(f"{checkpoint} is an export folder; evaluate the checkpoint it came "
+                         f"from (export.json 'checkpoint')")
+    meta = loaded.meta
     if meta.task == "retrieval":
         raise InputError(f"{checkpoint} is a retrieval model: evaluate it with `finegrain "
                          f"retrieval eval {checkpoint} --dataset NAME --root DIR`")
     if (rerank or aqe or visrank) and meta.task != "reid":
         raise InputError(f"--rerank, --aqe and --visrank are for Re-ID checkpoints; "
                          f"{checkpoint} is a {meta.task} model")
-    from .models.registry import model_from_meta
-    module = FinegrainModule(model_from_meta(meta, checkpoint, **(model_overrides or {})))
-    module.model.load_state_dict(sd)
+    module = FinegrainModule(loaded.model)
     module.set_data_meta(meta)
     data = {"dataset": meta.dataset, "img_size": meta.img_size,
             "resize_size": meta.resize_size, "mean": meta.mean, "resize_mode": meta.resize_mode,
@@ -214,18 +208,19 @@ def _captions(model, x, meta: ModelMeta) -> tuple:
 
 
 def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
-            loaded: tuple | None = None) -> list[str]:
+            loaded: Any = None) -> list[str]:
     """Write the model's attention pictures (``model.explain``, drawn by
     :func:`finegrain.visualize.save_explain`): one picture of ``images`` (a row each, with the
     predicted class and its probability) and, with ``pair = [A, B]``, one of where A attends
     in B (each map over the image it belongs to, with their cosine similarity where the model
     embeds; models with ``pairwise_explain`` only). ``out``: a picture file or a folder
-    (:func:`explain_paths`). Returns the paths written. ``loaded``: the ``(model, meta)`` of
-    ``checkpoint`` when the caller already has them."""
+    (:func:`explain_paths`). Returns the paths written. ``loaded``: ``checkpoint`` already
+    opened (:class:`finegrain.loading.LoadedModel`)."""
     import torch
-    from .models.registry import load_model
+    from .loading import open_model
     from .visualize import save_explain
-    model, meta = loaded if loaded is not None else load_model(checkpoint)
+    loaded = loaded if loaded is not None else open_model(checkpoint)
+    model, meta = loaded.model, loaded.meta
     if not hasattr(model, "explain"):
         raise InputError(f"{meta.model_name} has no attention to explain (plain baseline); "
                          f"use a DCAL, TASN, DALG or cross-image checkpoint")

@@ -30,6 +30,8 @@ from typing import Any, Mapping
 
 from .errors import InputError
 
+__all__ = ["SCHEMA_VERSION", "TASKS", "INTERPOLATIONS", "ModelMeta", "plain", "read_meta"]
+
 SCHEMA_VERSION = 3
 TASKS = ("classification", "reid", "dml", "retrieval")
 INTERPOLATIONS = ("bilinear", "bicubic")

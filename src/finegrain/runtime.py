@@ -20,6 +20,8 @@ import torch.nn as nn
 from .errors import InputError, MissingFileError, require
 from .meta import ModelMeta
 
+__all__ = ["RUNTIMES", "is_export_folder", "onnx_providers", "ExportedModel", "load_exported"]
+
 RUNTIMES = ("onnx", "torch")
 _FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
 

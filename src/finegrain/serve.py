@@ -41,6 +41,49 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
 
+# ---- the JSON schemas (/openapi.json) ---------------------------------------------------
+class Result(BaseModel):
+    """A hit (:class:`finegrain.api.Hit`) with the URL of its image."""
+    rank: int
+    id: int
+    name: str
+    score: float
+    label: int
+    url: str
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int
+    results: list[Result]
+    attention: Optional[str] = None
+    took_ms: float
+
+
+class Health(BaseModel):
+    status: str
+    images: int
+    model_name: str
+    task: str
+    dim: int
+    explain: bool
+    explain_pair: bool
+    k_max: int
+
+
+class GalleryItem(BaseModel):
+    id: int
+    name: str
+    label: int
+    url: str
+
+
+class GalleryPage(BaseModel):
+    count: int
+    offset: int
+    items: list[GalleryItem]
+
+
 def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
                max_upload_mb: float = 20.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                device: str = "cpu", gallery_root: str | None = None,
@@ -63,42 +106,6 @@ def create_app(index_dir: str, model: str | None = None, k_max: int = 100,
     app = FastAPI(title="finegrain search", version="1",
                   description=f"Search {index_dir} ({len(s)} images) by image.")
     app.state.searcher = s
-
-    class Result(BaseModel):
-        rank: int
-        id: int
-        name: str
-        score: float
-        label: int
-        url: str
-
-    class SearchResponse(BaseModel):
-        query: str
-        k: int
-        results: list[Result]
-        attention: Optional[str] = None
-        took_ms: float
-
-    class Health(BaseModel):
-        status: str
-        images: int
-        model_name: str
-        task: str
-        dim: int
-        explain: bool
-        explain_pair: bool
-        k_max: int
-
-    class GalleryItem(BaseModel):
-        id: int
-        name: str
-        label: int
-        url: str
-
-    class GalleryPage(BaseModel):
-        count: int
-        offset: int
-        items: list[GalleryItem]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

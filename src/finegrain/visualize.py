@@ -11,6 +11,9 @@ import torch
 
 from .models.explain import AttentionMap
 
+__all__ = ["denormalize", "unit_scale", "save_explain", "save_visrank", "plot_curves",
+           "plot_paired_differences"]
+
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(B, 3, H, W) normalised tensor -> (B, H, W, 3) float array in [0, 1]."""

@@ -194,7 +194,7 @@ def test_query_crop_scale_follows_cirtorch_and_delg_on_real_gnd(shared_data, nam
         db_factor = size / full  # the factor of every database image of that size
         before.append((size / max(h, w)) / db_factor)  # old: crop's own side -> size
         after.append((max(got) / max(h, w)) / db_factor)
-    assert np.median(before) > 1.5 and max(before) > 4  # what issue 15 measured
+    assert np.median(before) > 1.5 and max(before) > 4  # the old scale: crops enlarged
     np.testing.assert_allclose(after, 1.0, atol=1.0 / 100)  # same scale as the database
 
 

@@ -1,4 +1,4 @@
-"""Issue 16, serve in a real browser: headless Chromium (Debian's ``chromium`` and
+"""Serve in a real browser: headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``) driven by selenium against ``finegrain serve`` on a demo-style retrieval
 index (generated landmarks, a DALG checkpoint, ``retrieval_eval`` writing the gallery
 descriptors as ``finegrain demo`` does, then ``index build``): upload, results appear, their

@@ -1,4 +1,4 @@
-"""Issue 16, search by image: ``embed --images`` (unlabelled folders, globs, lists), the
+"""Search by image: ``embed --images`` (unlabelled folders, globs, lists), the
 index recording its checkpoint, ``finegrain.load`` / ``Searcher`` and ``finegrain search``."""
 
 import json
@@ -13,7 +13,8 @@ import finegrain
 from finegrain.cli import main
 from finegrain.data import build_dataset, read_image
 from finegrain.errors import EXIT_USER_ERROR, InputError, MissingFileError
-from finegrain.retrieval.descriptors import DescriptorMismatch, checkpoint_hash, load_descriptors
+from finegrain.loading import checkpoint_hash
+from finegrain.retrieval.descriptors import DescriptorMismatch, load_descriptors
 from finegrain.retrieval.index import index_files
 
 from .helpers import DALG, run_retrieval, write_checkpoint

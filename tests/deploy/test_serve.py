@@ -1,4 +1,4 @@
-"""Issue 16, serve: the JSON API of ``finegrain serve`` (FastAPI TestClient): search by upload
+"""Serve: the JSON API of ``finegrain serve`` (FastAPI TestClient): search by upload
 and by gallery id, the gallery, pictures, every bad request answered with a clear 4xx while
 the server keeps serving, concurrent uploads, and a read-only index folder."""
 

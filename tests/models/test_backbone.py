@@ -1,4 +1,4 @@
-"""``create_backbone``, the one timm backbone builder (issue 13, "fewer copies").
+"""``create_backbone``, the one timm backbone builder.
 
 Every registered model (tiny ``test`` and ``demo`` scales of ``finegrain.models.tiny``) and the
 task variants of ``test_all_models.py`` build exactly the modules they built with the five

@@ -93,7 +93,7 @@ def test_distinct_maps_mask_uses_exact_equality_without_chaining():
 def test_structure_map_is_continuous_in_the_maps():
     """3e-6 on one element of one of three duplicate maps moves the structure map by 3e-6 / 6
     there and nowhere else: no group count that flips when a tie breaks (the cause of the
-    batch-size dependence of the 2026-11-30 demo checkpoint, whose near-duplicate maps tied or
+    batch-size dependence of an earlier demo checkpoint, whose near-duplicate maps tied or
     not with the float order)."""
     maps = torch.rand(1, 6, 4, 4, generator=torch.Generator().manual_seed(0))
     maps[0, 1] = maps[0, 3] = maps[0, 0]

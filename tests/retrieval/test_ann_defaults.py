@@ -1,4 +1,4 @@
-"""Issue 15, honest ANN defaults: the index ``--kind auto`` builds keeps recall@100 >= 0.9
+"""Honest ANN defaults: the index ``--kind auto`` builds keeps recall@100 >= 0.9
 against exact search on data without large clusters (small clusters in a low-dimensional
 latent, no clusters), and a user's ``--nprobe`` is kept.
 

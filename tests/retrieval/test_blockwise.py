@@ -1,4 +1,4 @@
-"""Issue 15: +1M evaluation scored in blocks against memory-mapped files (bounded memory) gives
+"""+1M evaluation scored in blocks against memory-mapped files (bounded memory) gives
 exactly what the all-in-memory complete ranking gives."""
 
 import numpy as np

@@ -12,7 +12,8 @@ from finegrain import create_model
 from finegrain.data.synthetic_landmarks import LandmarksConfig, generate_landmarks
 from finegrain.models.tiny import tiny_kwargs
 from finegrain.retrieval.commands import register
-from finegrain.retrieval.descriptors import DescriptorMismatch, checkpoint_hash, load_descriptors
+from finegrain.loading import checkpoint_hash
+from finegrain.retrieval.descriptors import DescriptorMismatch, load_descriptors
 from finegrain.retrieval.index import index_files
 
 SMALL = LandmarksConfig(num_landmarks=3, queries_per_landmark=1, easy_per_landmark=2,
@@ -148,7 +149,7 @@ def test_retrieval_eval_command(setup, capsys):
 
 
 def test_index_search_and_retrieval_eval_rank_alike_with_aqe_and_rerank(setup):
-    """Issue 15: 'retrieval eval' re-ranks the expanded query as 'index search' does (one
+    """'retrieval eval' re-ranks the expanded query as 'index search' does (one
     code path), and takes --aqe-n / --rerank-k."""
     from finegrain.data import build_dataset
     from finegrain.evaluation.revisited import evaluate

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from finegrain.retrieval.descriptors import (DescriptorMismatch, check_compatible, checkpoint_hash,
+from finegrain.loading import checkpoint_hash
+from finegrain.retrieval.descriptors import (DescriptorMismatch, check_compatible,
                                              descriptor_paths, load_descriptors, save_descriptors,
                                              signature)
 

@@ -12,7 +12,7 @@ from torchvision.io import encode_png
 from finegrain import Searcher
 from finegrain.data.transforms import RetrievalEval, longest_side_size
 from finegrain.retrieval.descriptors import load_descriptors, save_descriptors
-from finegrain.retrieval.extract import _embed_batch
+from finegrain.retrieval.extract import embed_batch
 from finegrain.retrieval.search import blockwise_knn, knn
 
 from .test_commands import _ckpt, main
@@ -75,7 +75,7 @@ def test_embed_records_the_choice_and_search_applies_it(tmp_path):
         for row, n in enumerate(d.names):
             x = t(photos[n])
             assert max(x.shape[-2:]) == (64 if upscale or n == "large.png" else 45)
-            ref = _embed_batch(model, x[None], [1.0], amp=False)[0].numpy()
+            ref = embed_batch(model, x[None], [1.0], amp=False)[0].numpy()
             np.testing.assert_allclose(d.vectors[row], ref, atol=1e-5)
         ix = str(tmp_path / f"{name}.index")
         assert main(["index", "build", str(tmp_path / name), "--kind", "Flat",
@@ -150,7 +150,7 @@ def test_embed_images_skips_a_truncated_photo_when_asked(tmp_path, capsys):
     assert sorted(d.names) == sorted(photos)  # the three readable photos, in their rows
     t = RetrievalEval(64, (0.5,) * 3, (0.5,) * 3)
     for row, n in enumerate(d.names):
-        ref = _embed_batch(model.eval(), t(photos[n])[None], [1.0], amp=False)[0].numpy()
+        ref = embed_batch(model.eval(), t(photos[n])[None], [1.0], amp=False)[0].numpy()
         np.testing.assert_allclose(d.vectors[row], ref, atol=1e-5)
 
 

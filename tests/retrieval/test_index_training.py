@@ -1,4 +1,4 @@
-"""Issue 15: IVF trains on a sample by default (--train-size overrides), --kind auto keeps a
+"""IVF trains on a sample by default (--train-size overrides), --kind auto keeps a
 user's --nprobe, and ids can be removed from an IVF fast-scan index (folder stays consistent)."""
 
 import argparse

@@ -213,8 +213,8 @@ def roxford_files(tmp_path, shared_data):
 
 
 def test_descriptor_files_are_matched_by_name_on_real_gnd(roxford_files):
-    """A valid gallery file in another order gives the same metrics (issue 15: it used to
-    drop Medium mAP silently); names missing from the ground truth are refused."""
+    """A valid gallery file in another order gives the same metrics (an order
+    mismatch once dropped Medium mAP silently); names missing from the ground truth are refused."""
     root, tmp, db, q = roxford_files
     kw = dict(query_descriptors=str(tmp / "q"), picture=PictureOptions("none"))
     ref = retrieval_eval(None, "roxford5k", root, gallery_descriptors=str(tmp / "g"), **kw)

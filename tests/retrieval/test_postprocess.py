@@ -60,7 +60,7 @@ def test_rerank_shortlist_sorts_each_shortlist_by_reranked_distance():
 
 
 def test_rerank_is_per_query_batch_and_independent_of_the_batch_size():
-    """Issue 15: results independent of the batch (sizes 1, 3, all), memory bounded by it
+    """Results independent of the batch (sizes 1, 3, all), memory bounded by it
     (one get_vectors call per batch, at most batch x K vectors), -1 padding last."""
     q, db = _unit(7, 8, 0), _unit(80, 8, 1)
     _, ids = knn(q, db, 12)

@@ -1,4 +1,4 @@
-"""Issue 15, past one machine: ``finegrain embed`` on Lightning's predict loop. Two DDP
+"""Past one machine: ``finegrain embed`` on Lightning's predict loop. Two DDP
 processes (CPU, gloo) write the descriptors of one process, in the same name order; a killed
 extraction resumes without recomputing finished shards; a manifest is read as one memory-mapped
 set by ``index build``, ``index search`` and ``retrieval eval``."""
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from finegrain.data.synthetic_landmarks import generate_landmarks
+from finegrain.loading import open_model
 from finegrain.retrieval.descriptors import ConcatRows, load_descriptors
-from finegrain.retrieval.extract import embed_dataset, load_checkpoint_model
+from finegrain.retrieval.extract import embed_dataset
 from finegrain.retrieval.sharded import embed_sharded, finished_shards, shard_folder
 
 from .test_commands import SMALL, _ckpt, main
@@ -96,7 +97,8 @@ def test_manifest_is_read_as_one_set_by_index_and_retrieval_eval(setup):
         tmp / "merged").names
     # one process, one shard: the rows of the in-process extraction (extract), bit for bit;
     # smaller shards group images differently (float rounding only)
-    model, meta, _ = load_checkpoint_model(ck)
+    loaded = open_model(ck)
+    model, meta = loaded.model, loaded.meta
     ref, names, _, _, _ = embed_dataset(model, "synthetic_landmarks", root, "gallery",
                                         img_size=64, meta=meta, batch_size=16, progress=False)
     embed_sharded(ck, "synthetic_landmarks", root, "gallery", str(tmp / "whole"), **OPTS)
@@ -147,7 +149,8 @@ class _Counting:
 def test_killed_extraction_resumes_without_recomputing_finished_shards(setup):
     tmp, root, ck = setup
     out = str(tmp / "res")
-    model, meta, _ = load_checkpoint_model(ck)
+    loaded = open_model(ck)
+    model, meta = loaded.model, loaded.meta
     c = _Counting(model)
     first = embed_sharded(ck, "synthetic_landmarks", root, "gallery", out, shard_size=4,
                           merge=False, model=c.wrap(), meta=meta, **OPTS)

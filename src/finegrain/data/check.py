@@ -28,6 +28,8 @@ from typing import Iterable
 from .datasets.base import DatasetError, ImageDataset
 from .registry import get_dataset_class
 
+__all__ = ["default_splits", "check_dataset", "corrupt_images", "format_check"]
+
 
 def _split_stats(ds: ImageDataset) -> dict:
     out: dict = {"images": len(ds)}

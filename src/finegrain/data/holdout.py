@@ -25,6 +25,8 @@ import numpy as np
 
 from ..errors import InputError
 
+__all__ = ["Holdout", "holdout"]
+
 
 @dataclass(frozen=True)
 class Holdout:

@@ -7,6 +7,9 @@ from typing import Callable
 
 from .datasets.base import DatasetError, ImageDataset
 
+__all__ = ["PUBLISHED_CLASSES", "register_dataset", "list_datasets", "get_dataset_class",
+           "build_dataset"]
+
 _DATASETS: dict[str, type[ImageDataset] | Callable[..., ImageDataset]] = {}
 
 

@@ -25,6 +25,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import InputError
 
+__all__ = ["RandomBatchSampler", "PKBatchSampler", "ShardSampler", "SeededDataset"]
+
 
 class _Resumable(Sampler):
     """Shared epoch / skip / shard logic; subclasses implement :meth:`global_batches`."""

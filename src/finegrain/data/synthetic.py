@@ -35,6 +35,10 @@ from ..errors import InputError
 from .datasets.base import ImageDataset
 from .registry import build_dataset, register_dataset
 
+__all__ = ["DEFAULT_CACHE", "HEAD_MARKS", "WING_BARS", "TAIL_TIPS", "class_parts", "render",
+           "FGVCConfig", "ReIDConfig", "generate_cub", "generate_market", "SyntheticFGVC",
+           "SyntheticReID", "SyntheticDML"]
+
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "finegrain", "synthetic")
 
 # Part vocabulary: each class is one (head mark, wing bars, tail tip) combination.

@@ -51,6 +51,9 @@ from .datasets.revisited import _Revisited
 from .registry import register_dataset
 from .synthetic import _done, _folder, _stamp, _write_jpeg
 
+__all__ = ["DEFAULT_CACHE", "GND_NAME", "LandmarksConfig", "Scene", "random_scene",
+           "render_scene", "render_view", "generate_landmarks", "SyntheticLandmarks"]
+
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "finegrain",
                              "synthetic_landmarks")
 GND_NAME = "gnd_synthetic_landmarks.pkl"

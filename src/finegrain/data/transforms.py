@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_CROPS", "longest_side_size", "LongestSide",
+           "pil_bilinear", "RetrievalEval", "FixedSizeEval", "build_transform"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_CROPS = ("random_resized", "resize_crop")

@@ -24,6 +24,9 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from ..choices import check_choice, refusal
 from ..errors import InputError
 
+__all__ = ["Sampler", "ResizeMode", "OnError", "Interpolation", "TrainCrop", "QueryGallery",
+           "FinegrainDataModule"]
+
 Sampler = Literal["random", "pk"]
 """``data.sampler``: the training batch samplers."""
 

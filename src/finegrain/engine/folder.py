@@ -18,6 +18,8 @@ import shutil
 
 from ..errors import InputError
 
+__all__ = ["LOCK", "RUN_FILES", "RUN_FOLDERS", "is_global_zero_process", "RunClaim"]
+
 LOCK = ".lock"
 RUN_FILES = ("config.yaml", "metrics.csv", "metrics.json", "progress.json", "last.ckpt",
              "last.ckpt.tmp", "best.ckpt", "weights.safetensors", "model.json", "curves.png",

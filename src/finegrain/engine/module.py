@@ -26,6 +26,10 @@ from ..errors import InputError, NonFiniteError
 from ..meta import ModelMeta, read_meta
 from ..models.registry import FinegrainModel
 
+__all__ = ["DEFAULT_OPTIMIZER", "default_optimizer", "Scheduler", "NonFinite",
+           "NonFiniteLossError", "param_groups", "global_batch", "planned_steps",
+           "FinegrainModule", "DML_KS", "primary_metric", "compute_metrics"]
+
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW",
                      "init_args": {"lr": 5e-4, "weight_decay": 0.05}}
 """``model.optimizer`` when a recipe names none."""

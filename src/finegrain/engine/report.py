@@ -18,6 +18,10 @@ from typing import Any
 
 import yaml
 
+__all__ = ["recipe_header", "recipe_pretrained", "recipe_paper_number", "random_init_warning",
+           "percent", "format_eval_line", "format_summary", "read_run", "compare_runs",
+           "SEED_KEYS", "format_compare", "find_runs"]
+
 
 # ---- recipes ------------------------------------------------------------------------------
 def recipe_header(path: str | None) -> list[str]:

@@ -37,6 +37,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+__all__ = ["NOT_RESUMABLE_WARNING", "ExactResume"]
+
 NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 """The start of Lightning's warning about a mid-epoch resume with a plain DataLoader."""
 

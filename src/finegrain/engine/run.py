@@ -45,6 +45,12 @@ from .folder import RunClaim, is_global_zero_process
 from .module import DEFAULT_OPTIMIZER, FinegrainModule, planned_steps
 from .resume import NOT_RESUMABLE_WARNING, ExactResume
 
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "RunCSVLogger", "resume_step",
+           "InterruptNote", "interrupted", "ProgressFile", "RunFolder", "flatten_config",
+           "RUN_KEYS", "changed_keys", "read_run_config", "parse_error", "FinegrainCLI",
+           "recipe_card_text", "check_resumable", "follow_weights", "run_dir_for", "train",
+           "parse_config", "build_recipe", "quiet_lightning"]
+
 log = logging.getLogger("finegrain")
 _CLAIMS: list[RunClaim] = []  # run folders claimed by the trainings of this process
 

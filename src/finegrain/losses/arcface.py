@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["cosine_logits", "arcface_margin", "arcface_loss", "ArcFaceHead"]
+
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Cosines between L2-normalised rows of ``features`` (B, D) and ``weight`` (C, D) -> (B, C),

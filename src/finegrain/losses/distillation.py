@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["soft_cross_entropy_distillation", "SoftCrossEntropyDistillation"]
+
 
 def soft_cross_entropy_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                                     temperature: float = 10.0, detach_teacher: bool = False,

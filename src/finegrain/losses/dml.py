@@ -50,6 +50,11 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, LpDistance
 
+__all__ = ["PAIR_LOSSES", "PROXY_LOSSES", "DML_LOSSES", "MINERS", "build_dml_loss",
+           "build_miner", "DISTANCE_FLOOR_EPS", "similarity_to_distance", "SimilarityMatrix",
+           "SimilarityMatrixLoss", "build_similarity_loss", "EmbeddingLoss",
+           "build_embedding_loss"]
+
 PAIR_LOSSES = ("multi_similarity", "contrastive", "triplet", "margin")
 """Losses that only read a (B, B) similarity / distance matrix: usable on z and on S."""
 

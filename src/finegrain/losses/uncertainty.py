@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+__all__ = ["UncertaintyWeighting"]
+
 
 class UncertaintyWeighting(nn.Module):
     """Learnable uncertainty weights ``w_b`` over named loss terms.

@@ -21,6 +21,11 @@ from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 from .tasks import task_name
 
+__all__ = ["ClassifierTask", "Classifier", "vit_tiny_patch16_224", "vit_small_patch16_224",
+           "vit_base_patch16_224", "deit_tiny_patch16_224", "deit_small_patch16_224",
+           "deit_base_patch16_224", "vit_base_r50_s16_224", "vit_tiny_r_s16_p8_224",
+           "resnet18", "resnet50", "tf_efficientnet_lite0"]
+
 ClassifierTask = Literal["classification", "reid", "dml", "fgvc"]
 """``task`` of :class:`Classifier` (``fgvc``: the older name of ``classification``)."""
 

@@ -83,6 +83,12 @@ from .backbone import create_backbone
 from .explain import AttentionMap, check_pair
 from .registry import FinegrainModel, build, register_model
 
+__all__ = ["Pool", "POOLS", "Hierarchy", "HIERARCHIES", "DMLLoss", "PairLoss", "Miner",
+           "DEFAULT_MAX_ATTN_DIM", "CrossAttentionLayer", "ConditionalEmbedding",
+           "CrossImageDML", "conditional_rerank", "cross_image_resnet50",
+           "cross_image_resnet18", "cross_image_vit_small_patch16_224",
+           "cross_image_deit_tiny_patch16_224"]
+
 Pool = Literal["avg", "max", "avgmax", "token"]
 """``pool``: how z pools the backbone tokens (``token``: ViTs only)."""
 

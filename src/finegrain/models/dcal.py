@@ -33,7 +33,7 @@ Readings we take where the paper is silent (each one is an argument or a documen
   starts as a copy of the SA final norm; the GLCA head is new. From then on the weights are
   its own (not shared).
 - R = ceil(ratio * N) patches, ratio 10% for FGVC and 30% for Re-ID.
-- **The GLCA feature** (corrected 2026-11-30; spec/dcal.md was wrong here). Eq. 4 builds the
+- **The GLCA feature** (spec/dcal.md reads it otherwise; docs/dcal.md). Eq. 4 builds the
   query matrix ``Q^l`` from the R selected tokens only ("the most attentive local
   embeddings"), and Fig. 2 sends GLCA's output to its own classifier. An earlier reading added
   the class token as an extra query and read only its row: a class-token query attends to all

@@ -19,6 +19,11 @@ import torch.nn as nn
 from ..errors import FinegrainError, InputError, UnknownNameError
 from ..meta import ModelMeta, plain
 
+__all__ = ["FinegrainModel", "ALLOWED_PREFIX", "build", "model_config", "model_arg",
+           "resolve_class", "registry_name", "config_meta", "with_model_args",
+           "register_model", "list_models", "is_model", "model_class", "model_arguments",
+           "create_model", "load_model", "model_from_meta"]
+
 
 
 class FinegrainModel(nn.Module):

@@ -48,8 +48,8 @@ the zoom, are the same.
   ``!=`` between neighbours). At test the detail map is the plain average of all maps
   (official: their sum).
 - The structure map is the average of **all** c maps (paper Sec. 3.1; spec §1), in training
-  and at test. **Changed 2026-11-30**: it was the average of one map per group of equal sums.
-  Exact equality is not continuous: maps of near-zero channels differ from each other by
+  and at test, not an average of one map per group of equal sums (docs/tasn.md): exact
+  equality is not continuous: maps of near-zero channels differ from each other by
   1e-9 to 1e-6 (relative), so whether two of them tie depends on the float summation order,
   which changes with the batch size; a trained demo checkpoint gave logits differing by up to
   0.255 between batch 16 and batch 1, and its ONNX export failed parity. The official

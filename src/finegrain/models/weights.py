@@ -31,6 +31,11 @@ from ..errors import InputError, MissingFileError
 from ..meta import ModelMeta, read_meta
 from .foreign import convert_foreign
 
+__all__ = ["LoadReport", "missing_file_error", "read_model_json", "read_weights",
+           "load_state_dict_file", "load_checkpoint_meta", "is_hub_tag", "load_into",
+           "MIN_BACKBONE_SHARE", "backbone_share", "load_pretrained", "InputConfig",
+           "pretrained_input_config"]
+
 log = logging.getLogger("finegrain")
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")

@@ -47,10 +47,12 @@ def cmd_embed(a: argparse.Namespace) -> int:
         if a.root is not None:
             raise InputError("embed --images takes the folder, glob or list itself; drop --root")
         dataset, root = "images", a.images
-    from ..runtime import is_export_folder, load_exported
+    from ..loading import open_model
+    from ..runtime import is_export_folder
     model = meta = None
-    if a.runtime == "onnx" or is_export_folder(a.checkpoint):  # an export folder
-        model, meta = load_exported(a.checkpoint, a.runtime)
+    if a.runtime == "onnx" or is_export_folder(a.checkpoint):  # opened here, not per rank
+        loaded = open_model(a.checkpoint, a.runtime)
+        model, meta = loaded.model, loaded.meta
     info = embed_sharded(a.checkpoint, dataset, root, a.split, a.out,
                          img_size=a.img_size, scales=a.scales, batch_size=a.batch_size,
                          num_workers=a.num_workers, amp=a.amp, accelerator=accelerator,

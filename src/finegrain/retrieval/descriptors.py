@@ -35,7 +35,6 @@ keys); :func:`check_compatible` raises a :class:`DescriptorMismatch` naming the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from ..atomic import write_json, write_with
 from ..errors import InputError, MissingFileError
 
 __all__ = ["Descriptors", "DescriptorMismatch", "save_descriptors", "load_descriptors",
-           "checkpoint_hash", "check_compatible", "descriptor_paths", "signature",
+           "check_compatible", "descriptor_paths", "signature",
            "COMPARED_PREPROCESSING", "ConcatRows", "descriptor_meta", "manifest_path",
            "MANIFEST_FORMAT", "read_json", "upgrade_meta"]
 
@@ -160,15 +159,6 @@ class ConcatRows:
         return self._rows(idx)
 
 
-def checkpoint_hash(path: str | os.PathLike, length: int = 16) -> str:
-    """First ``length`` hex digits of the sha256 of a checkpoint file (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
 @dataclass
 class Descriptors:
     """A descriptor set: ``vectors`` (N, D) float32 (memory-mapped when loaded) and ``meta``
@@ -205,7 +195,8 @@ def save_descriptors(name: str | os.PathLike, vectors: np.ndarray, names: Sequen
         vectors: (N, D) descriptors.
         names: N image names (unique within the file).
         model_name: registered model name.
-        checkpoint_hash: :func:`checkpoint_hash` of the checkpoint (or ``"untrained"``).
+        checkpoint_hash: :func:`finegrain.loading.checkpoint_hash` of the checkpoint (or
+            :data:`finegrain.loading.IN_MEMORY`).
         preprocessing: the extraction's preprocessing (see :data:`COMPARED_PREPROCESSING`).
         labels: N integer labels (``-1`` when unknown; default all ``-1``).
         **extra: further JSON fields (``dataset``, ``split``, ``checkpoint`` ...).

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..meta import ModelMeta, read_meta
 
-__all__ = ["extract", "embed_dataset", "load_checkpoint_model", "model_mean_std", "model_name_of",
+__all__ = ["extract", "embed_batch", "embed_dataset", "model_mean_std", "model_name_of",
            "resolve_img_size", "sample_names", "extraction_dataset", "retrieval_transform",
            "search_transform", "fixed_input_size",
            "DEFAULT_IMG_SIZE", "PROTOCOL_IMG_SIZE"]
@@ -175,19 +175,6 @@ def model_mean_std(model: nn.Module, meta: ModelMeta | None = None
     return _IMAGENET
 
 
-def load_checkpoint_model(checkpoint: str, device: str | torch.device = "cpu"
-                          ) -> tuple[nn.Module, ModelMeta, str]:
-    """``(model in eval mode on device, its ModelMeta, checkpoint hash)`` of a finegrain
-    checkpoint."""
-    from ..models.registry import load_model
-    from .descriptors import checkpoint_hash
-    if not os.path.isfile(checkpoint):
-        from ..models.weights import missing_file_error
-        raise missing_file_error(checkpoint)
-    model, meta = load_model(checkpoint)
-    return model.to(device).eval(), meta, checkpoint_hash(checkpoint)
-
-
 def sample_names(dataset) -> list[str]:
     """Image names of a dataset: ``Sample.extra["name"]`` when the reader sets it (Revisited:
     the gnd names), else the path relative to the dataset root."""
@@ -207,7 +194,7 @@ def _rescale(x: torch.Tensor, s: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _embed_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float],
+def embed_batch(model: nn.Module, images: torch.Tensor, scales: Sequence[float],
                  amp: bool) -> torch.Tensor:
     """Multi-scale descriptor of a same-size batch (B, 3, H, W) -> (B, D) fp32, unit norm."""
     acc = None
@@ -270,7 +257,7 @@ def extract(model: nn.Module, dataset, scales: Sequence[float] = (1.0,), batch_s
         pending -= len(items)
         idx = [i for i, _ in items]
         x = torch.stack([img for _, img in items]).to(device, non_blocking=True)
-        emb = _embed_batch(model, x, scales, amp).cpu().numpy()
+        emb = embed_batch(model, x, scales, amp).cpu().numpy()
         if out is None:
             out = np.zeros((len(dataset), emb.shape[1]), dtype=np.float32)
         out[idx] = emb

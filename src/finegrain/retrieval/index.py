@@ -504,6 +504,10 @@ class Index:
             out[r] = self.index.reconstruct(int(i))
         return out
 
+    def __contains__(self, gallery_id: int) -> bool:
+        """Whether the index holds the id."""
+        return int(gallery_id) in self._row
+
     def row(self, ids: np.ndarray) -> np.ndarray:
         """Positions in ``names`` / ``labels`` of ids (m,) (``-1`` for -1)."""
         return np.array([self._row[int(i)] if i >= 0 else -1 for i in np.ravel(ids)],

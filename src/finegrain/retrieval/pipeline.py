@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ..atomic import write_json
 from ..errors import InputError
-from ..meta import ModelMeta, read_meta
+from ..meta import ModelMeta
 from .descriptors import (Descriptors, check_compatible, load_descriptors, save_descriptors)
 from .postprocess import PostprocessOptions, postprocessed_search
 
@@ -365,7 +365,8 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     """
     from ..data import build_dataset
     from ..evaluation.revisited import evaluate_positions, query_aps
-    from .extract import embed_dataset, load_checkpoint_model, model_name_of
+    from ..loading import in_memory, open_model
+    from .extract import embed_dataset, model_name_of
 
     ex, post, pic = extract or ExtractOptions(), post or PostprocessOptions(), \
         picture or PictureOptions()
@@ -385,11 +386,9 @@ def retrieval_eval(ckpt: str | nn.Module | None, dataset: str, root: str | None,
     else:
         if ckpt is None:
             raise InputError("retrieval_eval needs a checkpoint (or both descriptor files)")
-        if isinstance(ckpt, nn.Module):
-            model, ck_hash = ckpt.to(ex.device).eval(), "in-memory"
-            meta = read_meta(meta, "meta", require_model=False) if meta is not None else None
-        else:
-            model, meta, ck_hash = load_checkpoint_model(ckpt, ex.device)
+        loaded = in_memory(ckpt.to(ex.device).eval(), meta) if isinstance(ckpt, nn.Module) \
+            else open_model(ckpt, device=ex.device)
+        model, meta, ck_hash = loaded.model, loaded.meta, loaded.checkpoint_hash
         model_name = model_name_of(model, meta)
         opts = dict(batch_size=ex.batch_size, device=ex.device, num_workers=ex.num_workers,
                     amp=ex.amp, progress=ex.progress, upscale=ex.upscale)

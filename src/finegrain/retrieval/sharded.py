@@ -39,10 +39,10 @@ import torch
 
 from ..atomic import atomic_path, write_with
 from ..errors import InputError, nonfinite_outputs
-from ..meta import ModelMeta, read_meta
+from ..meta import ModelMeta
 from .descriptors import (FORMAT, MANIFEST_FORMAT, descriptor_meta, descriptor_paths,
                           manifest_path, read_json, upgrade_meta)
-from .extract import _embed_batch, _ExtractionItems
+from .extract import embed_batch, _ExtractionItems
 
 __all__ = ["embed_sharded", "shard_plan", "shard_folder", "finished_shards", "write_manifest",
            "merge_shards", "default_num_workers", "DEFAULT_SHARD_SIZE"]
@@ -224,7 +224,7 @@ class EmbedPredictor(pl.LightningModule):
         buf["skipped"] += [int(i) for i in batch["skipped"]]
         buf["seen"] += len(batch["skipped"])
         if batch["image"] is not None:
-            emb = _embed_batch(self.model, batch["image"], self.scales, self.amp)
+            emb = embed_batch(self.model, batch["image"], self.scales, self.amp)
             emb = emb.cpu().numpy()
             self._dim = emb.shape[1]
             if buf["rows"] is None:
@@ -350,16 +350,11 @@ def embed_sharded(checkpoint: str, dataset_name: str, root: str | None, split: s
         ``{"count", "dim", "computed" (images decoded this run), "seconds", "images_per_s",
         "shards", "resumed" (shards kept), "paths", "global_zero"}``.
     """
-    from .descriptors import checkpoint_hash as _hash
-    from .extract import (extraction_dataset, load_checkpoint_model, model_name_of,
-                          sample_names)
+    from ..loading import in_memory, open_model
+    from .extract import extraction_dataset, model_name_of, sample_names
 
-    if model is None:
-        model, meta, ck_hash = load_checkpoint_model(checkpoint, "cpu")
-    else:
-        meta = read_meta(meta, "meta", require_model=False) if meta is not None else None
-        ck_hash = (meta.checkpoint_hash if meta is not None else None) or (  # an export's
-            _hash(checkpoint) if os.path.isfile(checkpoint) else "in-memory")
+    loaded = open_model(checkpoint) if model is None else in_memory(model, meta, checkpoint)
+    model, meta, ck_hash = loaded.model, loaded.meta, loaded.checkpoint_hash
     model_name = model_name_of(model, meta)
     model.eval()
     if not scales:

@@ -15,6 +15,9 @@ from typing import Iterable
 from ...evaluation.revisited import RestrictedUnpickler
 from .base import DatasetError, check_file
 
+__all__ = ["IMAGE_EXTENSIONS", "read_rows", "read_lines_numbered", "to_int", "to_float",
+           "find_first", "relabel", "list_images", "safe_load_pickle"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 

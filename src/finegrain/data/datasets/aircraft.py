@@ -24,6 +24,8 @@ from ..registry import register_dataset
 from ._parsing import read_lines_numbered
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["BANNER_HEIGHT", "FGVCAircraft"]
+
 #: Height of the copyright banner at the bottom of every FGVC-Aircraft image.
 BANNER_HEIGHT = 20
 

@@ -19,6 +19,9 @@ from torch.utils.data import Dataset
 
 from ...errors import InputError
 
+__all__ = ["TASKS", "DatasetError", "Sample", "read_image", "ImageDataset", "check_file",
+           "read_lines"]
+
 TASKS = ("classification", "reid", "retrieval", "dml")
 
 

@@ -43,6 +43,8 @@ from ..registry import register_dataset
 from ._parsing import find_first, to_float, to_int
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["CARS_NUM_CLASSES", "CarsRecord", "detect_cars_layout", "read_cars", "StanfordCars"]
+
 CARS_NUM_CLASSES = 196
 
 

@@ -20,6 +20,8 @@ from ..registry import register_dataset
 from ._parsing import read_rows, to_float, to_int
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["CUB_NUM_CLASSES", "CUBRecord", "read_cub", "CUB200"]
+
 CUB_NUM_CLASSES = 200
 
 

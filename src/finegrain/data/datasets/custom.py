@@ -34,6 +34,8 @@ from ._parsing import IMAGE_EXTENSIONS
 from .base import DatasetError, ImageDataset, Sample, check_file
 from .market import reid_samples
 
+__all__ = ["ImageFolder", "ReIDCSV"]
+
 _FOLDER_SPLITS = ("train", "val", "test")
 
 

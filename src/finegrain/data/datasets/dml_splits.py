@@ -25,6 +25,8 @@ from .base import ImageDataset, Sample
 from .cars import read_cars
 from .cub import read_cub
 
+__all__ = ["CUB200DML", "Cars196DML"]
+
 
 def _split_by_class(records, classes: list[str], split: str
                     ) -> tuple[list[Sample], list[str]]:

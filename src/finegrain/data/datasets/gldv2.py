@@ -23,6 +23,8 @@ from ..registry import register_dataset
 from ._parsing import to_int
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["gldv2_path", "GLDv2"]
+
 _ID = re.compile(r"^[0-9a-f]{16}$")
 
 

@@ -22,6 +22,8 @@ from ..registry import register_dataset
 from ._parsing import IMAGE_EXTENSIONS
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["resolve_images", "Images"]
+
 _WILDCARDS = "*?["
 
 

@@ -22,6 +22,8 @@ import os
 from ..registry import register_dataset
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["read_coco_classification", "INat2017"]
+
 
 def read_coco_classification(path: str) -> tuple[list[tuple[str, int]], dict[int, str]]:
     """Parse a COCO-style classification json.

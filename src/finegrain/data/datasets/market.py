@@ -23,6 +23,8 @@ from ..registry import register_dataset
 from ._parsing import list_images, relabel
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["reid_samples", "Market1501", "DukeMTMCreID"]
+
 _SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 

@@ -26,6 +26,8 @@ from ._parsing import read_rows, to_int
 from .base import DatasetError, ImageDataset, Sample, check_file
 from .market import reid_samples
 
+__all__ = ["VERSIONS", "NUM_CAMERAS", "detect_msmt_version", "read_msmt_list", "MSMT17"]
+
 VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
 NUM_CAMERAS = 15
 

@@ -23,6 +23,8 @@ from ..registry import register_dataset
 from ._parsing import read_rows, to_float, to_int
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["NABirds"]
+
 
 @register_dataset("nabirds")
 class NABirds(ImageDataset):

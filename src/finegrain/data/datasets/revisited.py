@@ -25,6 +25,8 @@ from ..registry import register_dataset
 from ._parsing import read_lines_numbered, safe_load_pickle
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["load_revisited_gnd", "ROxford5k", "RParis6k", "RevisitOP1M"]
+
 
 def load_revisited_gnd(path: str) -> dict:
     """Load and validate a Revisited ``gnd_*.pkl`` (restricted unpickler).

@@ -28,6 +28,8 @@ from ..registry import register_dataset
 from ._parsing import find_first, read_rows, relabel, to_int
 from .base import DatasetError, ImageDataset, Sample, check_file
 
+__all__ = ["StanfordOnlineProducts", "InShop"]
+
 
 @register_dataset("sop")
 class StanfordOnlineProducts(ImageDataset):

@@ -23,6 +23,8 @@ from ._parsing import list_images, read_lines_numbered
 from .base import DatasetError, ImageDataset, Sample, check_file
 from .market import reid_samples
 
+__all__ = ["NUM_CAMERAS", "VeRi776"]
+
 _SPLITS = {"train": ("image_train", "name_train.txt"), "query": ("image_query", "name_query.txt"),
            "gallery": ("image_test", "name_test.txt")}
 _PATTERN = re.compile(r"(\d+)_c(\d+)_")
