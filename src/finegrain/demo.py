@@ -231,9 +231,19 @@ def demo_entries() -> list[DemoEntry]:
 
 # ---- running --------------------------------------------------------------------------------
 
+def _recipe_path(run_dir: str) -> str:
+    """A run's recipe file, beside its folder (``finegrain train`` refuses a run folder that
+    holds other files than a run's)."""
+    return run_dir.rstrip(os.sep) + ".recipe.yaml"
+
+
+def _log_path(run_dir: str) -> str:
+    return run_dir.rstrip(os.sep) + ".train.log"
+
+
 def _write_recipe(recipe: dict, run_dir: str, seed: int) -> str:
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "recipe.yaml")
+    path = _recipe_path(run_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     r = copy.deepcopy(recipe)
     r.pop("init_family", None)
     r["seed_everything"] = seed
@@ -251,17 +261,19 @@ def _prepare_data(recipe: dict) -> None:
 
 def _train(recipe_path: str, run_dir: str, threads: int,
            init: str | None = None) -> tuple[float, str | None]:
-    """One ``finegrain train`` subprocess; returns (seconds, error or None)."""
+    """One ``finegrain train`` subprocess into ``run_dir`` (replacing an unfinished or older
+    run there: the demo owns its folders); its output goes to the log beside the folder.
+    Returns (seconds, error or None)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "finegrain", "train", "--config", recipe_path,
-           "--run-dir", run_dir]
+           "--run-dir", run_dir, "--overwrite", "true"]
     if init is not None:
         cmd += ["--init-weights", init]
     t0 = time.time()
-    with open(os.path.join(run_dir, "train.log"), "w") as log:
+    with open(_log_path(run_dir), "w") as log:
         p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if p.returncode != 0:
-        with open(os.path.join(run_dir, "train.log")) as f:
+        with open(_log_path(run_dir)) as f:
             return time.time() - t0, "".join(f.readlines()[-15:])
     return time.time() - t0, None
 
@@ -270,7 +282,7 @@ def _finished(recipe: dict, run_dir: str, seed: int) -> bool:
     """A run of exactly this recipe and seed finished in ``run_dir`` earlier (its recipe file
     matches and the run wrote ``weights.safetensors``, which happens when fitting ends)."""
     try:
-        with open(os.path.join(run_dir, "recipe.yaml")) as f:
+        with open(_recipe_path(run_dir)) as f:
             old = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return False
