@@ -86,8 +86,9 @@ def test_table_and_summary_from_paired_results(tmp_path):
 def test_finished_runs_are_reused_only_for_the_same_recipe_and_seed(tmp_path):
     recipe = demo.demo_entries()[0].arms["method"]
     run = tmp_path / "fgvc-method-seed1"
-    demo._write_recipe(recipe, str(run), 1)
+    assert demo._write_recipe(recipe, str(run), 1) == f"{run}.recipe.yaml"  # beside the run
     assert not demo._finished(recipe, str(run), 1)  # fitting never ended
+    run.mkdir()
     (run / "weights.safetensors").write_bytes(b"x")
     assert demo._finished(recipe, str(run), 1)
     assert not demo._finished(recipe, str(run), 2)  # another seed
