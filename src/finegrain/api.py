@@ -264,7 +264,7 @@ class Searcher:
         if fixed is not None:
             fix = ("search it with the checkpoint, or an ONNX export of it (finegrain export "
                    "CKPT --format onnx takes any size when the model does)"
-                   if hasattr(self.model, "info") else
+                   if loaded.exported else
                    "embed the gallery again (embed records a fixed resize for such a model) "
                    "and rebuild the index")
             raise InputError(

@@ -56,7 +56,7 @@ from .meta import ModelMeta
 __all__ = ["FORMATS", "MODEL_FILES", "TOLERANCES", "INPUT_NAME", "ParityError", "DTYPES",
            "inference_model", "input_size", "preprocessing", "search_steps", "write_onnx",
            "write_exported", "backbone_timm_args", "write_timm", "load_timm_backbone",
-           "parity_images", "compare_outputs", "check_parity", "search_inputs", "check_search",
+           "parity_images", "compare_outputs", "check_parity", "search_inputs",
            "check_dtype", "export", "format_parity"]
 
 FORMATS = ("onnx", "exported", "timm")
@@ -385,10 +385,13 @@ def _run_split(fn, x: torch.Tensor) -> dict:
 
 
 def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
-                 tolerance: float | None = None, dtype: str = "float32") -> dict:
+                 tolerance: float | None = None, dtype: str = "float32",
+                 search: tuple[list[torch.Tensor], str] | None = None) -> dict:
     """Run ``folder``'s exported model (loaded from disk) and ``model`` (the float32 PyTorch
     model) on ``x``; returns the parity report (see :func:`compare_outputs`), judged at
-    ``tolerance`` (default: ``TOLERANCES[dtype]``, ``dtype`` the exported one)."""
+    ``tolerance`` (default: ``TOLERANCES[dtype]``, ``dtype`` the exported one). ``search``:
+    :func:`search_inputs` of a dynamic-size export, whose ``embedding`` is compared one image
+    at a time (sizes differ) under ``"search"``, with the sizes seen."""
     tol = TOLERANCES[dtype] if tolerance is None else float(tolerance)
     with torch.no_grad():
         if fmt == "timm":
@@ -402,11 +405,21 @@ def check_parity(folder: str, model: nn.Module, x: torch.Tensor, fmt: str,
             ref = model(x)
             got = _run_split(exported, x)
     outputs = compare_outputs(ref, got, tol)
-    return {"format": fmt, "dtype": dtype, "tolerance": tol,
-            "tolerances": dict(TOLERANCES),
-            "rule": "max |exported - pytorch| / max |pytorch| <= tolerance, per output",
-            "images": len(x), "batches": [1, len(x) - 1] if len(x) > 1 else [1],
-            "outputs": outputs, "passed": all(r["passed"] for r in outputs.values())}
+    report = {"format": fmt, "dtype": dtype, "tolerance": tol,
+              "tolerances": dict(TOLERANCES),
+              "rule": "max |exported - pytorch| / max |pytorch| <= tolerance, per output",
+              "images": len(x), "batches": [1, len(x) - 1] if len(x) > 1 else [1],
+              "outputs": outputs, "passed": all(r["passed"] for r in outputs.values())}
+    if search is not None:
+        xs, what = search
+        with torch.no_grad():
+            ref = {"embedding": torch.cat([model(s[None])["embedding"] for s in xs])}
+            got = {"embedding": torch.cat([exported(s[None])["embedding"] for s in xs])}
+        sizes = [list(hw) for hw in sorted({tuple(s.shape[-2:]) for s in xs})]
+        report["search"] = {"images": what, "sizes": sizes,
+                            **compare_outputs(ref, got, tol)["embedding"]}
+        report["passed"] = report["passed"] and report["search"]["passed"]
+    return report
 
 
 def search_inputs(meta: ModelMeta, images: list[str] | None, x: torch.Tensor,
@@ -427,20 +440,6 @@ def search_inputs(meta: ModelMeta, images: list[str] | None, x: torch.Tensor,
     for h, w in ((H, max(16, W * 3 // 4)), (max(16, H * 3 // 4), W)):
         out += list(x[:, :, (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w])
     return out, f"{len(x)} parity images cropped to 3:4 and 4:3"
-
-
-def check_search(folder: str, model: nn.Module, xs: list[torch.Tensor], fmt: str,
-                 tolerance: float | None, dtype: str) -> dict:
-    """Parity of a dynamic-size export's ``embedding`` on :func:`search_inputs`, one image at
-    a time (sizes differ): :func:`compare_outputs`'s report, with the sizes seen."""
-    from .runtime import load_exported
-    tol = TOLERANCES[dtype] if tolerance is None else float(tolerance)
-    exported, _ = load_exported(folder, "onnx" if fmt == "onnx" else "torch", complete=False)
-    with torch.no_grad():
-        ref = {"embedding": torch.cat([model(x[None])["embedding"] for x in xs])}
-        got = {"embedding": torch.cat([exported(x[None])["embedding"] for x in xs])}
-    report = compare_outputs(ref, got, tol)["embedding"]
-    return {"sizes": [list(hw) for hw in sorted({tuple(x.shape[-2:]) for x in xs})], **report}
 
 
 # ---- the command ------------------------------------------------------------------------
@@ -543,13 +542,10 @@ def export(checkpoint: str, out: str, fmt: str = "onnx", images: list[str] | Non
         "checkpoint_hash": ck_hash, "model_name": meta.model_name, "torch": torch.__version__,
         "model_overrides": dict(model_overrides or {})})
     x, source = parity_images(meta, images, num_images)
-    report = {**check_parity(out, model, x, fmt, tolerance, dtype), "image_source": source,
-              "model_name": meta.model_name}
-    if any_size:  # at the sizes search gives photos (their own, or 3:4 and 4:3 crops)
-        xs, what = search_inputs(meta, images, x, num_images)
-        report["search"] = {"images": what, **check_search(out, model, xs, fmt, tolerance,
-                                                           dtype)}
-        report["passed"] = report["passed"] and report["search"]["passed"]
+    # a dynamic-size export also at the sizes search gives photos (theirs, or 3:4 / 4:3 crops)
+    search_at = search_inputs(meta, images, x, num_images) if any_size else None
+    report = {**check_parity(out, model, x, fmt, tolerance, dtype, search_at),
+              "image_source": source, "model_name": meta.model_name}
     _write_json(os.path.join(out, "parity.json"), report)
     if not report["passed"]:
         bad = [f"{k} ({r['rel_max']:.2e})" for k, r in report["outputs"].items()

@@ -6,10 +6,13 @@ parses their arguments and prints their results; ``finegrain.predict``,
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import InputError, nonfinite_outputs
 from .meta import ModelMeta, read_meta
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
 __all__ = ["eval_transform", "evaluate_checkpoint", "explain", "explain_paths", "load_images",
            "predict", "reid_distances", "reid_metrics"]
@@ -61,7 +64,6 @@ def predict(checkpoint: str, images: list[str], topk: int = 5,
     return [{"image": img, "top": [{"class": names[c] if c < len(names) else str(c), "index": c,
                                     "prob": float(q)} for q, c in zip(p[b], i[b].tolist())]}
             for b, img in enumerate(images)]
-
 
 
 # ---- eval -------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def _captions(model, x, meta: ModelMeta) -> tuple:
 
 
 def explain(checkpoint: str, images: list[str], out: str, pair: list[str] | None = None,
-            loaded: Any = None) -> list[str]:
+            loaded: LoadedModel | None = None) -> list[str]:
     """Write the model's attention pictures (``model.explain``, drawn by
     :func:`finegrain.visualize.save_explain`): one picture of ``images`` (a row each, with the
     predicted class and its probability) and, with ``pair = [A, B]``, one of where A attends

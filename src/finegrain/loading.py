@@ -58,7 +58,8 @@ class LoadedModel:
     @property
     def exported(self) -> bool:
         """An export folder (no parameters, no ``explain``)."""
-        return not isinstance(self.model, torch.nn.Module) or hasattr(self.model, "info")
+        from .runtime import ExportedModel
+        return isinstance(self.model, ExportedModel)
 
 
 def open_model(path: str | os.PathLike, runtime: str | None = None,

@@ -72,13 +72,18 @@ class ExportedModel(nn.Module):
             # kept out of the module tree: an unlifted program refuses .train() / .eval()
             self.__dict__["program"] = torch.export.load(path).module()
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``images`` (B, 3, H, W) float, normalised, at the exported size (any size when
-        ``export.json`` says height and width are dynamic)."""
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """The one input size (H, W) the export takes; None when ``export.json`` says height
+        and width are dynamic."""
         dyn = self.info.get("dynamic", {})
-        if tuple(images.shape[2:]) != self.input_size and not (dyn.get("height")
-                                                             and dyn.get("width")):
-            H, W = self.input_size
+        return None if dyn.get("height") and dyn.get("width") else self.input_size
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images`` (B, 3, H, W) float, normalised, at :attr:`fixed_size` (any size when it
+        is None)."""
+        if self.fixed_size is not None and tuple(images.shape[2:]) != self.fixed_size:
+            H, W = self.fixed_size
             raise InputError(f"the exported model takes {H}x{W} images, got "
                              f"{images.shape[2]}x{images.shape[3]}: resize them as "
                              f"preprocess.json says (only the batch size is dynamic)")

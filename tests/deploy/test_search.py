@@ -77,6 +77,17 @@ def test_searcher_finds_each_gallery_image_first_with_the_index_descriptor(dalg_
     assert os.path.samefile(s.gallery_path(res[0].hits[0].id), files[0])
 
 
+def _index_of_edited_descriptors(descriptors: str, tmp_path, edit) -> str:
+    """An index built from a copy of ``descriptors`` whose JSON ``edit(path)`` changed."""
+    old = str(tmp_path / "old")
+    for ext in (".npy", ".json"):
+        shutil.copy(descriptors + ext, old + ext)
+    edit(old + ".json")
+    index = str(tmp_path / "old.index")
+    assert run_retrieval(["index", "build", old, "--kind", "Flat", "--out", index]) == 0
+    return index
+
+
 def test_an_index_of_files_saying_image_size_is_searched_alike(dalg_index, tmp_path):
     """Descriptor files and index folders written before 2026-11-30 say
     ``preprocessing.image_size``: they still build an index that ``Searcher`` searches as the
@@ -87,12 +98,7 @@ def test_an_index_of_files_saying_image_size_is_searched_alike(dalg_index, tmp_p
                                  for k, v in meta["preprocessing"].items()}
         json.dump(meta, open(path, "w"))
 
-    old = str(tmp_path / "old")
-    for ext in (".npy", ".json"):
-        shutil.copy(dalg_index["descriptors"] + ext, old + ext)
-    with_old_names(old + ".json")
-    index = str(tmp_path / "old.index")
-    assert run_retrieval(["index", "build", old, "--kind", "Flat", "--out", index]) == 0
+    index = _index_of_edited_descriptors(dalg_index["descriptors"], tmp_path, with_old_names)
     for name in ("index.json", "descriptors.json"):  # an index folder of then
         with_old_names(index_files(index)[name])
     assert "image_size" in json.load(open(os.path.join(index, "index.json")))["preprocessing"]
@@ -186,14 +192,12 @@ def test_an_export_of_one_size_is_refused_at_start_for_an_index_of_any_size(dalg
 def test_an_older_index_of_a_one_size_model_is_refused_at_start(reid_index, tmp_path):
     """Before the fixed record, such a model's gallery was embedded at the longest side (and
     its search failed on the first non-square photo): refused at start, naming the fix."""
-    old = str(tmp_path / "old")
-    for ext in (".npy", ".json"):
-        shutil.copy(reid_index["descriptors"] + ext, old + ext)
-    meta = json.load(open(old + ".json"))
-    meta["preprocessing"].update(resize="longest_side", img_size=32)
-    json.dump(meta, open(old + ".json", "w"))
-    index = str(tmp_path / "old.index")
-    assert run_retrieval(["index", "build", old, "--kind", "Flat", "--out", index]) == 0
+    def as_before(path):
+        meta = json.load(open(path))
+        meta["preprocessing"].update(resize="longest_side", img_size=32)
+        json.dump(meta, open(path, "w"))
+
+    index = _index_of_edited_descriptors(reid_index["descriptors"], tmp_path, as_before)
     with pytest.raises(InputError, match=r"takes one image size only \(32x32\).*embed the "
                                          r"gallery again"):
         finegrain.Searcher(index)

@@ -16,7 +16,7 @@ import torch
 from torchvision.transforms import v2
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_CROPS", "longest_side_size", "LongestSide",
-           "pil_bilinear", "RetrievalEval", "FixedSizeEval", "build_transform"]
+           "resize_to", "pil_bilinear", "RetrievalEval", "FixedSizeEval", "build_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,12 +59,23 @@ class LongestSide(torch.nn.Module):
 
     def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
         h, w = img.shape[-2:]
-        size = longest_side_size(h, w, self.size, full_size, self.upscale)
-        if (h, w) == size:
-            return img
-        if img.dtype == torch.uint8 and img.ndim == 3:
-            return pil_bilinear(img, size)
-        return v2.functional.resize(img, list(size), antialias=True)
+        return resize_to(img, longest_side_size(h, w, self.size, full_size, self.upscale))
+
+
+def resize_to(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``img`` at ``size`` (h, w) for the retrieval transforms: as it is when it has that size,
+    a uint8 (C, H, W) image through :func:`pil_bilinear`, anything else through torchvision's
+    antialiased bilinear resize."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    if img.dtype == torch.uint8 and img.ndim == 3:
+        return pil_bilinear(img, size)
+    return v2.functional.resize(img, list(size), antialias=True)
+
+
+def _to_normalized(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """uint8 -> float in [0, 1] -> (x - mean) / std."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 def pil_bilinear(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -95,8 +106,7 @@ class RetrievalEval(torch.nn.Module):
                  std: tuple[float, ...] = IMAGENET_STD, upscale: bool = False):
         super().__init__()
         self.resize = LongestSide(size, upscale)
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(list(mean), list(std))])
+        self.normalize = _to_normalized(mean, std)
 
     def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
         return self.normalize(self.resize(img, full_size))
@@ -114,14 +124,10 @@ class FixedSizeEval(torch.nn.Module):
                  std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(list(mean), list(std))])
+        self.normalize = _to_normalized(mean, std)
 
     def forward(self, img: torch.Tensor, full_size: int | None = None) -> torch.Tensor:
-        if tuple(img.shape[-2:]) != self.size:
-            img = pil_bilinear(img, self.size) if img.dtype == torch.uint8 and img.ndim == 3 \
-                else v2.functional.resize(img, list(self.size), antialias=True)
-        return self.normalize(img)
+        return self.normalize(resize_to(img, self.size))
 
 
 def build_transform(task: str, train: bool, img_size: int | tuple[int, int],

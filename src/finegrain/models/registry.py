@@ -25,7 +25,6 @@ __all__ = ["FinegrainModel", "ALLOWED_PREFIX", "build", "model_config", "model_a
            "create_model", "load_model", "model_from_meta"]
 
 
-
 class FinegrainModel(nn.Module):
     """Base of the models a recipe names (``model.model.class_path``) and a checkpoint
     rebuilds: :class:`~finegrain.models.classifier.Classifier`,
@@ -214,17 +213,9 @@ def model_class(name: str) -> type:
 
 def model_arguments(name: str) -> list[str]:
     """The arguments of the model class that ``name`` builds (its ``__init__`` parameters,
-    read from the registered function's return annotation); empty when it does not say."""
+    :func:`model_class`)."""
     import inspect
-    import typing
-    _check_name(name)
-    try:
-        cls = typing.get_type_hints(_MODELS[name]).get("return")
-    except (NameError, TypeError):  # an annotation that does not resolve
-        return []
-    if not isinstance(cls, type):
-        return []
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    return [p for p in inspect.signature(model_class(name).__init__).parameters if p != "self"]
 
 
 def create_model(name: str, pretrained: str | None = None, inherit_kwargs: bool = True,

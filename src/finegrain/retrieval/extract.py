@@ -88,11 +88,9 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     ratio); else the one size (H, W) it takes: a patch embedding that asserts its input size
     (timm's ``strict_img_size``) or needs multiples of its patch, or an export folder whose
     height and width are fixed (``export.json``)."""
-    info = getattr(model, "info", None)  # finegrain.runtime.ExportedModel
-    if isinstance(info, dict) and "input_size" in info:
-        dyn = info.get("dynamic", {})
-        return None if dyn.get("height") and dyn.get("width") else \
-            tuple(int(v) for v in info["input_size"])
+    from ..runtime import ExportedModel
+    if isinstance(model, ExportedModel):
+        return model.fixed_size
     for m in model.modules():
         size = getattr(m, "img_size", None)
         if hasattr(m, "strict_img_size") and size is not None and \
